@@ -1,0 +1,367 @@
+"""Backends: where the gradients of a grouped-perturbation step live and how
+the step's buffer operations run.
+
+The optimizer (``optim.py``) drives one schedule for every method and every
+backend through these primitives:
+
+``begin``        start a one-call step: discard stray gradients, check the layout
+``adopt``        start an official method: take ``p.grad`` as the user left it
+``take(k)``      slot ``k`` := live gradients; live gradients := none
+``accumulate(k)``slot ``k`` += live gradients (``:=`` if ``k`` is empty); live := none
+``add_to_live(k)`` live gradients += slot ``k``
+``scales``       ``rho / (||G_k|| + 1e-16)`` for several slots, kept on the device
+``shift``        ``w += s_a·G_a − s_b·G_b`` (perturb, restore, or both at once)
+``base_step(k)`` the base optimizer steps on the live gradients (or slot ``k``)
+
+"Live" gradients are what autograd writes: ``p.grad``. A parameter that got no
+gradient in a pass is absent from that pass, and one absent from every pass of
+the final gradient is skipped by the base optimizer, as with ``p.grad = None``.
+
+Restore contract (every backend): restoring subtracts the same ``s·g`` that the
+perturbation added, as the published code does, so ``w`` comes back to within
+one rounding of its old value rather than bit-exactly (no copy of ``w`` is kept).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+EPS = 1e-16  # added to every gradient norm, as in the published code
+ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
+
+
+class ReferenceBackend:
+    """The specification: a literal per-parameter loop in the manner of the
+    published code (clone per parameter, ``torch.norm`` of per-parameter norms,
+    ``eps = g·s`` then ``p.add_(eps)`` / ``p.sub_(eps)``). Never fast."""
+
+    name = "reference"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
+        self.optimizer = optimizer
+        self.params = list(params)
+        self.slots: dict[str, dict[Tensor, Tensor]] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.slots)
+
+    def begin(self) -> None:
+        self.optimizer.zero_grad()
+
+    def adopt(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def take(self, slot: str) -> None:
+        self.slots[slot] = {p: p.grad.clone() for p in self.params if p.grad is not None}
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def accumulate(self, slot: str) -> None:
+        acc = self.slots.setdefault(slot, {})
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if p in acc:
+                acc[p] += p.grad
+            else:
+                acc[p] = p.grad.clone()
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def add_to_live(self, slot: str) -> None:
+        for p, g in self.slots[slot].items():
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
+    @torch.no_grad()
+    def scales(self, items: Sequence[tuple[str, float]]) -> list[Tensor | None]:
+        out = []
+        for slot, rho in items:
+            grads = list(self.slots[slot].values())
+            if not grads:  # nothing got a gradient: nothing to perturb
+                out.append(None)
+                continue
+            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2) + EPS
+            out.append(rho / norm)
+        return out
+
+    @torch.no_grad()
+    def shift(self, add=None, sub=None) -> None:
+        # restore first, then perturb: the order of the published code
+        for pair, sign in ((sub, -1), (add, 1)):
+            if pair is None or pair[1] is None:
+                continue
+            slot, scale = pair
+            for p, g in self.slots[slot].items():
+                eps = g.mul(scale)
+                if sign > 0:
+                    p.add_(eps)
+                else:
+                    p.sub_(eps)
+
+    @torch.no_grad()
+    def base_step(self, slot: str | None = None) -> None:
+        if slot is not None:
+            grads = self.slots.get(slot, {})
+            for p in self.params:
+                p.grad = grads[p].clone() if p in grads else None
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.slots.clear()
+
+    def abort(self) -> None:
+        self.slots.clear()
+        self.optimizer.zero_grad()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class _Bucket:
+    """The parameters of one (device, dtype): weights in one flat buffer ``w``,
+    gradient sets as the rows of one 2-D buffer ``g`` (a kernel reaches every
+    set of a bucket from a single pointer)."""
+
+    def __init__(self, params: list[Tensor], rows: int):
+        p0 = params[0]
+        align = max(1, ALIGN_BYTES // p0.element_size())
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += -(-p.numel() // align) * align
+        self.params = params
+        self.numel = total
+        # zero padding: it never changes a norm and never moves
+        self.w = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        self.g = torch.zeros(rows, total, dtype=p0.dtype, device=p0.device)
+        with torch.no_grad():
+            for p, off in zip(params, self.offsets):
+                view = self.w[off : off + p.numel()].view_as(p)
+                view.copy_(p.data)
+                p.data = view
+
+    def views(self, row: int) -> list[Tensor]:
+        return [
+            self.g[row, off : off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)
+        ]
+
+
+class TorchBackend:
+    """Flat buffers, one per (device, dtype), with each ``p.data`` and ``p.grad``
+    a view into them: a phase is a few torch ops on whole buffers, and norms stay
+    device tensors (no host synchronisation).
+
+    Gradient sets are rows of a per-bucket 2-D buffer. Handing the live
+    gradients to a slot only relabels a row and points ``p.grad`` at another
+    (zeroed) row, so no gradient is ever copied between passes. Rows that are
+    neither live nor in a slot are kept zero.
+    """
+
+    name = "torch"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], rows: int):
+        self.optimizer = optimizer
+        self.params = list(params)
+        self.rows = rows
+        self.slots: dict[str, tuple[int, list[bool]]] = {}
+        self._flatten()
+        # autograd writes into our views in place, so a zero gradient and "no
+        # gradient" look alike; this hook tells them apart at the cost of one
+        # Python call per parameter per backward pass
+        ref = weakref.ref(self)
+
+        def make_hook(i: int):
+            def hook(_: Tensor) -> None:
+                backend = ref()
+                if backend is not None:
+                    backend.seen[i] = True
+
+            return hook
+
+        self._hooks = [p.register_post_accumulate_grad_hook(make_hook(i)) for i, p in enumerate(self.params)]
+
+    def __del__(self):
+        for h in getattr(self, "_hooks", ()):
+            h.remove()
+
+    # ---- layout -----------------------------------------------------------------
+    def _flatten(self) -> None:
+        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in self.params:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        self.buckets = [_Bucket(ps, self.rows) for ps in by_key.values()]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        # row -> views ordered as self.params
+        self._views = []
+        for r in range(self.rows):
+            views: list[Tensor | None] = [None] * len(self.params)
+            for b in self.buckets:
+                for p, v in zip(b.params, b.views(r)):
+                    views[index[id(p)]] = v
+            self._views.append(views)
+        self._ptrs = [p.data_ptr() for p in self.params]
+        self.live = 0
+        self.seen = [False] * len(self.params)
+        self._bind(self.live)
+
+    def _check_layout(self) -> None:
+        """Parameters re-bound behind our back (``model.to(...)``, assigning
+        ``.data``) would otherwise be trained as detached copies."""
+        if all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs)):
+            return
+        if self.slots:
+            raise RuntimeError(
+                "model parameters were re-bound (e.g. model.to() or p.data = ...) in the middle "
+                "of a SAM step; finish or restart the step first"
+            )
+        self._flatten()
+
+    def _bind(self, row: int) -> None:
+        for p, v in zip(self.params, self._views[row]):
+            if p.grad is not v:
+                p.grad = v
+
+    def _free_row(self) -> int:
+        used = {self.live} | {r for r, _ in self.slots.values()}
+        return next(r for r in range(self.rows) if r not in used)
+
+    def _rows_op(self, fn) -> None:
+        for b in self.buckets:
+            fn(b)
+
+    # ---- primitives -------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        return bool(self.slots)
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        self._check_layout()
+        if self.slots:
+            raise RuntimeError("a SAM step started with the official methods is still open")
+        dirty = any(self.seen) or any(p.grad is not v for p, v in zip(self.params, self._views[self.live]))
+        if dirty:
+            live = self.live
+            self._rows_op(lambda b: b.g[live].zero_())
+            self.seen = [False] * len(self.params)
+            self._bind(live)
+
+    @torch.no_grad()
+    def adopt(self) -> None:
+        self._check_layout()
+        for i, (p, v) in enumerate(zip(self.params, self._views[self.live])):
+            g = p.grad
+            if g is v:
+                continue
+            if g is None:
+                v.zero_()
+                self.seen[i] = False
+            else:
+                v.copy_(g)
+                self.seen[i] = True
+            p.grad = v
+
+    @torch.no_grad()
+    def take(self, slot: str) -> None:
+        if slot in self.slots:  # a slot re-taken: its old row is free again
+            row, _ = self.slots.pop(slot)
+            self._rows_op(lambda b: b.g[row].zero_())
+        self.slots[slot] = (self.live, self.seen)
+        self.live = self._free_row()
+        self.seen = [False] * len(self.params)
+        self._bind(self.live)
+
+    @torch.no_grad()
+    def accumulate(self, slot: str) -> None:
+        if slot not in self.slots:
+            self.take(slot)
+            return
+        row, seen = self.slots[slot]
+        live = self.live
+        self._rows_op(lambda b: (b.g[row].add_(b.g[live]), b.g[live].zero_()))
+        self.slots[slot] = (row, [a or c for a, c in zip(seen, self.seen)])
+        self.seen = [False] * len(self.params)
+
+    @torch.no_grad()
+    def add_to_live(self, slot: str) -> None:
+        row, seen = self.slots[slot]
+        live = self.live
+        self._rows_op(lambda b: b.g[live].add_(b.g[row]))
+        self.seen = [a or c for a, c in zip(self.seen, seen)]
+
+    @torch.no_grad()
+    def _norms(self, rows: Sequence[int]) -> list[Tensor]:
+        """L2 norms of gradient rows over all buckets, fp32, on the first bucket's device."""
+        dev = self.buckets[0].w.device
+        out = []
+        for r in rows:
+            # fp32 accumulation: bf16/fp16 sums lose the small gradients of the tail
+            parts = [torch.linalg.vector_norm(b.g[r], dtype=torch.float32).to(dev) for b in self.buckets]
+            out.append(parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts)))
+        return out
+
+    @torch.no_grad()
+    def scales(self, items: Sequence[tuple[str, float]]) -> list[Tensor]:
+        norms = self._norms([self.slots[slot][0] for slot, _ in items])
+        return [rho / (n + EPS) for (_, rho), n in zip(items, norms)]
+
+    @torch.no_grad()
+    def shift(self, add=None, sub=None) -> None:
+        for b in self.buckets:
+            for pair, sign in ((sub, -1), (add, 1)):
+                if pair is not None:
+                    slot, scale = pair
+                    b.w.addcmul_(b.g[self.slots[slot][0]], scale.to(b.w.device), value=sign)
+
+    @torch.no_grad()
+    def base_step(self, slot: str | None = None) -> None:
+        if slot is not None:
+            row, seen = self.slots.pop(slot)
+            self.live, self.seen = row, seen
+            self._bind(row)
+        absent = [p for p, s in zip(self.params, self.seen) if not s]
+        for p in absent:
+            p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        self.slots.clear()
+        self._rows_op(lambda b: b.g.zero_())
+        self.seen = [False] * len(self.params)
+        self._bind(self.live)
+
+    @torch.no_grad()
+    def abort(self) -> None:
+        self._reset()
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # set_to_none cannot apply: p.grad must stay a view into the flat buffer
+        live = self.live
+        self._rows_op(lambda b: b.g[live].zero_())
+        self.seen = [False] * len(self.params)
+        self._bind(live)
+
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def make_backend(name: str, optimizer, params, rows: int):
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return ReferenceBackend(optimizer, params)
+    if name == "triton":
+        raise ValueError("backend='triton' is not available yet; use 'torch' or 'auto'")
+    return TorchBackend(optimizer, params, rows)

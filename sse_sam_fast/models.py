@@ -1,0 +1,83 @@
+"""Small models used by the CLI, the tests and the benchmarks.
+
+ResNet-32 is the CIFAR ResNet of He et al. (2016) with identity shortcuts that
+zero-pad channels ("option A"), the network used by the long-tail literature
+(LDAM-DRW, ImbSAM, SSE-SAM). ``norm`` swaps BatchNorm for GroupNorm so the same
+architecture can serve as a model whose per-sample losses are independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 128) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def small_bn_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> nn.Module:
+    """A two-conv BatchNorm network: cheap enough for parity tests, and its
+    per-sample losses depend on the whole batch through the batch statistics."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        # groups of 4 channels: CIFAR ResNet widths (16, 32, 64) all divide evenly
+        return nn.GroupNorm(channels // 4, channels)
+    raise ValueError(f"norm must be 'bn' or 'gn', got {kind!r}")
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm_layer(norm, planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = _norm_layer(norm, planes)
+        self.pad = planes - in_planes
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            # option A: subsample spatially, zero-pad the new channels (no parameters)
+            shortcut = x[:, :, :: self.stride, :: self.stride]
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, blocks_per_stage: int = 5, num_classes: int = 100, norm: str = "bn"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = _norm_layer(norm, 16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks_per_stage):
+                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1, norm))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet32(num_classes: int = 100, norm: str = "bn") -> CifarResNet:
+    """ResNet-32 for 32x32 inputs (0.47M parameters at 100 classes)."""
+    return CifarResNet(5, num_classes, norm)

@@ -1,0 +1,409 @@
+"""SAM, ImbSAM and SSE-SAM as configurations of one grouped-perturbation step.
+
+A step splits the batch's per-sample losses ``l_i`` into groups (all samples;
+or head and tail by a tail mask). Group ``k`` has the loss
+``L_k = c_k · Σ_{i∈k} l_i / B`` and a radius ``rho_k``; its gradient enters the
+update at ``w + e_k`` with ``e_k = rho_k · g_k / (||g_k|| + 1e-16)``,
+``g_k = ∇L_k(w)``, or at ``w`` itself when ``rho_k = 0``. The base optimizer
+then steps from the restored ``w`` with ``Σ_k ∇L_k(w + e_k)``.
+
+=========  ==============================================  ==========================
+method     groups ``(members, c_k, rho_k)``                 paper
+=========  ==============================================  ==========================
+SAM        ``(all, 1, rho)``                               Foret et al., ICLR 2021
+ImbSAM     ``(head, 1, 0)``, ``(tail, tail_weight, rho)``  Zhou et al., ICCV 2023
+SSE-SAM    ``(head, 1, rho_H)``, ``(tail, 1, tail_rho)``   arXiv 2412.13715, AAAI 2025
+=========  ==============================================  ==========================
+
+SSE-SAM's ``rho_H`` is ``head_rho`` until ``update_rho()`` (called once per
+epoch) has counted ``gamma · total_epochs`` epochs, then 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS, make_backend
+
+
+class _Group(NamedTuple):
+    members: str  # "all" | "head" | "tail"; also the name of its gradient slot
+    weight: float
+    rho: float
+
+
+def _check_rho(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return float(value)
+
+
+def _check_losses(losses, batch: int | None = None) -> Tensor:
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"closure must return a tensor of per-sample losses, got {type(losses).__name__}")
+    if losses.dim() != 1:
+        raise ValueError(
+            f"closure must return per-sample losses of shape (B,), got shape {tuple(losses.shape)}; "
+            "use reduction='none'"
+        )
+    if batch is not None and losses.shape[0] != batch:
+        raise ValueError(f"closure returned {losses.shape[0]} losses, expected {batch} (the same batch)")
+    if losses.shape[0] == 0:
+        raise ValueError("closure returned an empty batch of losses")
+    if not losses.requires_grad:
+        raise ValueError("closure returned losses that do not require grad (was it run under no_grad?)")
+    return losses
+
+
+def _check_mask(tail_mask, losses: Tensor) -> Tensor:
+    if not isinstance(tail_mask, Tensor) or tail_mask.dtype != torch.bool:
+        raise TypeError(f"tail_mask must be a bool tensor of shape (B,), got {tail_mask!r:.80}")
+    if tail_mask.shape != losses.shape:
+        raise ValueError(
+            f"tail_mask must have shape {tuple(losses.shape)} (one flag per sample), "
+            f"got {tuple(tail_mask.shape)}"
+        )
+    if tail_mask.device != losses.device:
+        raise ValueError(f"tail_mask is on {tail_mask.device}, the losses on {losses.device}")
+    return tail_mask
+
+
+class _GroupedSAM(torch.optim.Optimizer):
+    """The engine shared by :class:`SAM`, :class:`ImbSAM` and :class:`SSESAM`.
+
+    It wraps a base optimizer holding the model's parameters. ``param_groups``
+    and ``state`` are the base optimizer's own objects, so LR schedulers attached
+    to either work.
+    """
+
+    _rows = 3  # gradient sets a step keeps at once (live + two slots)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, backend: str = "auto"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, _GroupedSAM):
+            raise TypeError("optimizer must be a base optimizer such as SGD, not a SAM wrapper")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"model has {len(missing)} trainable parameters that the optimizer does not hold "
+                f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
+            )
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.optimizer = optimizer
+        self.model = model
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._backend = make_backend(backend, optimizer, params, self._rows)
+        self._pending: tuple | None = None  # the perturbation an official method left applied
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    # ---- the configuration each method supplies --------------------------------
+    def _groups(self) -> list[_Group]:
+        raise NotImplementedError
+
+    def _stage_state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_stage_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    # ---- one call per step --------------------------------------------------------
+    def step(self, closure: Callable[[], Tensor] | None = None, tail_mask: Tensor | None = None) -> Tensor:
+        """One update with the cheapest exact schedule.
+
+        ``closure()`` recomputes the forward pass on the current batch and returns
+        the per-sample losses, shape ``(B,)``; ``tail_mask`` (bool, shape ``(B,)``)
+        marks the tail samples (SAM ignores it). Returns the mean loss at the
+        unperturbed weights, detached.
+
+        One forward at ``w`` feeds the backward pass of every group
+        (``retain_graph``); a group with ``rho = 0`` gets no perturbed pass and an
+        empty group no pass at all. Every pass sees the whole batch, so BatchNorm
+        in training mode gives the published gradients. Deciding which passes run
+        reads the tail count on the host: one synchronisation per step, before the
+        first backward.
+        """
+        if not callable(closure):
+            raise TypeError("step() needs a closure that returns the per-sample losses of the batch")
+        if self._pending is not None:
+            raise RuntimeError(f"step() called while {self._pending[0]} was left open; finish it first")
+        groups = self._groups()
+        with torch.enable_grad():
+            losses = _check_losses(closure())
+        batch = losses.shape[0]
+        sizes = {"all": batch}
+        if any(g.members != "all" for g in groups):
+            mask = _check_mask(tail_mask, losses)
+            sizes["tail"] = int(mask.sum())
+            sizes["head"] = batch - sizes["tail"]
+        active = [g for g in groups if sizes[g.members] > 0]
+        weights = {}
+        for g in active:
+            w = torch.full_like(losses, g.weight / batch, requires_grad=False)
+            if g.members != "all":
+                w = torch.where(mask if g.members == "tail" else ~mask, w, 0.0)
+            weights[g.members] = w.detach()
+
+        be = self._backend
+        be.begin()
+        for i, g in enumerate(active):
+            torch.dot(losses, weights[g.members]).backward(retain_graph=i + 1 < len(active))
+            be.take(g.members)
+        perturbed = [g for g in active if g.rho > 0]
+        prev = None
+        try:
+            for g, scale in zip(perturbed, be.scales([(g.members, g.rho) for g in perturbed])):
+                be.shift(add=(g.members, scale), sub=prev)
+                prev = (g.members, scale)
+                with torch.enable_grad():
+                    perturbed_losses = _check_losses(closure(), batch)
+                torch.dot(perturbed_losses, weights[g.members]).backward()
+        except BaseException:
+            if prev is not None:
+                be.shift(sub=prev)
+            be.abort()
+            raise
+        if prev is not None:
+            be.shift(sub=prev)
+        for g in active:
+            if g.rho == 0:
+                be.add_to_live(g.members)
+        be.base_step()
+        return losses.detach().mean()
+
+    # ---- official-method helpers --------------------------------------------------
+    def _open(self, method: str, expected: str | None) -> None:
+        have = None if self._pending is None else self._pending[0]
+        if have != expected:
+            after = f"after {expected}()" if expected else "first"
+            raise RuntimeError(f"{method}() must come {after}; the last open step was {have}()")
+
+    def _perturb(self, slot: str, rho: float, method: str) -> None:
+        (scale,) = self._backend.scales([(slot, rho)])
+        self._backend.shift(add=(slot, scale))
+        self._pending = (method, slot, scale)
+
+    def _restore(self) -> None:
+        _, slot, scale = self._pending
+        self._backend.shift(sub=(slot, scale))
+        self._pending = None
+
+    # ---- optimizer manners --------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. With the flat-buffer backends ``p.grad`` is a view
+        into a gradient buffer and is zeroed in place, whatever ``set_to_none``."""
+        self._backend.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"base": self.optimizer.state_dict(), "stage": self._stage_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if "base" not in state_dict and "param_groups" in state_dict:
+            # a base optimizer's own state_dict, as saved by scripts for the published code
+            self.optimizer.load_state_dict(state_dict)
+            return
+        if set(state_dict) != {"base", "stage"}:
+            raise ValueError(f"state_dict must have keys 'base' and 'stage', got {sorted(state_dict)}")
+        self._load_stage_state(state_dict["stage"])
+        self.optimizer.load_state_dict(state_dict["base"])
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._stage_state().items())
+        base = "\n    ".join(repr(self.optimizer).splitlines())
+        return f"{type(self).__name__}({args}, backend={self.backend!r},\n  optimizer={base})"
+
+
+class SAM(_GroupedSAM):
+    """Sharpness-Aware Minimization (Foret et al., ICLR 2021).
+
+    ``g = ∇L(w)``, ``e = rho·g/(||g||+1e-16)``, base step with ``∇L(w+e)``,
+    ``L = mean_i l_i``. Drop-in for the published ``SAM(optimizer, model, rho)``:
+    ``first_step()`` after the first backward, ``second_step()`` after the second.
+    """
+
+    _rows = 2
+
+    def __init__(self, optimizer, model, rho: float = 0.05, *, backend: str = "auto"):
+        self.rho = _check_rho("rho", rho)
+        super().__init__(optimizer, model, backend=backend)
+
+    def _groups(self):
+        return [_Group("all", 1.0, self.rho)]
+
+    def _stage_state(self):
+        return {"rho": self.rho}
+
+    def _load_stage_state(self, state):
+        self.rho = _check_rho("rho", state["rho"])
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """``w += rho·g/(||g||+1e-16)`` with ``g`` in ``p.grad``; zeroes the grads."""
+        self._open("first_step", None)
+        self._backend.adopt()
+        self._backend.take("all")
+        self._perturb("all", self.rho, "first_step")
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """Restore ``w``, base step with the perturbed gradient in ``p.grad``; zeroes the grads."""
+        self._open("second_step", "first_step")
+        self._backend.adopt()
+        self._restore()
+        self._backend.base_step()
+
+
+class ImbSAM(_GroupedSAM):
+    """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail classes only.
+
+    ``L_H = Σ_H l_i / B``, ``L_T = tail_weight·Σ_T l_i / B`` (``tail_weight = 2``
+    in the official training code, used by :meth:`step`); base step with
+    ``∇L_H(w) + ∇L_T(w + e_T)``. Official methods: ``first_step()`` after the head
+    backward, ``second_step()`` after the tail backward, ``third_step()`` after the
+    perturbed tail backward.
+    """
+
+    def __init__(self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0,
+                 backend: str = "auto"):
+        self.rho = _check_rho("rho", rho)
+        self.tail_weight = _check_rho("tail_weight", tail_weight)
+        super().__init__(optimizer, model, backend=backend)
+
+    def _groups(self):
+        return [_Group("head", 1.0, 0.0), _Group("tail", self.tail_weight, self.rho)]
+
+    def _stage_state(self):
+        return {"rho": self.rho, "tail_weight": self.tail_weight}
+
+    def _load_stage_state(self, state):
+        self.rho = _check_rho("rho", state["rho"])
+        self.tail_weight = _check_rho("tail_weight", state["tail_weight"])
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """Keep the head gradient in ``p.grad``; zeroes the grads."""
+        self._open("first_step", None)
+        self._backend.adopt()
+        self._backend.take("head")
+        self._pending = ("first_step",)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """``w += rho·g_T/(||g_T||+1e-16)`` with ``g_T`` in ``p.grad``; zeroes the grads."""
+        self._open("second_step", "first_step")
+        self._backend.adopt()
+        self._backend.take("tail")
+        self._perturb("tail", self.rho, "second_step")
+
+    @torch.no_grad()
+    def third_step(self) -> None:
+        """Restore ``w``; base step with the perturbed tail gradient plus the head one."""
+        self._open("third_step", "second_step")
+        self._backend.adopt()
+        self._restore()
+        self._backend.add_to_live("head")
+        self._backend.base_step()
+
+
+class SSESAM(_GroupedSAM):
+    """SSE-SAM: Stage-wise SAM for head and tail ("SSE-SAM: Balancing Head and
+    Tail Classes Gradually through Stage-Wise SAM", AAAI 2025, arXiv 2412.13715).
+
+    ``L_H = Σ_H l_i / B``, ``L_T = Σ_T l_i / B``; base step with
+    ``∇L_H(w + e_H) + ∇L_T(w + e_T)``, ``e_k = rho_k·g_k/(||g_k||+1e-16)``,
+    ``rho_T = tail_rho``, ``rho_H = head_rho`` until ``epoch_count >= gamma ·
+    total_epochs`` and 0 after (stage 2, ImbSAM-like). ``gamma = 0`` (or 1) keeps
+    ``head_rho`` for the whole run, as in the official code.
+
+    Official methods, per step: for the head then the tail group,
+    ``compute_and_add_epsilon(n_i)`` (0 head, 1 tail) after the clean backward and
+    ``compute_grad_sum_and_restore_p()`` after the perturbed one; then
+    ``update()``. Call ``update_rho()`` once at the end of every epoch.
+    """
+
+    def __init__(self, optimizer, model, head_rho: float, tail_rho: float, gamma: float = 0,
+                 total_epochs: int = 200, *, backend: str = "auto"):
+        head_rho = _check_rho("head_rho", head_rho)
+        tail_rho = _check_rho("tail_rho", tail_rho)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ValueError(f"total_epochs must be an int >= 1, got {total_epochs!r}")
+        self.head_rho, self.gamma, self.total_epochs = head_rho, float(gamma), total_epochs
+        self.rho_is = [head_rho, tail_rho]  # current radii, head then tail (the official name)
+        self.epoch_count = 0
+        # the official code switches only for 0 < gamma < 1
+        self.cut_epoch = total_epochs * gamma if 0 < gamma < 1 else None
+        super().__init__(optimizer, model, backend=backend)
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.cut_epoch is not None and self.epoch_count >= self.cut_epoch else 1
+
+    def _groups(self):
+        return [_Group("head", 1.0, self.rho_is[0]), _Group("tail", 1.0, self.rho_is[1])]
+
+    def _stage_state(self):
+        return {"head_rho": self.head_rho, "tail_rho": self.rho_is[1], "gamma": self.gamma,
+                "total_epochs": self.total_epochs, "epoch_count": self.epoch_count,
+                "rho_is": list(self.rho_is)}
+
+    def _load_stage_state(self, state):
+        count = state["epoch_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state_dict epoch_count must be an int >= 0, got {count!r}")
+        rhos = [_check_rho("rho_is[0]", state["rho_is"][0]), _check_rho("rho_is[1]", state["rho_is"][1])]
+        self.epoch_count, self.rho_is = count, rhos
+
+    def update_rho(self) -> None:
+        """Count one finished epoch; enter stage 2 (``rho_H = 0``) at ``gamma·total_epochs``."""
+        self.epoch_count += 1
+        if self.cut_epoch is not None and self.epoch_count >= self.cut_epoch:
+            self.rho_is[0] = 0.0
+
+    @torch.no_grad()
+    def compute_and_add_epsilon(self, n_i: int) -> None:
+        """``w += rho_i·g/(||g||+1e-16)`` with ``g`` in ``p.grad`` (``n_i``: 0 head,
+        1 tail); zeroes the grads."""
+        if n_i not in (0, 1):
+            raise ValueError(f"n_i must be 0 (head) or 1 (tail), got {n_i!r}")
+        self._open("compute_and_add_epsilon", None)
+        self._backend.adopt()
+        self._backend.take("clean")
+        self._perturb("clean", self.rho_is[n_i], "compute_and_add_epsilon")
+
+    @torch.no_grad()
+    def compute_grad_sum_and_restore_p(self) -> None:
+        """Add ``p.grad`` to the gradient sum and restore ``w``; zeroes the grads."""
+        self._open("compute_grad_sum_and_restore_p", "compute_and_add_epsilon")
+        self._backend.adopt()
+        self._backend.accumulate("sum")
+        self._restore()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Base step with the summed gradient; zeroes the grads."""
+        self._open("update", None)
+        if "sum" not in self._backend.slots:
+            raise RuntimeError("update() needs compute_grad_sum_and_restore_p() first")
+        self._backend.base_step("sum")
