@@ -1,0 +1,279 @@
+"""Optimizer manners: construction checks, state_dict, schedulers, zero_grad,
+the flat-buffer layout, and the long-tail helpers."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sse_sam_fast import SAM, SSESAM, ImbSAM, tail_classes, tail_mask
+from sse_sam_fast.verify import Case, _losses
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def sgd(model, **kw):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kw)
+
+
+# ---- construction --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "build,error,words",
+    [
+        (lambda m: SAM(sgd(m), m, rho=-0.1), ValueError, "rho"),
+        (lambda m: SAM(sgd(m), m, rho=float("nan")), ValueError, "rho"),
+        (lambda m: SAM(sgd(m), m, rho="0.1"), TypeError, "rho"),
+        (lambda m: ImbSAM(sgd(m), m, rho=-1.0), ValueError, "rho"),
+        (lambda m: ImbSAM(sgd(m), m, tail_weight=-2.0), ValueError, "tail_weight"),
+        (lambda m: SSESAM(sgd(m), m, -0.05, 0.1), ValueError, "head_rho"),
+        (lambda m: SSESAM(sgd(m), m, 0.05, -0.1), ValueError, "tail_rho"),
+        (lambda m: SSESAM(sgd(m), m, 0.05, 0.1, gamma=1.5), ValueError, "gamma"),
+        (lambda m: SSESAM(sgd(m), m, 0.05, 0.1, gamma=-0.1), ValueError, "gamma"),
+        (lambda m: SSESAM(sgd(m), m, 0.05, 0.1, total_epochs=0), ValueError, "total_epochs"),
+        (lambda m: SSESAM(sgd(m), m, 0.05, 0.1, total_epochs=2.5), ValueError, "total_epochs"),
+        (lambda m: SAM(sgd(m), m, backend="cuda"), ValueError, "backend"),
+        (lambda m: SAM(object(), m), TypeError, "optimizer"),
+        (lambda m: SAM(sgd(m), "model"), TypeError, "model"),
+        (lambda m: SAM(torch.optim.SGD(m[0].parameters(), lr=0.1), m), ValueError, "optimizer does not hold"),
+        (lambda m: SAM(SAM(sgd(m), m, backend="reference"), m), TypeError, "base optimizer"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(build, error, words):
+    with pytest.raises(error, match=words):
+        build(mlp())
+
+
+def test_gamma_zero_never_switches_and_never_crashes():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0, total_epochs=3)
+    for _ in range(10):
+        opt.update_rho()
+    assert opt.rho_is == [0.05, 0.1] and opt.stage == 1 and opt.epoch_count == 10
+
+
+def test_stage_switch_at_gamma_times_total_epochs():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.7, total_epochs=10)
+    stages = []
+    for _ in range(10):
+        stages.append(opt.rho_is[0])
+        opt.update_rho()
+    assert stages == [0.05] * 7 + [0.0] * 3
+
+
+# ---- step() inputs ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "closure,mask,error,words",
+    [
+        (lambda m, x: F.cross_entropy(m(x), torch.zeros(4, dtype=torch.long)), None, ValueError, "shape"),
+        (lambda m, x: m(x), None, ValueError, "shape"),
+        (lambda m, x: 3.0, None, TypeError, "tensor"),
+        (lambda m, x: m(x).sum(1).detach(), None, ValueError, "require grad"),
+        (lambda m, x: m(x).sum(1), torch.zeros(3, dtype=torch.bool), ValueError, "tail_mask must have shape"),
+        (lambda m, x: m(x).sum(1), torch.zeros(4), TypeError, "tail_mask must be a bool"),
+        (lambda m, x: m(x).sum(1), None, TypeError, "tail_mask"),
+    ],
+)
+def test_bad_step_inputs(closure, mask, error, words):
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1)
+    x = torch.randn(4, 6)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(error, match=words):
+        opt.step(lambda: closure(m, x), mask)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_closure_failing_in_a_perturbed_pass_leaves_weights_restored(backend):
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.5, 0.5, backend=backend)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyError("data loader died")
+        return F.cross_entropy(m(x), y, reduction="none")
+
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(KeyError):
+        opt.step(closure, torch.tensor([True, False] * 3))
+    for a, b in zip(m.parameters(), before):
+        torch.testing.assert_close(a.detach(), b, atol=1e-7, rtol=0)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), torch.tensor([True, False] * 3))
+
+
+def test_official_methods_out_of_order():
+    m = mlp()
+    opt = ImbSAM(sgd(m), m)
+    with pytest.raises(RuntimeError, match="third_step"):
+        opt.third_step()
+    opt2 = SSESAM(sgd(m), m, 0.05, 0.1)
+    with pytest.raises(RuntimeError, match="compute_grad_sum_and_restore_p"):
+        opt2.compute_grad_sum_and_restore_p()
+    with pytest.raises(ValueError, match="n_i"):
+        opt2.compute_and_add_epsilon(2)
+
+
+# ---- state_dict ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_state_dict_round_trip_mid_stage_one(backend):
+    case = Case(method="ssesam", model="bn_cnn", steps=8)
+    batches = list(case.batches())
+
+    def train(model, opt, part):
+        for step, (x, y, tail) in part:
+            opt.step(lambda: _losses(model, x, y), tail)
+            if step % 2 == 1:
+                opt.update_rho()
+
+    model, opt = case.build(backend)
+    train(model, opt, list(enumerate(batches)))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = case.build(backend)
+    train(model, opt, list(enumerate(batches))[:3])
+    assert opt.stage == 1 and opt.epoch_count == 1
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    fresh, opt2 = case.build(backend)
+    fresh.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.epoch_count == 1 and opt2.rho_is == opt.rho_is
+    train(fresh, opt2, list(enumerate(batches))[3:])
+    assert opt2.stage == 2
+    for a, b in zip(fresh.parameters(), expected):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_carries_the_stage_and_validates():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
+    opt.update_rho()
+    sd = opt.state_dict()
+    assert sd["stage"]["epoch_count"] == 1 and sd["stage"]["rho_is"] == [0.0, 0.1]
+    other = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
+    other.load_state_dict(sd)
+    assert other.rho_is == [0.0, 0.1] and other.stage == 2
+    with pytest.raises(ValueError, match="keys"):
+        other.load_state_dict({"base": sd["base"]})
+    with pytest.raises(ValueError, match="epoch_count"):
+        other.load_state_dict({"base": sd["base"], "stage": {**sd["stage"], "epoch_count": -1}})
+    # a base optimizer's own state_dict (what published-code scripts save) loads into the base
+    other.load_state_dict(opt.optimizer.state_dict())
+
+
+# ---- optimizer manners -----------------------------------------------------------
+@pytest.mark.parametrize("attach", ["wrapper", "base"])
+def test_lr_scheduler_attached_to_either(attach):
+    m = mlp()
+    opt = SAM(sgd(m), m)
+    assert opt.param_groups is opt.optimizer.param_groups
+    sched = torch.optim.lr_scheduler.StepLR(opt if attach == "wrapper" else opt.optimizer, 1, gamma=0.5)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_repr_names_method_hyperparameters_and_base():
+    m = mlp()
+    r = repr(SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.7, total_epochs=200, backend="torch"))
+    assert r.startswith("SSESAM(head_rho=0.05, tail_rho=0.1, gamma=0.7, total_epochs=200")
+    assert "backend='torch'" in r and "SGD" in r
+
+
+def test_torch_backend_views_and_in_place_zero_grad():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, backend="torch")
+    bucket = opt._backend.buckets[0]
+    for p in m.parameters():
+        base = bucket.w.data_ptr()
+        assert base <= p.data_ptr() < base + bucket.w.numel() * 4
+        assert p.data_ptr() % 128 == 0  # aligned segments
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    F.cross_entropy(m(x), y).backward()
+    grads = [p.grad for p in m.parameters()]
+    opt.zero_grad()
+    assert all(p.grad is g and not g.any() for p, g in zip(m.parameters(), grads))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+    assert all(not p.grad.any() for p in m.parameters())
+    assert not bucket.w[m[0].weight.numel() : 64].any()  # padding stays zero
+
+
+def test_rebound_parameters_are_reflattened():
+    m = mlp()
+    opt = SAM(sgd(m), m, backend="torch")
+    m.double()  # re-binds every p.data behind the optimizer's back
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert opt._backend.buckets[0].w.dtype == torch.float64
+    assert all(not torch.equal(a, b) for a, b in zip(m.parameters(), before))
+
+
+def test_rebinding_in_the_middle_of_official_methods_is_an_error():
+    m = mlp()
+    opt = SAM(sgd(m), m, backend="torch")
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    m[0].weight.data = m[0].weight.data.clone()
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="re-bound"):
+        opt.second_step()
+
+
+def test_grads_set_to_none_by_the_base_are_adopted():
+    """Scripts that call base.zero_grad() (set_to_none) still work with flat buffers."""
+    results = []
+    for backend in ("reference", "torch"):
+        m = mlp()
+        opt = SAM(sgd(m), m, 0.1, backend=backend)
+        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+        for _ in range(3):
+            opt.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.first_step()
+            opt.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.second_step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_mixed_dtypes_make_several_buckets_with_one_global_norm():
+    results = []
+    for backend in ("reference", "torch"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3).double())
+        opt = SAM(sgd(m), m, 0.2, backend=backend)
+        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+        for _ in range(3):
+            opt.step(lambda: F.cross_entropy(m[2](m[1](m[0](x)).double()), y, reduction="none"))
+        results.append([p.detach().clone() for p in m.parameters()])
+        if backend == "torch":
+            assert len(opt._backend.buckets) == 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+# ---- long-tail helpers -----------------------------------------------------------
+def test_tail_classes_and_mask():
+    assert tail_classes([500, 120, 30, 8], eta=100).tolist() == [2, 3]
+    assert tail_classes([5, 5], eta=1).tolist() == []
+    targets = torch.tensor([0, 3, 2, 1, 3])
+    assert tail_mask(targets, tail_classes([500, 120, 30, 8], 100)).tolist() == [False, True, True, False, True]
+    with pytest.raises(ValueError, match="class_counts"):
+        tail_classes([[1, 2]], 3)
+    with pytest.raises(ValueError, match="class_counts"):
+        tail_classes([1.5, 2.0], 3)
+    with pytest.raises(TypeError, match="targets"):
+        tail_mask(torch.tensor([0.0, 1.0]), [1])
