@@ -11,7 +11,7 @@ backend through these primitives:
 ``add_to_live(k)`` live gradients += slot ``k``
 ``scales``       ``rho / (||G_k|| + 1e-16)`` for several slots, kept on the device
 ``shift``        ``w += s_a·G_a − s_b·G_b`` (perturb, restore, or both at once)
-``base_step(k)`` the base optimizer steps on the live gradients (or slot ``k``)
+``finish``       restore ``w``, add slots to the live gradients, step the base optimizer
 
 "Live" gradients are what autograd writes: ``p.grad``. A parameter that got no
 gradient in a pass is absent from that pass, and one absent from every pass of
@@ -108,11 +108,14 @@ class ReferenceBackend:
                     p.sub_(eps)
 
     @torch.no_grad()
-    def base_step(self, slot: str | None = None) -> None:
-        if slot is not None:
-            grads = self.slots.get(slot, {})
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
+        self.shift(sub=restore)
+        for slot in add:
+            self.add_to_live(slot)
+        if grads is not None:
+            kept = self.slots.get(grads, {})
             for p in self.params:
-                p.grad = grads[p].clone() if p in grads else None
+                p.grad = kept[p].clone() if p in kept else None
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.slots.clear()
@@ -299,12 +302,15 @@ class TorchBackend:
 
     @torch.no_grad()
     def _norms(self, rows: Sequence[int]) -> list[Tensor]:
-        """L2 norms of gradient rows over all buckets, fp32, on the first bucket's device."""
+        """L2 norms of gradient rows over all buckets (fp32 or wider), on the first bucket's device."""
         dev = self.buckets[0].w.device
         out = []
         for r in rows:
             # fp32 accumulation: bf16/fp16 sums lose the small gradients of the tail
-            parts = [torch.linalg.vector_norm(b.g[r], dtype=torch.float32).to(dev) for b in self.buckets]
+            parts = [
+                torch.linalg.vector_norm(b.g[r], dtype=torch.promote_types(b.g.dtype, torch.float32)).to(dev)
+                for b in self.buckets
+            ]
             out.append(parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts)))
         return out
 
@@ -322,9 +328,15 @@ class TorchBackend:
                     b.w.addcmul_(b.g[self.slots[slot][0]], scale.to(b.w.device), value=sign)
 
     @torch.no_grad()
-    def base_step(self, slot: str | None = None) -> None:
-        if slot is not None:
-            row, seen = self.slots.pop(slot)
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
+        """Restore ``w`` (``restore``: a ``(slot, scale)`` pair), add the slots
+        ``add`` to the live gradients, and step the base optimizer on them (or on
+        slot ``grads``). Leaves every gradient zero and every slot empty."""
+        self.shift(sub=restore)
+        for slot in add:
+            self.add_to_live(slot)
+        if grads is not None:
+            row, seen = self.slots.pop(grads)
             self.live, self.seen = row, seen
             self._bind(row)
         absent = [p for p, s in zip(self.params, self.seen) if not s]

@@ -181,12 +181,7 @@ class _GroupedSAM(torch.optim.Optimizer):
                 be.shift(sub=prev)
             be.abort()
             raise
-        if prev is not None:
-            be.shift(sub=prev)
-        for g in active:
-            if g.rho == 0:
-                be.add_to_live(g.members)
-        be.base_step()
+        be.finish(restore=prev, add=[g.members for g in active if g.rho == 0])
         return losses.detach().mean()
 
     # ---- official-method helpers --------------------------------------------------
@@ -201,10 +196,10 @@ class _GroupedSAM(torch.optim.Optimizer):
         self._backend.shift(add=(slot, scale))
         self._pending = (method, slot, scale)
 
-    def _restore(self) -> None:
+    def _restore(self) -> tuple:
         _, slot, scale = self._pending
-        self._backend.shift(sub=(slot, scale))
         self._pending = None
+        return slot, scale
 
     # ---- optimizer manners --------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -269,8 +264,7 @@ class SAM(_GroupedSAM):
         """Restore ``w``, base step with the perturbed gradient in ``p.grad``; zeroes the grads."""
         self._open("second_step", "first_step")
         self._backend.adopt()
-        self._restore()
-        self._backend.base_step()
+        self._backend.finish(restore=self._restore())
 
 
 class ImbSAM(_GroupedSAM):
@@ -320,9 +314,7 @@ class ImbSAM(_GroupedSAM):
         """Restore ``w``; base step with the perturbed tail gradient plus the head one."""
         self._open("third_step", "second_step")
         self._backend.adopt()
-        self._restore()
-        self._backend.add_to_live("head")
-        self._backend.base_step()
+        self._backend.finish(restore=self._restore(), add=["head"])
 
 
 class SSESAM(_GroupedSAM):
@@ -398,7 +390,7 @@ class SSESAM(_GroupedSAM):
         self._open("compute_grad_sum_and_restore_p", "compute_and_add_epsilon")
         self._backend.adopt()
         self._backend.accumulate("sum")
-        self._restore()
+        self._backend.shift(sub=self._restore())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -406,4 +398,4 @@ class SSESAM(_GroupedSAM):
         self._open("update", None)
         if "sum" not in self._backend.slots:
             raise RuntimeError("update() needs compute_grad_sum_and_restore_p() first")
-        self._backend.base_step("sum")
+        self._backend.finish(grads="sum")
