@@ -366,14 +366,181 @@ class TorchBackend:
         self._bind(live)
 
 
+class TritonBackend(TorchBackend):
+    """The torch backend's buffers with the Triton kernels of ``kernels/``: the
+    norms of several gradient sets in one launch per bucket, perturbation,
+    restore and the head-to-tail switch in one pass each, and the scale
+    ``rho / (||g|| + 1e-16)`` computed inside the kernels from device sums of
+    squares. When the base optimizer is ``torch.optim.SGD`` the last restore,
+    the gradient sum and the SGD update are one pass too; its momentum buffers
+    are then views into a flat buffer, shared with ``optimizer.state``.
+    Computes in fp32 whatever the storage dtype.
+    """
+
+    name = "triton"
+
+    def __init__(self, optimizer, params, rows: int):
+        import kernels  # Triton is imported only when this backend is asked for
+
+        self._k = kernels
+        super().__init__(optimizer, params, rows)
+        if any(b.w.device.type != "cuda" for b in self.buckets) and not _interpreting():
+            raise ValueError(
+                "backend='triton' needs CUDA parameters (or TRITON_INTERPRET=1 to run the kernels "
+                "through Triton's interpreter on the CPU); use backend='torch' or 'auto'"
+            )
+
+    def _flatten(self) -> None:
+        super()._flatten()
+        self._momentum: list[Tensor | None] = [None] * len(self.buckets)
+        self._momentum_views: dict[int, Tensor] = {}
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+
+    @torch.no_grad()
+    def scales(self, items):
+        if not items:
+            return []
+        rows = [self.slots[slot][0] for slot, _ in items]
+        dev = self.buckets[0].w.device
+        sumsq = None
+        for b in self.buckets:
+            part = self._k.grouped_sumsq(b.g, rows).to(dev)
+            sumsq = part if sumsq is None else sumsq + part
+        return [(sumsq[i : i + 1], rho) for i, (_, rho) in enumerate(items)]
+
+    def _term(self, pair, b: _Bucket):
+        if pair is None:
+            return None
+        slot, (sumsq, rho) = pair
+        return self.slots[slot][0], sumsq.to(b.w.device), rho
+
+    @torch.no_grad()
+    def shift(self, add=None, sub=None) -> None:
+        for b in self.buckets:
+            self._k.shift_(b.w, b.g, add=self._term(add, b), sub=self._term(sub, b))
+
+    @torch.no_grad()
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
+        first = self._fusable_sgd(add, grads)
+        if first is None:
+            super().finish(restore, add, grads)
+            return
+        extra = [self.slots[slot][0] for slot in add]
+        try:
+            for i, b in enumerate(self.buckets):
+                for group, start, end in self._group_runs(b):
+                    momentum = group["momentum"]
+                    self._k.restore_sgd_(
+                        b.w, b.g, self.live, self._term(restore, b), extra,
+                        self._momentum_buffer(i) if momentum else None,
+                        group["lr"], momentum, group["dampening"], group["weight_decay"],
+                        group["nesterov"], first, start, end,
+                    )
+            # the base optimizer's step() did not run: tell an attached LR scheduler it did
+            self.optimizer._opt_called = True
+        finally:
+            self._reset()
+
+    def _fusable_sgd(self, add, grads) -> bool | None:
+        """None if the fused SGD update cannot reproduce ``optimizer.step()``
+        here; else whether it is the momentum buffers' first step."""
+        opt = self.optimizer
+        if type(opt) is not torch.optim.SGD or grads is not None or len(add) > 1:
+            return None
+        from torch.optim import optimizer as hooks
+
+        if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+                or hooks._global_optimizer_pre_hooks or hooks._global_optimizer_post_hooks):
+            return None
+        seen = self.seen
+        for slot in add:
+            seen = [a or c for a, c in zip(seen, self.slots[slot][1])]
+        if not all(seen):  # a parameter without a gradient must be skipped, as step() does
+            return None
+        keys = ("lr", "momentum", "dampening", "weight_decay")
+        if any(g.get("maximize") or any(isinstance(g[k], Tensor) for k in keys) for g in opt.param_groups):
+            return None
+        group_of = self._group_of()
+        with_momentum = [p for p in self.params if group_of[id(p)]["momentum"] != 0]
+        states = [opt.state.get(p, {}).get("momentum_buffer") for p in with_momentum]
+        if all(s is None for s in states):
+            return True
+        if any(s is None for s in states):
+            return None
+        for p, s in zip(with_momentum, states):
+            view = self._momentum_view(p)
+            if s is not view:  # loaded from a state_dict, or made by a plain step(): adopt it
+                view.copy_(s)
+                opt.state[p]["momentum_buffer"] = view
+        return False
+
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+    def _group_runs(self, b: _Bucket):
+        """Maximal runs of consecutive parameters of ``b`` in one param group, as
+        ``(group, start, end)`` element ranges (padding included)."""
+        group_of = self._group_of()
+        runs = []
+        for j, p in enumerate(b.params):
+            g = group_of[id(p)]
+            end = b.offsets[j + 1] if j + 1 < len(b.params) else b.numel
+            if runs and runs[-1][0] is g:
+                runs[-1][2] = end
+            else:
+                runs.append([g, b.offsets[j], end])
+        return runs
+
+    def _momentum_buffer(self, i: int) -> Tensor:
+        """Bucket ``i``'s flat momentum buffer; ``optimizer.state`` holds views of it."""
+        if self._momentum[i] is None:
+            b = self.buckets[i]
+            flat = self._momentum[i] = torch.zeros_like(b.w)
+            group_of = self._group_of()
+            for p, off in zip(b.params, b.offsets):
+                self._momentum_views[id(p)] = view = flat[off : off + p.numel()].view_as(p)
+                if group_of[id(p)]["momentum"] != 0:
+                    self.optimizer.state[p]["momentum_buffer"] = view
+        return self._momentum[i]
+
+    def _momentum_view(self, p: Tensor) -> Tensor:
+        self._momentum_buffer(self._bucket_of[id(p)])
+        return self._momentum_views[id(p)]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def make_backend(name: str, optimizer, params, rows: int):
+def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
+    """``auto``: ``triton`` when the parameters are on CUDA and Triton imports, else ``torch``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        on_cuda = all(p.device.type == "cuda" for p in params)
+        return "triton" if on_cuda and triton_available() else "torch"
+    if name == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs Triton: pip install 'sse_sam_fast[triton]' (or use 'torch')")
+    return name
+
+
+def make_backend(name: str, optimizer, params, rows: int):
+    name = resolve_backend(name, params)
     if name == "reference":
         return ReferenceBackend(optimizer, params)
     if name == "triton":
-        raise ValueError("backend='triton' is not available yet; use 'torch' or 'auto'")
+        return TritonBackend(optimizer, params, rows)
     return TorchBackend(optimizer, params, rows)

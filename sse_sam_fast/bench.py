@@ -91,7 +91,8 @@ def whole_step(
 def report(times: dict[str, list[float]], absolute: bool) -> str:
     sgd = statistics.median(times["sgd"])
     pub = statistics.median(times["published"])
-    rows = [f"{'schedule':<16}{'× SGD':>8}{'× published':>13}" + ("   median s (p20–p80)" if absolute else "")]
+    head = f"{'schedule':<16}{'× SGD':>8}{'× published':>13}"
+    rows = [head + ("   median s (p20–p80)" if absolute else "")]
     for name, ts in times.items():
         med = statistics.median(ts)
         row = f"{name:<16}{med / sgd:>8.2f}{med / pub:>13.2f}"
@@ -116,7 +117,10 @@ def main(argv=None) -> int:
     y = torch.randint(0, 100, (args.batch,), device=device)
     tail = torch.zeros(args.batch, dtype=torch.bool, device=device)
     tail[torch.randperm(args.batch)[: round(args.tail_frac * args.batch)]] = True
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
     print(f"ResNet-32 (CIFAR-100 shapes), batch {args.batch}, {int(tail.sum())} tail samples; {name}; "
           f"torch {torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up")
     for stage in (1, 2):

@@ -1,0 +1,99 @@
+"""The triton backend against the published loop: through Triton's interpreter
+on CPU tensors here, compiled on CUDA where a GPU is present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from sse_sam_fast import SAM, SSESAM  # noqa: E402
+from sse_sam_fast.backends import resolve_backend  # noqa: E402
+from sse_sam_fast.verify import Case, assert_close, default_cases, run, tolerance_key  # noqa: E402
+
+CASES = default_cases((torch.float32,)) + [
+    Case(method=m, model="mlp", dtype=torch.bfloat16) for m in ("sam", "imbsam", "ssesam")
+] + [Case(method="ssesam", model="bn_cnn", dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("api", ["step", "official"])
+def test_triton_matches_published_loop(case, api):
+    expected = run(case, "reference", "official")
+    key = tolerance_key(case.dtype, "triton")
+    assert_close(run(case, "triton", api), expected, key, f"{case.name} triton/{api}")
+
+
+def test_fused_sgd_path_is_taken_and_momentum_lives_in_the_flat_buffer():
+    case = Case(method="ssesam")
+    model, opt = case.build("triton")
+    x, y, tail = next(case.batches())
+    opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    be = opt._backend
+    flat = be._momentum[0]
+    assert flat is not None and flat.any()
+    for p in model.parameters():
+        buf = opt.optimizer.state[p]["momentum_buffer"]
+        assert flat.data_ptr() <= buf.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+
+
+def test_momentum_loaded_from_a_state_dict_is_adopted():
+    case = Case(method="sam", steps=4)
+    batches = list(case.batches())
+    model, opt = case.build("triton")
+    for x, y, tail in batches:
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = case.build("triton")
+    for x, y, tail in batches[:2]:
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+    fresh, opt2 = case.build("triton")
+    fresh.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for x, y, tail in batches[2:]:
+        opt2.step(lambda: F.cross_entropy(fresh(x), y, reduction="none"), tail)
+    for a, b in zip(fresh.parameters(), expected):
+        assert torch.equal(a, b)
+
+
+def test_non_sgd_base_and_hooks_fall_back_to_the_base_step():
+    for case in (Case(method="imbsam", base="adam", steps=2), Case(method="sam", steps=2)):
+        model, opt = case.build("triton")
+        calls = []
+        opt.optimizer.register_step_post_hook(lambda *a: calls.append(1))
+        for x, y, tail in case.batches():
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+        assert len(calls) == 2  # the base optimizer's own step() ran
+
+
+def test_auto_dispatch():
+    cpu = [torch.zeros(1)]
+    assert resolve_backend("auto", cpu) == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", [torch.zeros(1, device="cuda")]) == "triton"
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, backend="triton")
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    import sse_sam_fast.backends as backends
+
+    monkeypatch.setattr(backends, "triton_available", lambda: False)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="needs Triton"):
+        SSESAM(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.05, 0.1, backend="triton")
+    assert resolve_backend("auto", list(model.parameters())) == "torch"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", default_cases((torch.float32,)), ids=lambda c: c.name)
+def test_cuda_triton_matches_published_loop_on_cpu(case):
+    expected = run(case, "reference", "official")
+    assert_close(run(case, "triton", "step", device="cuda"), expected, torch.float32, f"cuda {case.name}")
