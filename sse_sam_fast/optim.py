@@ -165,7 +165,8 @@ class _GroupedSAM(torch.optim.Optimizer):
         be = self._backend
         be.begin()
         for i, g in enumerate(active):
-            torch.dot(losses, weights[g.members]).backward(retain_graph=i + 1 < len(active))
+            with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
+                torch.dot(losses, weights[g.members]).backward(retain_graph=i + 1 < len(active))
             be.take(g.members)
         perturbed = [g for g in active if g.rho > 0]
         prev = None
@@ -175,7 +176,7 @@ class _GroupedSAM(torch.optim.Optimizer):
                 prev = (g.members, scale)
                 with torch.enable_grad():
                     perturbed_losses = _check_losses(closure(), batch)
-                torch.dot(perturbed_losses, weights[g.members]).backward()
+                    torch.dot(perturbed_losses, weights[g.members]).backward()
         except BaseException:
             if prev is not None:
                 be.shift(sub=prev)

@@ -278,3 +278,13 @@ def test_tail_classes_and_mask():
         tail_classes([1.5, 2.0], 3)
     with pytest.raises(TypeError, match="targets"):
         tail_mask(torch.tensor([0.0, 1.0]), [1])
+
+
+def test_step_under_no_grad():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    before = m[0].weight.detach().clone()
+    with torch.no_grad():
+        opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+    assert not torch.equal(m[0].weight, before)
