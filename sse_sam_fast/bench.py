@@ -1,8 +1,8 @@
 """Whole-step timing: plain SGD vs the published schedule vs this library.
 
 Each schedule trains its own copy of the same model on the same batch; the
-schedules take turns step by step so that drift in the machine's speed (other
-processes, thermal state) is spread over all of them. Reported: median seconds
+schedules take turns step by step, in rotating order, so that drift in the
+machine's speed (other processes, thermal state) is spread over all of them. Reported: median seconds
 per step with p20/p80, and ratios to SGD and to the published schedule.
 """
 
@@ -77,8 +77,11 @@ def whole_step(
         runners[f"exact/{backend}"] = lambda m=m_b, o=o_b: o.step(lambda: losses(m), tail)
 
     times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners.items())
     for i in range(warmup + steps):
-        for name, fn in runners.items():
+        # rotate who goes first: a schedule that always follows the biggest one
+        # would pay for its allocator and cache churn
+        for name, fn in order[i % len(order):] + order[: i % len(order)]:
             _sync(device)
             t0 = time.perf_counter()
             fn()
