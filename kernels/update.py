@@ -155,19 +155,20 @@ def restore_sgd_(
     extra_rows = [_check_row(r, g, "extra_rows") for r in extra_rows]
     end = n_total if end is None else end
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_total):
-        raise ValueError(f"start, end must satisfy 0 <= start <= end <= {n_total}, "
-                         f"got start={start!r}, end={end!r}")
+        raise ValueError(
+            f"start, end must satisfy 0 <= start <= end <= {n_total}, got start={start!r}, end={end!r}"
+        )
     has_momentum = momentum != 0
     if has_momentum:
         if not isinstance(momentum_buf, torch.Tensor) or momentum_buf.shape != w.shape:
-            raise ValueError(f"momentum_buf must be a tensor of shape ({n_total},) when "
-                             f"momentum != 0, got {_describe(momentum_buf)}")
+            raise ValueError(
+                f"momentum_buf must be a tensor of shape ({n_total},) when "
+                f"momentum != 0, got {_describe(momentum_buf)}"
+            )
         if momentum_buf.dtype not in (w.dtype, torch.float32):
-            raise ValueError(f"momentum_buf must be {w.dtype} or float32, "
-                             f"got {momentum_buf.dtype}")
+            raise ValueError(f"momentum_buf must be {w.dtype} or float32, got {momentum_buf.dtype}")
         if momentum_buf.device != w.device:
-            raise ValueError(f"momentum_buf must be on w's device {w.device}, "
-                             f"got {momentum_buf.device}")
+            raise ValueError(f"momentum_buf must be on w's device {w.device}, got {momentum_buf.device}")
         if not momentum_buf.is_contiguous():
             raise ValueError("momentum_buf must be contiguous")
     n_elements = end - start

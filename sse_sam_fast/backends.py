@@ -152,9 +152,7 @@ class _Bucket:
                 p.data = view
 
     def views(self, row: int) -> list[Tensor]:
-        return [
-            self.g[row, off : off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)
-        ]
+        return [self.g[row, off : off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)]
 
 
 class TorchBackend:
@@ -431,10 +429,20 @@ class TritonBackend(TorchBackend):
                 for group, start, end in self._group_runs(b):
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
-                        b.w, b.g, self.live, self._term(restore, b), extra,
+                        b.w,
+                        b.g,
+                        self.live,
+                        self._term(restore, b),
+                        extra,
                         self._momentum_buffer(i) if momentum else None,
-                        group["lr"], momentum, group["dampening"], group["weight_decay"],
-                        group["nesterov"], first, start, end,
+                        group["lr"],
+                        momentum,
+                        group["dampening"],
+                        group["weight_decay"],
+                        group["nesterov"],
+                        first,
+                        start,
+                        end,
                     )
             # the base optimizer's step() did not run: tell an attached LR scheduler it did
             self.optimizer._opt_called = True
@@ -449,8 +457,12 @@ class TritonBackend(TorchBackend):
             return None
         from torch.optim import optimizer as hooks
 
-        if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-                or hooks._global_optimizer_pre_hooks or hooks._global_optimizer_post_hooks):
+        if (
+            opt._optimizer_step_pre_hooks
+            or opt._optimizer_step_post_hooks
+            or hooks._global_optimizer_pre_hooks
+            or hooks._global_optimizer_post_hooks
+        ):
             return None
         seen = self.seen
         for slot in add:
@@ -515,11 +527,11 @@ def _interpreting() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: importing triton fixes whether kernels are
+    # interpreted, and TRITON_INTERPRET may still be set after this check
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 BACKENDS = ("auto", "triton", "torch", "reference")

@@ -8,7 +8,6 @@ per step with p20/p80, and ratios to SGD and to the published schedule.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import SSESAM
-from .models import resnet32
+from .backends import triton_available
+from .models import MODELS, resnet32
 from .verify import published_step
 
 
@@ -81,7 +81,7 @@ def whole_step(
     for i in range(warmup + steps):
         # rotate who goes first: a schedule that always follows the biggest one
         # would pay for its allocator and cache churn
-        for name, fn in order[i % len(order):] + order[: i % len(order)]:
+        for name, fn in order[i % len(order) :] + order[: i % len(order)]:
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -89,6 +89,105 @@ def whole_step(
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+# Buffer passes of one SSE-SAM stage-1 step, optimizer side, as element
+# accesses per parameter (reads + writes), from the operations each backend
+# runs. N = parameters; the count times N times the element size is the traffic.
+#   triton: norms of G_H, G_T (2 reads) | w += s_H G_H (2 r, 1 w) | switch
+#     w += s_T G_T - s_H G_H (3 r, 1 w) | restore + SGD: w, G_T, G_acc, buf
+#     (4 r), w, buf (2 w) | zero the three gradient rows (3 w)          = 18
+#   torch: norms (2 r) | perturb (2 r, 1 w) | restore head, perturb tail
+#     (2 x (2 r, 1 w)) | restore tail (2 r, 1 w) | foreach SGD with weight decay
+#     and momentum (d = g + wd w: 2 r 1 w; buf = m buf + d: 2 r 1 w; w -= lr buf:
+#     2 r 1 w) | zero rows (3 w)                                        = 26
+#   reference: as torch, plus cloning each gradient into the slot (1 r, 1 w,
+#     twice) and materialising eps = g s before each add or sub (1 r, 1 w, four
+#     times) and zero_grad by set_to_none (no traffic)                  = 38
+PASSES_STAGE1 = {"triton": 18, "torch": 26, "reference": 38}
+
+
+def optimizer_side(
+    model: nn.Module,
+    device: torch.device,
+    backends=("reference", "torch", "triton"),
+    steps: int = 20,
+    warmup: int = 3,
+) -> dict[str, dict]:
+    """Time the optimizer side of an SSE-SAM stage-1 step (everything but the
+    forward and backward passes, which are replaced by copying precomputed
+    gradients into ``p.grad``, untimed). Returns per backend: median seconds
+    per step, p20, p80, bytes moved (from PASSES_STAGE1) and GB/s."""
+    out = {}
+    model = copy.deepcopy(model).to(device)
+    grads = [[torch.randn_like(p) * 1e-3 for p in model.parameters()] for _ in range(4)]
+    n = sum(p.numel() for p in model.parameters())
+    elem = next(model.parameters()).element_size()
+    for backend in backends:
+        m = copy.deepcopy(model)
+        base = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+        opt = SSESAM(base, m, 0.05, 0.10, backend=backend)
+        be, params = opt._backend, list(m.parameters())
+
+        def fake_backward(k):
+            with torch.no_grad():
+                for p, g in zip(params, grads[k]):
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+            if hasattr(be, "seen"):
+                be.seen = [True] * len(params)
+
+        phases = [
+            lambda st: be.take("head"),
+            lambda st: (
+                be.take("tail"),
+                st.update(s=be.scales([("head", 0.05), ("tail", 0.1)])),
+                be.shift(add=("head", st["s"][0])),
+            ),
+            lambda st: be.shift(add=("tail", st["s"][1]), sub=("head", st["s"][0])),
+            lambda st: be.finish(restore=("tail", st["s"][1])),
+        ]
+        times = []
+        for i in range(warmup + steps):
+            if hasattr(be, "begin"):
+                be.begin()
+            st, total = {}, 0.0
+            for k, phase in enumerate(phases):
+                fake_backward(k)
+                _sync(device)
+                t0 = time.perf_counter()
+                phase(st)
+                _sync(device)
+                total += time.perf_counter() - t0
+            if i >= warmup:
+                times.append(total)
+        med = statistics.median(times)
+        moved = PASSES_STAGE1[backend] * n * elem
+        out[backend] = {
+            "median_s": med,
+            "p20_s": _quantile(times, 0.2),
+            "p80_s": _quantile(times, 0.8),
+            "bytes": moved,
+            "gbps": moved / med / 1e9,
+        }
+    return out
+
+
+def copy_bandwidth(n: int, device: torch.device, dtype=torch.float32, reps: int = 20) -> float:
+    """GB/s of a device-to-device copy of ``n`` elements (read + write counted)."""
+    src, dst = torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)
+    for _ in range(3):
+        dst.copy_(src)
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n * src.element_size() / statistics.median(ts) / 1e9
 
 
 def report(times: dict[str, list[float]], absolute: bool) -> str:
@@ -105,32 +204,54 @@ def report(times: dict[str, list[float]], absolute: bool) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--tail-frac", type=float, default=0.19)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    args = ap.parse_args(argv)
+def run_bench(args) -> int:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = resnet32(100)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 100, (args.batch,), device=device)
-    tail = torch.zeros(args.batch, dtype=torch.bool, device=device)
-    tail[torch.randperm(args.batch)[: round(args.tail_frac * args.batch)]] = True
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
-    print(f"ResNet-32 (CIFAR-100 shapes), batch {args.batch}, {int(tail.sum())} tail samples; {name}; "
-          f"torch {torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up")
-    for stage in (1, 2):
-        times = whole_step(model, x, y, tail, stage, args.steps, args.warmup)
-        print(f"\nSSE-SAM stage {stage}\n" + report(times, absolute=device.type == "cuda"))
+    print(f"{name}; torch {torch.__version__}")
+    if args.part in ("whole", "all"):
+        torch.manual_seed(0)
+        model = resnet32(100)
+        x = torch.randn(args.batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 100, (args.batch,), device=device)
+        tail = torch.zeros(args.batch, dtype=torch.bool, device=device)
+        tail[torch.randperm(args.batch)[: round(args.tail_frac * args.batch)]] = True
+        print(
+            f"\nWhole step: ResNet-32 (CIFAR-100 shapes), batch {args.batch}, {int(tail.sum())} tail "
+            f"samples; median of {args.steps} steps after {args.warmup} warm-up"
+        )
+        for stage in (1, 2):
+            times = whole_step(model, x, y, tail, stage, args.steps, args.warmup)
+            print(f"\nSSE-SAM stage {stage}\n" + report(times, absolute=device.type == "cuda"))
+    if args.part in ("optimizer", "all"):
+        backends = ["reference", "torch"]
+        if device.type == "cuda" and triton_available():
+            backends.append("triton")
+        for model_name in args.models:
+            model = MODELS[model_name](100)
+            n = sum(p.numel() for p in model.parameters())
+            res = optimizer_side(model, device, backends, max(args.steps, 5), args.warmup)
+            copy_gbps = copy_bandwidth(n, device)
+            ref = res["reference"]["median_s"]
+            print(
+                f"\nOptimizer side of an SSE-SAM stage-1 step: {model_name} ({n / 1e6:.2f}M params)"
+                + (f"; device-to-device copy {copy_gbps:.1f} GB/s" if device.type == "cuda" else "")
+            )
+            # bandwidth and absolute times only on a GPU: on a CPU the buffers of the
+            # small model sit in cache and the clock is shared with everything else
+            gpu = device.type == "cuda"
+            print(
+                f"{'backend':<10}{'× reference':>12}{'MB moved':>10}"
+                + (f"{'GB/s':>8}{'% copy':>8}   median ms (p20–p80)" if gpu else "")
+            )
+            for b, r in res.items():
+                row = f"{b:<10}{r['median_s'] / ref:>12.3f}{r['bytes'] / 1e6:>10.1f}"
+                if gpu:
+                    row += (
+                        f"{r['gbps']:>8.1f}{100 * r['gbps'] / copy_gbps:>7.0f}%   {r['median_s'] * 1e3:.3f} "
+                        f"({r['p20_s'] * 1e3:.3f}–{r['p80_s'] * 1e3:.3f})"
+                    )
+                print(row)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

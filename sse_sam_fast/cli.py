@@ -2,6 +2,8 @@
 
 ``train``  trains a small MLP on long-tailed digits with SGD, SAM, ImbSAM or
            SSE-SAM and prints overall, head and tail accuracy.
+``verify`` checks a backend against the published algorithms on this machine.
+``bench``  times a whole step against SGD and the published schedule.
 
 Each command is one ``_cmd_<name>(args, parser) -> int`` function registered in
 :func:`build_parser`.
@@ -134,7 +136,95 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # late checks (those that need the data) report as "sse-sam-fast train: error: ..."
     train.set_defaults(func=functools.partial(_cmd_train, parser=train))
+    _add_verify(commands)
+    _add_bench(commands)
     return parser
+
+
+def _add_verify(commands) -> None:
+    verify = commands.add_parser(
+        "verify",
+        help="check a backend against the published algorithms on this machine",
+        description=(
+            "Run the parity matrix (SAM, ImbSAM, SSE-SAM x an MLP and a BatchNorm CNN x both APIs x "
+            "dtypes, plus empty groups, frozen/unused parameters, Adam, param groups) of a backend "
+            "against the published training loop on the reference backend, on the same device. "
+            "Exits 1 if any case fails."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    verify.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto")
+    verify.add_argument("--device", default=_default_device(), help="torch device")
+    verify.add_argument("--steps", type=_positive_int, default=6, help="optimizer steps per case")
+    verify.add_argument(
+        "--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["float32", "bfloat16"]
+    )
+    verify.set_defaults(func=functools.partial(_cmd_verify, parser=verify))
+
+
+def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import os
+
+    from .backends import resolve_backend
+    from .verify import format_results, verify
+
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device {args.device!r} is not usable here: {e}")
+    backend = resolve_backend(args.backend, [torch.empty(0, device=device)])
+    if backend == "triton" and device.type != "cuda":
+        # without a GPU the kernels run through Triton's interpreter (set before triton loads)
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--backend triton on a CPU device needs TRITON_INTERPRET=1 set before triton loads")
+        os.environ["TRITON_INTERPRET"] = "1"
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"verify backend={backend} on {device} ({name}), {args.steps} steps per case; "
+        f"torch {torch.__version__}"
+    )
+    results = verify(backend, str(device), args.steps, dtypes)
+    print(format_results(results))
+    failed = sum(not r.diff.ok for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="time a whole SSE-SAM step: SGD vs the published schedule vs this library",
+        description="Whole-step timing on ResNet-32 (CIFAR-100 shapes); ratios to SGD and to the "
+        "published 4F+4B schedule, absolute times on a GPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--device", default=_default_device(), help="torch device")
+    bench.add_argument("--batch", type=_positive_int, default=128)
+    bench.add_argument("--tail-frac", type=_unit_interval, default=0.19, help="fraction of tail samples")
+    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per schedule")
+    bench.add_argument("--warmup", type=_non_negative_int, default=2)
+    bench.add_argument(
+        "--part",
+        choices=("whole", "optimizer", "all"),
+        default="all",
+        help="whole steps, the optimizer side alone, or both",
+    )
+    bench.add_argument(
+        "--models",
+        nargs="+",
+        choices=("resnet32", "resnet34"),
+        default=["resnet32", "resnet34"],
+        help="parameter sets for the optimizer-side timing",
+    )
+    bench.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

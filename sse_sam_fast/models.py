@@ -15,7 +15,10 @@ from torch import nn
 
 def mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 128) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
 
@@ -24,9 +27,15 @@ def small_bn_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 8) ->
     """A two-conv BatchNorm network: cheap enough for parity tests, and its
     per-sample losses depend on the whole batch through the batch statistics."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
     )
 
 
@@ -81,3 +90,51 @@ class CifarResNet(nn.Module):
 def resnet32(num_classes: int = 100, norm: str = "bn") -> CifarResNet:
     """ResNet-32 for 32x32 inputs (0.47M parameters at 100 classes)."""
     return CifarResNet(5, num_classes, norm)
+
+
+class _WideBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet34Cifar(nn.Module):
+    """ResNet-34 (stages of 3, 4, 6, 3 blocks, 64-512 channels) adapted to 32x32
+    inputs: a 3x3 stride-1 stem and no max-pool (21.3M parameters at 100 classes)."""
+
+    def __init__(self, num_classes: int = 100):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, in_planes = [], 64
+        for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(blocks):
+                layers.append(_WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet34(num_classes: int = 100) -> ResNet34Cifar:
+    return ResNet34Cifar(num_classes)
+
+
+MODELS = {"resnet32": resnet32, "resnet34": resnet34}

@@ -278,8 +278,9 @@ class ImbSAM(_GroupedSAM):
     perturbed tail backward.
     """
 
-    def __init__(self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0,
-                 backend: str = "auto"):
+    def __init__(
+        self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0, backend: str = "auto"
+    ):
         self.rho = _check_rho("rho", rho)
         self.tail_weight = _check_rho("tail_weight", tail_weight)
         super().__init__(optimizer, model, backend=backend)
@@ -334,8 +335,17 @@ class SSESAM(_GroupedSAM):
     ``update()``. Call ``update_rho()`` once at the end of every epoch.
     """
 
-    def __init__(self, optimizer, model, head_rho: float, tail_rho: float, gamma: float = 0,
-                 total_epochs: int = 200, *, backend: str = "auto"):
+    def __init__(
+        self,
+        optimizer,
+        model,
+        head_rho: float,
+        tail_rho: float,
+        gamma: float = 0,
+        total_epochs: int = 200,
+        *,
+        backend: str = "auto",
+    ):
         head_rho = _check_rho("head_rho", head_rho)
         tail_rho = _check_rho("tail_rho", tail_rho)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
@@ -357,9 +367,14 @@ class SSESAM(_GroupedSAM):
         return [_Group("head", 1.0, self.rho_is[0]), _Group("tail", 1.0, self.rho_is[1])]
 
     def _stage_state(self):
-        return {"head_rho": self.head_rho, "tail_rho": self.rho_is[1], "gamma": self.gamma,
-                "total_epochs": self.total_epochs, "epoch_count": self.epoch_count,
-                "rho_is": list(self.rho_is)}
+        return {
+            "head_rho": self.head_rho,
+            "tail_rho": self.rho_is[1],
+            "gamma": self.gamma,
+            "total_epochs": self.total_epochs,
+            "epoch_count": self.epoch_count,
+            "rho_is": list(self.rho_is),
+        }
 
     def _load_stage_state(self, state):
         count = state["epoch_count"]

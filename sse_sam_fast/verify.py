@@ -146,20 +146,30 @@ class Case:
             base = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3)
         elif self.base == "groups":
             base = torch.optim.SGD(
-                [{"params": params[:2], "lr": 0.2}, {"params": params[2:]}], lr=0.05, momentum=0.8,
+                [{"params": params[:2], "lr": 0.2}, {"params": params[2:]}],
+                lr=0.05,
+                momentum=0.8,
                 weight_decay=5e-4,
             )
         else:
-            base = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3,
-                                   nesterov=self.base == "nesterov")
+            base = torch.optim.SGD(
+                params, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=self.base == "nesterov"
+            )
         if self.method == "sam":
             opt = SAM(base, model, self.hparams.get("rho", 0.07), backend=backend)
         elif self.method == "imbsam":
             opt = ImbSAM(base, model, self.hparams.get("rho", 0.06), backend=backend)
         else:
             # the switch falls in the middle of the run: update_rho() runs every 2 steps
-            opt = SSESAM(base, model, self.hparams.get("head_rho", 0.05), self.hparams.get("tail_rho", 0.11),
-                         gamma=0.5, total_epochs=self.steps // 2, backend=backend)
+            opt = SSESAM(
+                base,
+                model,
+                self.hparams.get("head_rho", 0.05),
+                self.hparams.get("tail_rho", 0.11),
+                gamma=0.5,
+                total_epochs=self.steps // 2,
+                backend=backend,
+            )
         return model, opt
 
     def batches(self):
@@ -245,3 +255,39 @@ def default_cases(dtypes=(torch.float32,)) -> list[Case]:
         Case(method="ssesam", model="bn_cnn", base="adam", masks="alternate"),
     ]
     return cases
+
+
+@dataclass
+class Result:
+    case: Case
+    api: str
+    diff: Diff
+
+
+def verify(
+    backend: str,
+    device: str = "cpu",
+    steps: int = 6,
+    dtypes=(torch.float32, torch.bfloat16),
+    apis=("step", "official"),
+) -> list[Result]:
+    """Run the verification matrix of ``backend`` on ``device`` against the
+    published loop on the reference backend (same device)."""
+    results = []
+    for case in default_cases(tuple(dtypes)):
+        case.steps = steps
+        expected = run(case, "reference", "official", device)
+        key = tolerance_key(case.dtype, backend)
+        for api in apis:
+            results.append(Result(case, api, compare(run(case, backend, api, device), expected, key)))
+    return results
+
+
+def format_results(results: list[Result]) -> str:
+    width = max(len(r.case.name) for r in results)
+    lines = [f"{'case':<{width}}  {'api':<8}  {'max abs':>9}  {'max rel':>9}  result"]
+    for r in results:
+        status = "PASS" if r.diff.ok else f"FAIL ({r.diff})"
+        d = r.diff
+        lines.append(f"{r.case.name:<{width}}  {r.api:<8}  {d.max_abs:>9.2e}  {d.max_rel:>9.2e}  {status}")
+    return "\n".join(lines)

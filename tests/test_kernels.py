@@ -56,9 +56,7 @@ def assert_close(actual, expected, name, dtype=None):
     one, and NaN / inf disagreements separately."""
     dtype = expected.dtype if dtype is None else dtype
     atol, rtol = TOLERANCES[dtype]
-    assert actual.shape == expected.shape, (
-        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    )
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().cpu().double().reshape(-1)
     e = expected.detach().cpu().double().reshape(-1)
     problems = []
@@ -222,8 +220,7 @@ def _sgd_step_pair(n, dtype, device, hp, use_sub, use_extra, steps=2):
 def test_restore_sgd_matches_torch_sgd(n, dtype, nesterov, device):
     # torch.optim.SGD refuses nesterov with dampening, so dampening is tested
     # on the heavy-ball path.
-    hp = dict(lr=0.05, momentum=0.9, dampening=0.0 if nesterov else 0.1,
-              weight_decay=1e-3, nesterov=nesterov)
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.0 if nesterov else 0.1, weight_decay=1e-3, nesterov=nesterov)
     _sgd_step_pair(n, dtype, device, hp, use_sub=True, use_extra=True)
 
 
@@ -263,8 +260,22 @@ def test_restore_sgd_only_touches_its_range(device):
     buf = make(n, torch.float32, device, seed=52)
     w0, g0, buf0 = w.clone(), g.clone(), buf.clone()
     sums = grouped_sumsq(g, [1])
-    restore_sgd_(w, g, 0, (1, sums[0], 0.1), [1], buf, lr=0.1, momentum=0.9, dampening=0.0,
-                 weight_decay=1e-2, nesterov=True, first_step=False, start=start, end=end)
+    restore_sgd_(
+        w,
+        g,
+        0,
+        (1, sums[0], 0.1),
+        [1],
+        buf,
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=1e-2,
+        nesterov=True,
+        first_step=False,
+        start=start,
+        end=end,
+    )
     outside = torch.ones(n, dtype=torch.bool, device=device)
     outside[start:end] = False
     for name, after, before in (("w", w, w0), ("g[0]", g[0], g0[0]), ("buf", buf, buf0)):
@@ -327,8 +338,7 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
     ranges = [(0, offsets[-1]), (offsets[-1], n)]
     buf = torch.zeros_like(w)
     for hp, (start, end) in zip(groups, ranges):
-        restore_sgd_(w, g, 2, (1, sums[1], rho_t), [], buf, first_step=True,
-                     start=start, end=end, **hp)
+        restore_sgd_(w, g, 2, (1, sums[1], rho_t), [], buf, first_step=True, start=start, end=end, **hp)
     assert not w[padding].any()
     assert not buf[padding].any()
 
@@ -342,8 +352,7 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
             moved = moved.to(dtype).float() + s_t * gt.float() - s_h * gh.float()
             p.copy_((moved.to(dtype).float() - s_t * gt.float()).to(dtype))
             p.grad = ga.clone()
-    opt = torch.optim.SGD([dict(params=refs[:-1], **groups[0]), dict(params=refs[-1:],
-                                                                     **groups[1])])
+    opt = torch.optim.SGD([dict(params=refs[:-1], **groups[0]), dict(params=refs[-1:], **groups[1])])
     opt.step()
     assert_close(torch.cat([w[o : o + s] for o, s in zip(offsets, sizes)]), torch.cat(refs), "w")
     ref_buf = torch.cat([opt.state[p]["momentum_buffer"] for p in refs])
@@ -371,8 +380,7 @@ def test_bad_arguments_name_the_argument():
         shift_(w, g, add=(0, ok.double(), 0.1))
     with pytest.raises(ValueError, match="sub: row 5"):
         shift_(w, g, sub=(5, ok, 0.1))
-    common = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                  first_step=True)
+    common = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True)
     with pytest.raises(ValueError, match="momentum_buf"):
         restore_sgd_(w, g, 0, None, [], None, **common)
     with pytest.raises(ValueError, match="extra_rows"):

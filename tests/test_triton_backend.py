@@ -11,9 +11,11 @@ from sse_sam_fast import SAM, SSESAM  # noqa: E402
 from sse_sam_fast.backends import resolve_backend  # noqa: E402
 from sse_sam_fast.verify import Case, assert_close, default_cases, run, tolerance_key  # noqa: E402
 
-CASES = default_cases((torch.float32,)) + [
-    Case(method=m, model="mlp", dtype=torch.bfloat16) for m in ("sam", "imbsam", "ssesam")
-] + [Case(method="ssesam", model="bn_cnn", dtype=torch.bfloat16)]
+CASES = (
+    default_cases((torch.float32,))
+    + [Case(method=m, model="mlp", dtype=torch.bfloat16) for m in ("sam", "imbsam", "ssesam")]
+    + [Case(method="ssesam", model="bn_cnn", dtype=torch.bfloat16)]
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -1,0 +1,48 @@
+"""`sse-sam-fast verify` and `bench`: exit codes and output."""
+
+import pytest
+import torch
+
+from sse_sam_fast import verify as verify_mod
+from sse_sam_fast.cli import main
+
+
+def test_verify_torch_passes_and_prints_a_table(capsys):
+    assert (
+        main(["verify", "--backend", "torch", "--device", "cpu", "--steps", "3", "--dtypes", "float32"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "ssesam-bn_cnn-sgd-random-float32" in out and "FAIL" not in out
+    assert out.splitlines()[-1].endswith("0 failed")
+
+
+def test_verify_triton_passes_under_the_interpreter(capsys):
+    pytest.importorskip("triton")
+    assert (
+        main(["verify", "--backend", "triton", "--device", "cpu", "--steps", "2", "--dtypes", "float32"]) == 0
+    )
+
+
+def test_verify_exits_1_on_a_mismatch(capsys, monkeypatch):
+    monkeypatch.setitem(verify_mod.TOLERANCES, torch.float32, (0.0, 0.0))
+    assert (
+        main(["verify", "--backend", "torch", "--device", "cpu", "--steps", "2", "--dtypes", "float32"]) == 1
+    )
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_bad_device_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--device", "nonsense"])
+    assert e.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+def test_bench_runs_and_prints_ratios(capsys, monkeypatch):
+    import sse_sam_fast.bench as bench
+
+    monkeypatch.setattr(
+        bench, "resnet32", lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, n))
+    )
+    assert main(["bench", "--device", "cpu", "--batch", "8", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "SSE-SAM stage 1" in out and "SSE-SAM stage 2" in out and "exact/torch" in out
