@@ -19,7 +19,7 @@ from torch import nn
 
 from . import SSESAM
 from .backends import triton_available
-from .models import MODELS, resnet32
+from .models import MODELS
 from .verify import published_step
 
 
@@ -41,15 +41,19 @@ def whole_step(
     stage: int = 1,
     steps: int = 5,
     warmup: int = 1,
-    backends: tuple[str, ...] = ("torch",),
-) -> dict[str, list[float]]:
-    """Seconds per step for ``sgd``, ``published`` (reference backend driven
-    through the official methods as the published training loop does: 4F+4B)
-    and ``exact/<backend>`` (the one-call step), SSE-SAM in ``stage`` 1 or 2."""
+    schedules: tuple[str, ...] = ("exact/torch",),
+) -> dict[str, dict]:
+    """Seconds per step (and peak memory on CUDA) for ``sgd``, ``published``
+    (the reference backend driven through the official methods as the
+    published training loop does: 4F+4B) and each of ``schedules``
+    (``"exact/<backend>"`` or ``"split/<backend>"``: the one-call step), SSE-SAM
+    in ``stage`` 1 or 2."""
     device = x.device
 
-    def losses(m):
-        return F.cross_entropy(m(x), y, reduction="none")
+    def losses(m, idx=None):
+        if idx is None:
+            return F.cross_entropy(m(x), y, reduction="none")
+        return F.cross_entropy(m(x[idx]), y[idx], reduction="none")
 
     def make(backend):
         m = copy.deepcopy(model).to(device).train()
@@ -72,23 +76,39 @@ def whole_step(
     runners["sgd"] = sgd_step
     m_pub, o_pub = make("reference")
     runners["published"] = lambda: published_step(o_pub, m_pub, x, y, tail, "ssesam")
-    for backend in backends:
+    for name in schedules:
+        schedule, backend = name.split("/")
         m_b, o_b = make(backend)
-        runners[f"exact/{backend}"] = lambda m=m_b, o=o_b: o.step(lambda: losses(m), tail)
+        runners[name] = lambda m=m_b, o=o_b, s=schedule: o.step(
+            lambda idx=None: losses(m, idx), tail, schedule=s
+        )
 
     times: dict[str, list[float]] = {k: [] for k in runners}
+    peak: dict[str, int] = dict.fromkeys(runners, 0)
     order = list(runners.items())
     for i in range(warmup + steps):
         # rotate who goes first: a schedule that always follows the biggest one
         # would pay for its allocator and cache churn
         for name, fn in order[i % len(order) :] + order[: i % len(order)]:
             _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return times
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    return {
+        k: {
+            "median_s": statistics.median(v),
+            "p20_s": _quantile(v, 0.2),
+            "p80_s": _quantile(v, 0.8),
+            "peak_bytes": peak[k] or None,
+        }
+        for k, v in times.items()
+    }
 
 
 # Buffer passes of one SSE-SAM stage-1 step, optimizer side, as element
@@ -190,58 +210,97 @@ def copy_bandwidth(n: int, device: torch.device, dtype=torch.float32, reps: int 
     return 2 * n * src.element_size() / statistics.median(ts) / 1e9
 
 
-def report(times: dict[str, list[float]], absolute: bool) -> str:
-    sgd = statistics.median(times["sgd"])
-    pub = statistics.median(times["published"])
+def report(res: dict[str, dict], gpu: bool) -> str:
+    sgd, pub = res["sgd"]["median_s"], res["published"]["median_s"]
     head = f"{'schedule':<16}{'× SGD':>8}{'× published':>13}"
-    rows = [head + ("   median s (p20–p80)" if absolute else "")]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        row = f"{name:<16}{med / sgd:>8.2f}{med / pub:>13.2f}"
-        if absolute:
-            row += f"   {med:.4f} ({_quantile(ts, 0.2):.4f}–{_quantile(ts, 0.8):.4f})"
+    if gpu:
+        head += f"{'median ms (p20–p80)':>26}{'peak MB':>10}"
+    rows = [head]
+    for name, r in res.items():
+        row = f"{name:<16}{r['median_s'] / sgd:>8.2f}{r['median_s'] / pub:>13.2f}"
+        if gpu:
+            spread = f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f})"
+            row += f"{spread:>26}{(r['peak_bytes'] or 0) / 2**20:>10.0f}"
         rows.append(row)
     return "\n".join(rows)
 
 
+def _chart(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [(key, res) for key, res in results["whole_step"].items()]
+    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.2 * max(1, len(cases)), 3.6), squeeze=False)
+    for ax, (key, res) in zip(axes[0], cases):
+        sgd = res["sgd"]["median_s"]
+        names = list(res)
+        ax.barh(names, [res[n]["median_s"] / sgd for n in names], color="tab:blue")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("time per step, × SGD")
+        ax.invert_yaxis()
+    fig.suptitle(results["device"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_bench(args) -> int:
+    """The ``sse-sam-fast bench`` command: print tables, write bench.json and bench.png."""
+    import json
+    import os
+
     device = torch.device(args.device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}; torch {torch.__version__}")
+    gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    backends = ["torch"] + (["triton"] if gpu and triton_available() else [])
+    results = {"device": f"{name}; torch {torch.__version__}", "whole_step": {}, "optimizer_side": {}}
+    if gpu and "triton" in backends:
+        import triton
+
+        results["device"] += f"; triton {triton.__version__}"
+    print(results["device"])
+    models = args.models or (["resnet32", "resnet32-gn", "vit"] + (["resnet34"] if gpu else []))
+    if args.quick:
+        models = models[:1]
     if args.part in ("whole", "all"):
-        torch.manual_seed(0)
-        model = resnet32(100)
-        x = torch.randn(args.batch, 3, 32, 32, device=device)
-        y = torch.randint(0, 100, (args.batch,), device=device)
-        tail = torch.zeros(args.batch, dtype=torch.bool, device=device)
-        tail[torch.randperm(args.batch)[: round(args.tail_frac * args.batch)]] = True
-        print(
-            f"\nWhole step: ResNet-32 (CIFAR-100 shapes), batch {args.batch}, {int(tail.sum())} tail "
-            f"samples; median of {args.steps} steps after {args.warmup} warm-up"
-        )
-        for stage in (1, 2):
-            times = whole_step(model, x, y, tail, stage, args.steps, args.warmup)
-            print(f"\nSSE-SAM stage {stage}\n" + report(times, absolute=device.type == "cuda"))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 100, (args.batch,), generator=g).to(device)
+        tail = torch.zeros(args.batch, dtype=torch.bool)
+        tail[torch.randperm(args.batch, generator=g)[: round(args.tail_frac * args.batch)]] = True
+        tail = tail.to(device)
+        for model_name in models:
+            torch.manual_seed(0)
+            model = MODELS[model_name](100)
+            # split changes BatchNorm's batch statistics: only timed where it is exact
+            schedules = [f"exact/{b}" for b in backends]
+            if "resnet32" != model_name and model_name != "resnet34":
+                schedules += [f"split/{b}" for b in backends]
+            for stage in (1, 2):
+                res = whole_step(model, x, y, tail, stage, args.steps, args.warmup, tuple(schedules))
+                key = f"{model_name} stage {stage}"
+                results["whole_step"][key] = res
+                print(
+                    f"\nWhole SSE-SAM step, {key}: batch {args.batch}, {int(tail.sum())} tail samples, "
+                    f"median of {args.steps} after {args.warmup} warm-up\n" + report(res, gpu)
+                )
     if args.part in ("optimizer", "all"):
-        backends = ["reference", "torch"]
-        if device.type == "cuda" and triton_available():
-            backends.append("triton")
-        for model_name in args.models:
+        for model_name in [m for m in models if m in ("resnet32", "resnet34")] or ["resnet32"]:
             model = MODELS[model_name](100)
             n = sum(p.numel() for p in model.parameters())
-            res = optimizer_side(model, device, backends, max(args.steps, 5), args.warmup)
+            res = optimizer_side(model, device, ["reference", *backends], max(args.steps, 5), args.warmup)
             copy_gbps = copy_bandwidth(n, device)
+            results["optimizer_side"][model_name] = {"params": n, "copy_gbps": copy_gbps, **res}
             ref = res["reference"]["median_s"]
             print(
                 f"\nOptimizer side of an SSE-SAM stage-1 step: {model_name} ({n / 1e6:.2f}M params)"
-                + (f"; device-to-device copy {copy_gbps:.1f} GB/s" if device.type == "cuda" else "")
+                + (f"; device-to-device copy {copy_gbps:.1f} GB/s" if gpu else "")
             )
             # bandwidth and absolute times only on a GPU: on a CPU the buffers of the
             # small model sit in cache and the clock is shared with everything else
-            gpu = device.type == "cuda"
             print(
                 f"{'backend':<10}{'× reference':>12}{'MB moved':>10}"
                 + (f"{'GB/s':>8}{'% copy':>8}   median ms (p20–p80)" if gpu else "")
@@ -254,4 +313,11 @@ def run_bench(args) -> int:
                         f"({r['p20_s'] * 1e3:.3f}–{r['p80_s'] * 1e3:.3f})"
                     )
                 print(row)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        if results["whole_step"]:
+            _chart(results, os.path.join(args.out, "bench.png"))
+        print(f"\nwrote {args.out}/bench.json" + (" and bench.png" if results["whole_step"] else ""))
     return 0

@@ -3,7 +3,7 @@
 ``train``  trains a small MLP on long-tailed digits with SGD, SAM, ImbSAM or
            SSE-SAM and prints overall, head and tail accuracy.
 ``verify`` checks a backend against the published algorithms on this machine.
-``bench``  times a whole step against SGD and the published schedule.
+``bench``  times SSE-SAM steps against SGD and the published schedule.
 
 Each command is one ``_cmd_<name>(args, parser) -> int`` function registered in
 :func:`build_parser`.
@@ -195,9 +195,10 @@ def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def _add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench",
-        help="time a whole SSE-SAM step: SGD vs the published schedule vs this library",
-        description="Whole-step timing on ResNet-32 (CIFAR-100 shapes); ratios to SGD and to the "
-        "published 4F+4B schedule, absolute times on a GPU.",
+        help="time SSE-SAM steps: SGD vs the published schedule vs this library",
+        description="Whole-step timing (CIFAR-100 shapes) as ratios to SGD and to the published "
+        "4F+4B schedule, and the optimizer side alone with bytes moved; absolute times, "
+        "bandwidth and peak memory on a GPU only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench.add_argument("--device", default=_default_device(), help="torch device")
@@ -214,9 +215,13 @@ def _add_bench(commands) -> None:
     bench.add_argument(
         "--models",
         nargs="+",
-        choices=("resnet32", "resnet34"),
-        default=["resnet32", "resnet34"],
-        help="parameter sets for the optimizer-side timing",
+        choices=("resnet32", "resnet32-gn", "vit", "resnet34"),
+        default=None,
+        help="models (default: resnet32, resnet32-gn, vit; and resnet34 on a GPU)",
+    )
+    bench.add_argument("--quick", action="store_true", help="the first model only")
+    bench.add_argument(
+        "--out", default="runs/bench", help="directory for bench.json and bench.png ('' for none)"
     )
     bench.set_defaults(func=_cmd_bench)
 

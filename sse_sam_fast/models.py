@@ -138,3 +138,43 @@ def resnet34(num_classes: int = 100) -> ResNet34Cifar:
 
 
 MODELS = {"resnet32": resnet32, "resnet34": resnet34}
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class SmallViT(nn.Module):
+    """A small Vision Transformer for 32x32 inputs (4x4 patches, LayerNorm, mean
+    pooling): its per-sample losses are independent, so the split schedule is
+    exact for it."""
+
+    def __init__(self, num_classes: int = 100, dim: int = 96, depth: int = 4, heads: int = 3, patch: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (32 // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_ViTBlock(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(self.norm(self.blocks(tokens)).mean(1))
+
+
+def small_vit(num_classes: int = 100) -> SmallViT:
+    return SmallViT(num_classes)
+
+
+MODELS["resnet32-gn"] = lambda num_classes=100: resnet32(num_classes, norm="gn")
+MODELS["vit"] = small_vit

@@ -21,6 +21,7 @@ epoch) has counted ``gamma · total_epochs`` epochs, then 0.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -61,9 +62,22 @@ def _check_losses(losses, batch: int | None = None) -> Tensor:
     return losses
 
 
-def _check_mask(tail_mask, losses: Tensor) -> Tensor:
+def _takes_index(closure) -> bool:
+    try:
+        params = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional or p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def _check_mask(tail_mask, losses: Tensor | None = None) -> Tensor:
     if not isinstance(tail_mask, Tensor) or tail_mask.dtype != torch.bool:
         raise TypeError(f"tail_mask must be a bool tensor of shape (B,), got {tail_mask!r:.80}")
+    if losses is None:
+        if tail_mask.dim() != 1 or tail_mask.numel() == 0:
+            raise ValueError(f"tail_mask must have shape (B,) with B >= 1, got {tuple(tail_mask.shape)}")
+        return tail_mask
     if tail_mask.shape != losses.shape:
         raise ValueError(
             f"tail_mask must have shape {tuple(losses.shape)} (one flag per sample), "
@@ -126,64 +140,111 @@ class _GroupedSAM(torch.optim.Optimizer):
         raise NotImplementedError
 
     # ---- one call per step --------------------------------------------------------
-    def step(self, closure: Callable[[], Tensor] | None = None, tail_mask: Tensor | None = None) -> Tensor:
-        """One update with the cheapest exact schedule.
+    def step(
+        self,
+        closure: Callable[..., Tensor] | None = None,
+        tail_mask: Tensor | None = None,
+        schedule: str = "exact",
+    ) -> Tensor:
+        """One update computed with the cheapest schedule of ``schedule``.
 
         ``closure()`` recomputes the forward pass on the current batch and returns
         the per-sample losses, shape ``(B,)``; ``tail_mask`` (bool, shape ``(B,)``)
         marks the tail samples (SAM ignores it). Returns the mean loss at the
         unperturbed weights, detached.
 
-        One forward at ``w`` feeds the backward pass of every group
-        (``retain_graph``); a group with ``rho = 0`` gets no perturbed pass and an
-        empty group no pass at all. Every pass sees the whole batch, so BatchNorm
-        in training mode gives the published gradients. Deciding which passes run
-        reads the tail count on the host: one synchronisation per step, before the
-        first backward.
+        ``schedule="exact"``: one forward at ``w`` feeds the backward pass of every
+        group (``retain_graph``); a group with ``rho = 0`` gets no perturbed pass
+        and an empty group no pass at all. Every pass sees the whole batch, so
+        BatchNorm in training mode gives the published gradients.
+
+        ``schedule="split"``: every pass of a group runs on that group's samples
+        only: ``closure(idx)`` must return the losses of the samples ``idx`` (a
+        long tensor of batch indices). The same update as ``exact`` for models
+        whose per-sample losses do not depend on other samples; with BatchNorm
+        in training mode the batch statistics change, so it is a variant, not
+        the published update. ``"auto"`` picks ``split`` when the closure takes
+        an index and no BatchNorm layer of the model is in training mode.
+
+        Deciding which passes run reads the tail count on the host: one
+        synchronisation per step, before the first forward of the step's passes.
         """
         if not callable(closure):
             raise TypeError("step() needs a closure that returns the per-sample losses of the batch")
         if self._pending is not None:
             raise RuntimeError(f"step() called while {self._pending[0]} was left open; finish it first")
         groups = self._groups()
-        with torch.enable_grad():
-            losses = _check_losses(closure())
-        batch = losses.shape[0]
-        sizes = {"all": batch}
-        if any(g.members != "all" for g in groups):
-            mask = _check_mask(tail_mask, losses)
-            sizes["tail"] = int(mask.sum())
-            sizes["head"] = batch - sizes["tail"]
+        split = self._split(schedule, closure, groups)
+        if split:
+            mask = _check_mask(tail_mask)
+            batch = mask.shape[0]
+            index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
+            sizes = {k: v.numel() for k, v in index.items()}
+            losses = None
+        else:
+            with torch.enable_grad():
+                losses = _check_losses(closure())
+            batch = losses.shape[0]
+            sizes, index = {"all": batch}, {}
+            if any(g.members != "all" for g in groups):
+                mask = _check_mask(tail_mask, losses)
+                sizes["tail"] = int(mask.sum())
+                sizes["head"] = batch - sizes["tail"]
         active = [g for g in groups if sizes[g.members] > 0]
-        weights = {}
-        for g in active:
-            w = torch.full_like(losses, g.weight / batch, requires_grad=False)
-            if g.members != "all":
-                w = torch.where(mask if g.members == "tail" else ~mask, w, 0.0)
-            weights[g.members] = w.detach()
+
+        def backward(g: _Group, idx, shared=None, retain=False) -> Tensor:
+            with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
+                if shared is None:
+                    n = batch if idx is None else idx.numel()
+                    shared = _check_losses(closure() if idx is None else closure(idx), n)
+                # d L_k / d l_i = c_k / B for the samples of group k, 0 for the others
+                w = torch.full_like(shared, g.weight / batch, requires_grad=False)
+                if not split and g.members != "all":
+                    w = torch.where(mask if g.members == "tail" else ~mask, w, 0.0)
+                torch.dot(shared, w).backward(retain_graph=retain)
+            return shared
 
         be = self._backend
         be.begin()
-        for i, g in enumerate(active):
-            with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
-                torch.dot(losses, weights[g.members]).backward(retain_graph=i + 1 < len(active))
-            be.take(g.members)
+        if split:
+            total = 0.0
+            for g in active:
+                total = total + backward(g, index.get(g.members)).detach().sum()
+                be.take(g.members)
+            loss = total / batch
+        else:
+            for i, g in enumerate(active):
+                backward(g, None, shared=losses, retain=i + 1 < len(active))
+                be.take(g.members)
+            loss = losses.detach().mean()
         perturbed = [g for g in active if g.rho > 0]
         prev = None
         try:
             for g, scale in zip(perturbed, be.scales([(g.members, g.rho) for g in perturbed])):
                 be.shift(add=(g.members, scale), sub=prev)
                 prev = (g.members, scale)
-                with torch.enable_grad():
-                    perturbed_losses = _check_losses(closure(), batch)
-                    torch.dot(perturbed_losses, weights[g.members]).backward()
+                backward(g, index.get(g.members) if split else None)
         except BaseException:
             if prev is not None:
                 be.shift(sub=prev)
             be.abort()
             raise
         be.finish(restore=prev, add=[g.members for g in active if g.rho == 0])
-        return losses.detach().mean()
+        return loss
+
+    def _split(self, schedule: str, closure, groups: list[_Group]) -> bool:
+        if schedule not in ("exact", "split", "auto"):
+            raise ValueError(f"schedule must be 'exact', 'split' or 'auto', got {schedule!r}")
+        if schedule == "exact" or all(g.members == "all" for g in groups):
+            return False  # one group covering the batch: split and exact are the same
+        takes_index = _takes_index(closure)
+        if schedule == "split":
+            if not takes_index:
+                raise TypeError("schedule='split' needs a closure that takes sample indices: closure(idx)")
+            return True
+        return takes_index and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()
+        )
 
     # ---- official-method helpers --------------------------------------------------
     def _open(self, method: str, expected: str | None) -> None:

@@ -37,12 +37,36 @@ def test_verify_bad_device_is_an_argument_error(capsys):
     assert e.value.code == 2 and "--device" in capsys.readouterr().err
 
 
-def test_bench_runs_and_prints_ratios(capsys, monkeypatch):
+def test_bench_runs_and_writes_json_and_chart(capsys, monkeypatch, tmp_path):
     import sse_sam_fast.bench as bench
 
-    monkeypatch.setattr(
-        bench, "resnet32", lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, n))
-    )
-    assert main(["bench", "--device", "cpu", "--batch", "8", "--steps", "1", "--warmup", "0"]) == 0
+    tiny = lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, n))  # noqa: E731
+    monkeypatch.setitem(bench.MODELS, "vit", tiny)
+    monkeypatch.setitem(bench.MODELS, "resnet32", tiny)
+    out_dir = tmp_path / "bench"
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--models",
+        "vit",
+        "resnet32",
+        "--out",
+        str(out_dir),
+    ]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "SSE-SAM stage 1" in out and "SSE-SAM stage 2" in out and "exact/torch" in out
+    assert "vit stage 1" in out and "vit stage 2" in out and "split/torch" in out and "exact/torch" in out
+    assert "Optimizer side" in out and "× reference" in out
+    import json
+
+    saved = json.loads((out_dir / "bench.json").read_text())
+    assert set(saved["whole_step"]) == {"vit stage 1", "vit stage 2", "resnet32 stage 1", "resnet32 stage 2"}
+    assert "split/torch" not in saved["whole_step"]["resnet32 stage 1"]  # BatchNorm: split is not exact
+    assert (out_dir / "bench.png").stat().st_size > 1000
