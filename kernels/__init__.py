@@ -3,14 +3,17 @@
 A bucket is one 1-D weight tensor ``w`` of length N and one ``(k, N)`` gradient
 tensor ``g`` whose rows are the gradient sets (head, tail, accumulator).
 Norms stay on the device; every kernel computes in fp32 and rounds on store.
+The unperturbed weights are kept in a snapshot ``w0`` of ``w``'s shape and dtype,
+so restoring is an exact copy rather than a subtraction.
 
 - :func:`grouped_sumsq`: ``||g[r]||^2`` for several rows in one launch, deterministic.
-- :func:`shift_`: ``w += s_a g[a] - s_b g[b]``, ``s = rho / (||g|| + 1e-16)``.
-- :func:`restore_sgd_`: restore plus a ``torch.optim.SGD`` step in one pass.
+- :func:`perturb_`: ``w <- w0 + s g[r]``, ``s = rho / (||g[r]|| + 1e-16)``; with
+  ``save`` it first takes the snapshot ``w0 <- w`` in the same pass.
+- :func:`restore_sgd_`: restore ``w <- w0`` plus a ``torch.optim.SGD`` step in one pass.
 """
 
 from .norms import grouped_sumsq
-from .perturb import shift_
+from .perturb import perturb_
 from .update import restore_sgd_
 
-__all__ = ["grouped_sumsq", "restore_sgd_", "shift_"]
+__all__ = ["grouped_sumsq", "perturb_", "restore_sgd_"]

@@ -1,25 +1,29 @@
-"""Perturb, restore and switch the weights of a flat bucket in one pass.
+"""Perturb the weights of a flat bucket from a snapshot, in one pass.
 
 SAM-family steps move the weights by ``e = rho * g / (||g|| + 1e-16)`` (Foret et
 al. 2021; ImbSAM, Zhou et al. 2023; SSE-SAM, arXiv 2412.13715) and later move
-them back.  :func:`shift_` does any of
+them back.  Undoing the move by subtraction returns ``w`` only within a rounding,
+so every perturbation is taken from a snapshot ``w0`` of the unperturbed weights
+and restoring is the exact copy ``w <- w0``.  :func:`perturb_` does
 
-    perturb:  w <- w + s_a * g[a]
-    restore:  w <- w - s_b * g[b]
-    switch:   w <- w + s_a * g[a] - s_b * g[b]    (restore head, perturb tail)
+    save=True:   w0 <- w;  w <- w  + s * g[row]     (first perturbation of a step)
+    save=False:            w <- w0 + s * g[row]     (any later one, e.g. head -> tail)
 
 with ``s = rho / (sqrt(sumsq) + 1e-16)``, where ``sumsq`` is a device fp32 scalar
 (usually an entry of :func:`kernels.norms.grouped_sumsq`).  The scale is computed
-inside the kernel so the norm never travels to the host.
+inside the kernel so the norm never travels to the host.  The restore itself is
+``w.copy_(w0)``, or the load of ``w0`` in :func:`kernels.update.restore_sgd_`.
 
-Arithmetic is fp32 whatever the storage dtype, evaluated left to right,
-``(w + s_a * g[a]) - s_b * g[b]``, and rounded to the storage dtype once
-(round-to-nearest-even, as torch's ``.to``).  The torch expression
-``w.add_(g_a, alpha=s_a).sub_(g_b, alpha=s_b)`` rounds after each op in bf16 or
-fp16, so the fused switch can differ from it by one unit in the last place; in
-fp32 the GPU may contract ``w + s * g`` into an FMA, a difference of the order of
-fp32 rounding.  The zero padding of the bucket stays zero because ``g`` is zero
+The snapshot is a copy of the stored bits (``-0.0``, subnormals and NaN payloads
+included), never converted.  The perturbed value is computed in fp32 whatever the
+storage dtype and rounded to it once (round-to-nearest-even, as torch's ``.to``);
+in fp32 the GPU may contract ``w0 + s * g`` into an FMA, a difference of the order
+of fp32 rounding.  The zero padding of the bucket stays zero because ``g`` is zero
 there.
+
+Traffic per element: ``save=True`` reads ``w`` and ``g[row]`` and writes ``w0`` and
+``w``; ``save=False`` reads ``w0`` and ``g[row]`` and writes ``w``, whatever the
+previous perturbation was.
 """
 
 from __future__ import annotations
@@ -36,77 +40,65 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _shift_kernel(
+def _perturb_kernel(
     w_ptr,
-    add_g_ptr,
-    add_sumsq_ptr,
-    add_rho,
-    sub_g_ptr,
-    sub_sumsq_ptr,
-    sub_rho,
+    w0_ptr,
+    g_ptr,
+    sumsq_ptr,
+    rho,
     n_elements,
-    HAS_ADD: tl.constexpr,
-    HAS_SUB: tl.constexpr,
+    SAVE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """w <- (w + s_a * g_a) - s_b * g_b in fp32, s = rho / (sqrt(sumsq) + 1e-16)."""
+    """SAVE: w0 <- w, w <- w + s * g; else w <- w0 + s * g; s = rho / (sqrt(sumsq) + 1e-16)."""
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        # Each program recomputes the scale: one scalar load is cheaper than a
-        # separate launch, and it keeps the norm off the host.
-        # 1e-16 is added to the norm, not to the sum of squares, as in the
-        # published SAM code, so a zero gradient gives a zero (not NaN) step.
-        add_scale = add_rho / (tl.sqrt(tl.load(add_sumsq_ptr)) + 1e-16)
-        g_a = tl.load(add_g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        w = w + add_scale * g_a
-    if HAS_SUB:
-        sub_scale = sub_rho / (tl.sqrt(tl.load(sub_sumsq_ptr)) + 1e-16)
-        g_b = tl.load(sub_g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        w = w - sub_scale * g_b
+    if SAVE:
+        base = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+        # Stored as loaded, without a round trip through fp32, so that the
+        # restore w <- w0 is bit-identical for every value.
+        tl.store(w0_ptr + offsets, base, mask=mask)
+    else:
+        base = tl.load(w0_ptr + offsets, mask=mask, other=0.0)
+    # Each program recomputes the scale: one scalar load is cheaper than a
+    # separate launch, and it keeps the norm off the host.
+    # 1e-16 is added to the norm, not to the sum of squares, as in the
+    # published SAM code, so a zero gradient gives a zero (not NaN) step.
+    scale = rho / (tl.sqrt(tl.load(sumsq_ptr)) + 1e-16)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    w = base.to(tl.float32) + scale * g
     tl.store(w_ptr + offsets, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def shift_(w: torch.Tensor, g: torch.Tensor, add=None, sub=None) -> torch.Tensor:
-    """In place: ``w <- w + s_a * g[row_a] - s_b * g[row_b]``; returns ``w``.
+def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool) -> torch.Tensor:
+    """In place: ``w <- base + s * g[row]``, ``base = w`` (saved to ``w0``) or ``w0``; returns ``w``.
 
     Args:
         w: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
+        w0: contiguous 1-D snapshot of ``w``'s shape, dtype and device, sharing no
+            memory with ``w`` or ``g``.  Written when ``save``, read otherwise.
         g: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
-        add: ``None`` or ``(row_a, sumsq_a, rho_a)``: perturb along ``g[row_a]``.
-        sub: ``None`` or ``(row_b, sumsq_b, rho_b)``: undo a perturbation along
-            ``g[row_b]``.  ``sumsq`` is a one-element fp32 tensor on ``w``'s device
-            holding ``||g[row]||^2``; ``rho`` a Python float.  ``s = rho /
-            (sqrt(sumsq) + 1e-16)``.
+        add: ``(row, sumsq, rho)``: perturb along ``g[row]``.  ``sumsq`` is a
+            one-element fp32 tensor on ``w``'s device holding ``||g[row]||^2``;
+            ``rho`` a Python float.  ``s = rho / (sqrt(sumsq) + 1e-16)``.
+        save: ``True`` for the first perturbation of a step: ``w0 <- w``, then
+            ``w <- w + s * g[row]``.  ``False`` for a later one: ``w <- w0 + s *
+            g[row]``, so the previous perturbation leaves no trace.
 
-    With both ``None`` nothing is launched.
+    Restoring is ``w.copy_(w0)`` (bit-identical) or the ``w0`` argument of
+    :func:`kernels.update.restore_sgd_`.
     """
     _check_bucket(w, g)
-    add_args = _check_shift(add, g, "add")
-    sub_args = _check_shift(sub, g, "sub")
+    _check_snapshot(w0, w, g)
+    g_row, sumsq, rho = _check_shift(add, g, "add")
+    if not isinstance(save, bool):
+        raise ValueError(f"save must be a bool, got {save!r}")
     n_elements = w.numel()
-    if n_elements == 0 or (add_args is None and sub_args is None):
+    if n_elements == 0:
         return w
-    # An absent term still needs pointer arguments; w and g are valid stand-ins
-    # that the disabled branch never reads.
-    add_g, add_sumsq, add_rho = add_args if add_args is not None else (g, w, 0.0)
-    sub_g, sub_sumsq, sub_rho = sub_args if sub_args is not None else (g, w, 0.0)
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
-    _shift_kernel[grid](
-        w,
-        add_g,
-        add_sumsq,
-        add_rho,
-        sub_g,
-        sub_sumsq,
-        sub_rho,
-        n_elements,
-        HAS_ADD=add_args is not None,
-        HAS_SUB=sub_args is not None,
-        BLOCK_SIZE=BLOCK_SIZE,
-    )
+    _perturb_kernel[grid](w, w0, g_row, sumsq, rho, n_elements, SAVE=save, BLOCK_SIZE=BLOCK_SIZE)
     return w
 
 
@@ -131,6 +123,33 @@ def _check_bucket(w, g) -> None:
         raise ValueError("g must be contiguous (row stride N)")
 
 
+def _check_snapshot(w0, w: torch.Tensor, g: torch.Tensor) -> None:
+    """w0: contiguous, w's shape, dtype and device, no memory shared with w or g."""
+    if not isinstance(w0, torch.Tensor) or w0.shape != w.shape:
+        raise ValueError(f"w0 must be a tensor of shape ({w.shape[0]},), got {_describe(w0)}")
+    if w0.dtype != w.dtype:
+        raise ValueError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
+    if w0.device != w.device:
+        raise ValueError(f"w0 must be on w's device {w.device}, got {w0.device}")
+    if not w0.is_contiguous():
+        raise ValueError("w0 must be contiguous")
+    # The kernels read one buffer while other programs write the other: an
+    # overlap would mix perturbed and saved values.
+    for name, other in (("w", w), ("g", g)):
+        if _overlaps(w0, other):
+            raise ValueError(f"w0 must not share memory with {name}")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of two contiguous tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + a.numel() * a.element_size()
+    b_end = b_start + b.numel() * b.element_size()
+    return a_start < b_end and b_start < a_end
+
+
 def _check_row(row, g: torch.Tensor, name: str) -> int:
     try:
         if isinstance(row, bool):
@@ -144,11 +163,9 @@ def _check_row(row, g: torch.Tensor, name: str) -> int:
 
 
 def _check_shift(term, g: torch.Tensor, name: str):
-    """Validate ``(row, sumsq, rho)``; returns ``(g[row], sumsq, float(rho))`` or None."""
-    if term is None:
-        return None
+    """Validate ``(row, sumsq, rho)``; returns ``(g[row], sumsq, float(rho))``."""
     if not isinstance(term, tuple) or len(term) != 3:
-        raise ValueError(f"{name} must be None or a tuple (row, sumsq, rho), got {term!r}")
+        raise ValueError(f"{name} must be a tuple (row, sumsq, rho), got {term!r}")
     row, sumsq, rho = term
     row = _check_row(row, g, name)
     if not isinstance(sumsq, torch.Tensor) or sumsq.numel() != 1:

@@ -1,13 +1,14 @@
 """Restore the weights and apply the SGD update in one pass.
 
-The last phase of a SAM-family step restores ``w`` from its perturbed value and
+The last phase of a SAM-family step restores ``w`` to its unperturbed value and
 hands the perturbed-point gradient to the base optimizer.  For a base
-``torch.optim.SGD`` both fit in one read of each buffer.  Over elements
-``[start, end)`` of a bucket, :func:`restore_sgd_` computes in fp32
+``torch.optim.SGD`` both fit in one read of each buffer.  The restore is exact:
+the weights are read from the snapshot ``w0`` that :func:`kernels.perturb.perturb_`
+saved, instead of from the perturbed ``w``.  Over elements ``[start, end)`` of a
+bucket, :func:`restore_sgd_` computes in fp32
 
-    w     = w - s_b * g[row_b]                      restore, s_b = rho_b / (sqrt(sumsq_b) + 1e-16)
+    w     = w0                                      restore (w as is when w0 is None)
     d     = g[grad_row] + g[extra_row]              (ImbSAM: tail + clean head gradient)
-    g[grad_row] <- d                                what p.grad shows afterwards
     d     = d + weight_decay * w                    if weight_decay != 0
     buf   = d                                       if momentum != 0, first step
     buf   = momentum * buf + (1 - dampening) * d    if momentum != 0, later steps
@@ -16,14 +17,19 @@ hands the perturbed-point gradient to the base optimizer.  For a base
 
 which is ``torch.optim.SGD`` (``maximize=False``, single-tensor and foreach paths)
 applied to the restored weights, term for term and in the same order.  Values
-that the unfused sequence "restore, then ``p.grad.add_(extra)``, then
-``SGD.step``" keeps in tensors (the restored ``w``, the summed gradient, the
-momentum buffer) are rounded to their storage dtype (round-to-nearest-even)
-where it stores them, and are used rounded.  torch also rounds its temporaries
-(``d + weight_decay * w``, ``momentum * buf``, the nesterov sum) to the parameter
-dtype; here they stay fp32, so in bf16 or fp16 the results can differ from torch
-by about one unit in the last place of the operands, and in fp32 by FMA
-contraction on the GPU.
+that the unfused sequence "``w.copy_(w0)``, then ``p.grad.add_(extra)``, then
+``SGD.step``" keeps in tensors (the summed gradient, the momentum buffer) are
+rounded to their storage dtype (round-to-nearest-even) where it stores them, and
+are used rounded.  torch also rounds its temporaries (``d + weight_decay * w``,
+``momentum * buf``, the nesterov sum) to the parameter dtype; here they stay
+fp32, so in bf16 or fp16 the results can differ from torch by about one unit in
+the last place of the operands, and in fp32 by FMA contraction on the GPU.
+
+The summed gradient is not written back to ``g``: the optimizer zeroes the
+gradient rows right after the step, so the store would be wasted traffic.  Per
+element the kernel reads ``w0`` (or ``w``), ``g[grad_row]``, the extra row if
+any and the momentum buffer after the first step, and writes the buffer (if
+momentum) and ``w``.
 
 Each parameter group of a bucket is a contiguous range with its own
 hyperparameters, so the optimizer runs one launch per group.
@@ -37,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .perturb import _check_bucket, _check_row, _check_shift, _describe
+from .perturb import _check_bucket, _check_row, _check_snapshot, _describe
 
 BLOCK_SIZE = 1024
 
@@ -45,18 +51,16 @@ BLOCK_SIZE = 1024
 @triton.jit
 def _restore_sgd_kernel(
     w_ptr,
+    w0_ptr,
     grad_ptr,
     extra_ptr,
-    sub_g_ptr,
-    sub_sumsq_ptr,
-    sub_rho,
     buf_ptr,
     lr,
     momentum,
     dampening,
     weight_decay,
     n_elements,
-    HAS_SUB: tl.constexpr,
+    HAS_W0: tl.constexpr,
     HAS_EXTRA: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -64,7 +68,7 @@ def _restore_sgd_kernel(
     NESTEROV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Restore w along g_b, then one SGD step with d = grad + extra (see module doc).
+    """Restore w from w0, then one SGD step with d = grad + extra (see module doc).
 
     The flags choose code paths exactly where torch's SGD branches on the host
     (``weight_decay != 0``, ``momentum != 0``, buffer absent, ``nesterov``); the
@@ -73,22 +77,18 @@ def _restore_sgd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SUB:
-        sub_scale = sub_rho / (tl.sqrt(tl.load(sub_sumsq_ptr)) + 1e-16)
-        g_b = tl.load(sub_g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Rounded as a separate restore would store it: rounding w_pert - e to
-        # the storage grid usually recovers the pre-perturbation w exactly,
-        # whereas the unrounded value keeps the perturbation's rounding error.
-        w = (w - sub_scale * g_b).to(w_ptr.dtype.element_ty).to(tl.float32)
+    # The perturbed w is never read when the snapshot is given: the update
+    # starts from the pre-perturbation weights bit for bit.
+    if HAS_W0:
+        w = tl.load(w0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_EXTRA:
         d = d + tl.load(extra_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Rounded before use so that g[grad_row] (what p.grad shows) is exactly
-        # the gradient the update consumed, as with torch's grad.add_(extra).
-        d = d.to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + offsets, d, mask=mask)
-        d = d.to(tl.float32)
+        # Rounded before use, as torch's grad.add_(extra) stores it, so the
+        # update consumes the same gradient as the unfused sequence.
+        d = d.to(grad_ptr.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT_DECAY:
         d = d + weight_decay * w
     if HAS_MOMENTUM:
@@ -114,7 +114,7 @@ def restore_sgd_(
     w: torch.Tensor,
     g: torch.Tensor,
     grad_row: int,
-    sub,
+    w0: torch.Tensor | None,
     extra_rows: Sequence[int],
     momentum_buf: torch.Tensor | None,
     lr: float,
@@ -131,11 +131,13 @@ def restore_sgd_(
     Args:
         w: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
         g: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
-        grad_row: row holding the gradient at the perturbed point; receives
-            ``g[grad_row] + g[extra_rows[0]]`` when an extra row is given.
-        sub: ``None`` or ``(row_b, sumsq_b, rho_b)`` as in :func:`kernels.perturb.shift_`:
-            ``w <- w - rho_b / (sqrt(sumsq_b) + 1e-16) * g[row_b]`` before the update.
-        extra_rows: zero or one further row added to the gradient.
+        grad_row: row holding the gradient at the perturbed point.
+        w0: the snapshot saved by :func:`kernels.perturb.perturb_` (contiguous, ``w``'s
+            shape, dtype and device, no memory shared with ``w`` or ``g``): the
+            update starts from ``w0`` and the perturbed ``w`` is not read.
+            ``None`` when ``w`` is already restored.
+        extra_rows: zero or one further row added to the gradient.  The sum is
+            not stored: ``g`` is left unchanged.
         momentum_buf: contiguous 1-D tensor of length N, dtype ``w.dtype`` or fp32;
             required when ``momentum != 0``, ignored otherwise.
         lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
@@ -148,7 +150,8 @@ def restore_sgd_(
     _check_bucket(w, g)
     n_total = w.shape[0]
     grad_row = _check_row(grad_row, g, "grad_row")
-    sub_args = _check_shift(sub, g, "sub")
+    if w0 is not None:
+        _check_snapshot(w0, w, g)
     extra_rows = list(extra_rows)
     if len(extra_rows) > 1:
         raise ValueError(f"extra_rows: at most one extra row is supported, got {extra_rows}")
@@ -178,28 +181,22 @@ def restore_sgd_(
     rows = slice(start, end)
     grad = g[grad_row, rows]
     extra = g[extra_rows[0], rows] if extra_rows else grad
-    if sub_args is not None:
-        sub_g, sub_sumsq, sub_rho = sub_args
-        sub_g = sub_g[rows]
-    else:
-        # Stand-ins for the disabled branch, never read.
-        sub_g, sub_sumsq, sub_rho = grad, grad, 0.0
+    # Stand-ins for disabled branches are valid pointers that are never read.
+    snapshot = w0[rows] if w0 is not None else grad
     buf = momentum_buf[rows] if has_momentum else grad
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _restore_sgd_kernel[grid](
         w[rows],
+        snapshot,
         grad,
         extra,
-        sub_g,
-        sub_sumsq,
-        sub_rho,
         buf,
         float(lr),
         float(momentum),
         float(dampening),
         float(weight_decay),
         n_elements,
-        HAS_SUB=sub_args is not None,
+        HAS_W0=w0 is not None,
         HAS_EXTRA=bool(extra_rows),
         HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,

@@ -37,7 +37,13 @@ ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 class ReferenceBackend:
     """The specification: a literal per-parameter loop in the manner of the
     published code (clone per parameter, ``torch.norm`` of per-parameter norms,
-    ``eps = g·s`` then ``p.add_(eps)`` / ``p.sub_(eps)``). Never fast."""
+    ``eps = g·s`` then ``p.add_(eps)`` / ``p.sub_(eps)``). Never fast.
+
+    The official methods restore by subtraction, as the published code does.
+    Within ``step()`` it keeps a copy of the weights and restores from it at the
+    end, so that a step abandoned half-way (an exception, a non-finite value, a
+    skipped AMP step) leaves them bit-identical.
+    """
 
     name = "reference"
 
@@ -45,6 +51,8 @@ class ReferenceBackend:
         self.optimizer = optimizer
         self.params = list(params)
         self.slots: dict[str, dict[Tensor, Tensor]] = {}
+        self._keep = False
+        self._saved: dict[Tensor, Tensor] | None = None
 
     @property
     def pending(self) -> bool:
@@ -52,9 +60,10 @@ class ReferenceBackend:
 
     def begin(self) -> None:
         self.optimizer.zero_grad()
+        self._keep = True
 
     def adopt(self) -> None:
-        pass
+        self._keep = False
 
     @torch.no_grad()
     def take(self, slot: str) -> None:
@@ -82,19 +91,45 @@ class ReferenceBackend:
                 p.grad.add_(g)
 
     @torch.no_grad()
-    def scales(self, items: Sequence[tuple[str, float]]) -> list[Tensor | None]:
-        out = []
+    def unscale(self, slots: Sequence[str], inv_scale: Tensor) -> None:
+        for slot in slots:
+            for g in self.slots[slot].values():
+                g.mul_(inv_scale.to(g.device))
+
+    @torch.no_grad()
+    def all_reduce(self, slots: Sequence[str], live: bool, group) -> None:
+        world = torch.distributed.get_world_size(group)
+        tensors = [g for slot in slots for g in self.slots[slot].values()]
+        if live:
+            tensors += [p.grad for p in self.params if p.grad is not None]
+        for t in tensors:
+            torch.distributed.all_reduce(t, group=group)
+            t.div_(world)
+
+    @torch.no_grad()
+    def scales(self, items: Sequence[tuple[str, float]]):
+        """``(scales, norms)``: ``rho / (||G||+1e-16)`` and ``||G||`` per slot (None: no gradient)."""
+        out, norms = [], []
         for slot, rho in items:
             grads = list(self.slots[slot].values())
             if not grads:  # nothing got a gradient: nothing to perturb
                 out.append(None)
+                norms.append(None)
                 continue
-            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2) + EPS
-            out.append(rho / norm)
-        return out
+            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
+            norms.append(norm)
+            out.append(rho / (norm + EPS))
+        return out, norms
+
+    @torch.no_grad()
+    def live_norm(self) -> Tensor | None:
+        grads = [torch.norm(p.grad.float()) for p in self.params if p.grad is not None]
+        return torch.norm(torch.stack(grads)) if grads else None
 
     @torch.no_grad()
     def shift(self, add=None, sub=None) -> None:
+        if add is not None and self._keep and self._saved is None:
+            self._saved = {p: p.detach().clone() for p in self.params}
         # restore first, then perturb: the order of the published code
         for pair, sign in ((sub, -1), (add, 1)):
             if pair is None or pair[1] is None:
@@ -106,21 +141,37 @@ class ReferenceBackend:
                     p.add_(eps)
                 else:
                     p.sub_(eps)
+        if add is None and sub is not None:
+            self._saved = None
 
     @torch.no_grad()
-    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
-        self.shift(sub=restore)
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None, scaler=None) -> None:
+        if self._saved is not None:  # within step(): the copy (a NaN perturbation cannot be subtracted)
+            self._put_back()
+        else:
+            self.shift(sub=restore)
         for slot in add:
             self.add_to_live(slot)
         if grads is not None:
             kept = self.slots.get(grads, {})
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
         self.optimizer.zero_grad()
         self.slots.clear()
 
+    def _put_back(self) -> None:
+        for p, w in self._saved.items():
+            p.copy_(w)
+        self._saved = None
+
+    @torch.no_grad()
     def abort(self) -> None:
+        if self._saved is not None:
+            self._put_back()
         self.slots.clear()
         self.optimizer.zero_grad()
 
@@ -145,6 +196,7 @@ class _Bucket:
         # zero padding: it never changes a norm and never moves
         self.w = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.g = torch.zeros(rows, total, dtype=p0.dtype, device=p0.device)
+        self.w0 = torch.zeros_like(self.w)  # the weights before the step's first perturbation
         with torch.no_grad():
             for p, off in zip(params, self.offsets):
                 view = self.w[off : off + p.numel()].view_as(p)
@@ -164,6 +216,11 @@ class TorchBackend:
     gradients to a slot only relabels a row and points ``p.grad`` at another
     (zeroed) row, so no gradient is ever copied between passes. Rows that are
     neither live nor in a slot are kept zero.
+
+    Restore contract: exact copy. The first perturbation of a step saves
+    ``w0 = w``; later ones compute ``w = w0 + s·g``; restoring is ``w = w0``, so
+    the weights come back bit-identical (the published code subtracts, which
+    returns them within a rounding). This moves no more data than subtracting.
     """
 
     name = "torch"
@@ -173,6 +230,7 @@ class TorchBackend:
         self.params = list(params)
         self.rows = rows
         self.slots: dict[str, tuple[int, list[bool]]] = {}
+        self._saved = False  # whether w0 holds the weights of an unfinished perturbation
         self._flatten()
         # autograd writes into our views in place, so a zero gradient and "no
         # gradient" look alike; this hook tells them apart at the cost of one
@@ -299,6 +357,22 @@ class TorchBackend:
         self.seen = [a or c for a, c in zip(self.seen, seen)]
 
     @torch.no_grad()
+    def unscale(self, slots: Sequence[str], inv_scale: Tensor) -> None:
+        for slot in slots:
+            row = self.slots[slot][0]
+            self._rows_op(lambda b: b.g[row].mul_(inv_scale.to(b.g.device)))
+
+    @torch.no_grad()
+    def all_reduce(self, slots: Sequence[str], live: bool, group) -> None:
+        """Average gradient rows over the process group: one collective per row and bucket."""
+        world = torch.distributed.get_world_size(group)
+        rows = [self.slots[slot][0] for slot in slots] + ([self.live] if live else [])
+        for b in self.buckets:
+            for r in rows:
+                torch.distributed.all_reduce(b.g[r], group=group)
+                b.g[r].div_(world)
+
+    @torch.no_grad()
     def _norms(self, rows: Sequence[int]) -> list[Tensor]:
         """L2 norms of gradient rows over all buckets (fp32 or wider), on the first bucket's device."""
         dev = self.buckets[0].w.device
@@ -313,24 +387,49 @@ class TorchBackend:
         return out
 
     @torch.no_grad()
-    def scales(self, items: Sequence[tuple[str, float]]) -> list[Tensor]:
+    def scales(self, items: Sequence[tuple[str, float]]):
+        """``(scales, norms)``: ``rho / (||G||+1e-16)`` and ``||G||`` per slot, device tensors."""
         norms = self._norms([self.slots[slot][0] for slot, _ in items])
-        return [rho / (n + EPS) for (_, rho), n in zip(items, norms)]
+        return [rho / (n + EPS) for (_, rho), n in zip(items, norms)], norms
+
+    @torch.no_grad()
+    def live_norm(self) -> Tensor:
+        return self._norms([self.live])[0]
 
     @torch.no_grad()
     def shift(self, add=None, sub=None) -> None:
+        """``w = w0 + s·G[add]`` (saving ``w0 = w`` first if this is the step's first
+        perturbation); with ``add`` None, ``w = w0``. ``sub`` needs no arithmetic:
+        the snapshot already is the unperturbed point."""
+        if add is None:
+            if sub is not None:
+                self._restore()
+            return
+        slot, scale = add
+        row = self.slots[slot][0]
         for b in self.buckets:
-            for pair, sign in ((sub, -1), (add, 1)):
-                if pair is not None:
-                    slot, scale = pair
-                    b.w.addcmul_(b.g[self.slots[slot][0]], scale.to(b.w.device), value=sign)
+            s = scale.to(b.w.device)
+            if self._saved:
+                torch.addcmul(b.w0, b.g[row], s, out=b.w)
+            else:
+                b.w0.copy_(b.w)
+                b.w.addcmul_(b.g[row], s)
+        self._saved = True
+
+    def _restore(self) -> None:
+        if self._saved:
+            for b in self.buckets:
+                b.w.copy_(b.w0)
+            self._saved = False
 
     @torch.no_grad()
-    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
-        """Restore ``w`` (``restore``: a ``(slot, scale)`` pair), add the slots
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None, scaler=None) -> None:
+        """Restore ``w`` (``restore``: the last perturbation, or None), add the slots
         ``add`` to the live gradients, and step the base optimizer on them (or on
-        slot ``grads``). Leaves every gradient zero and every slot empty."""
-        self.shift(sub=restore)
+        slot ``grads``; through ``scaler.step`` under AMP). Leaves every gradient
+        zero and every slot empty."""
+        if restore is not None:
+            self._restore()
         for slot in add:
             self.add_to_live(slot)
         if grads is not None:
@@ -341,7 +440,10 @@ class TorchBackend:
         for p in absent:
             p.grad = None
         try:
-            self.optimizer.step()
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
         finally:
             self._reset()
 
@@ -353,6 +455,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def abort(self) -> None:
+        """Abandon the step: weights back to the snapshot, gradients zero."""
+        self._restore()
         self._reset()
 
     @torch.no_grad()
@@ -396,54 +500,51 @@ class TritonBackend(TorchBackend):
 
     @torch.no_grad()
     def scales(self, items):
+        """``(scales, norms)``; a scale is ``(sumsq, rho)``: the kernels compute
+        ``rho / (sqrt(sumsq) + 1e-16)`` on the device."""
         if not items:
-            return []
+            return [], []
         rows = [self.slots[slot][0] for slot, _ in items]
         dev = self.buckets[0].w.device
         sumsq = None
         for b in self.buckets:
             part = self._k.grouped_sumsq(b.g, rows).to(dev)
             sumsq = part if sumsq is None else sumsq + part
-        return [(sumsq[i : i + 1], rho) for i, (_, rho) in enumerate(items)]
+        return [(sumsq[i : i + 1], rho) for i, (_, rho) in enumerate(items)], list(sumsq.sqrt())
 
     def _term(self, pair, b: _Bucket):
-        if pair is None:
-            return None
         slot, (sumsq, rho) = pair
         return self.slots[slot][0], sumsq.to(b.w.device), rho
 
     @torch.no_grad()
     def shift(self, add=None, sub=None) -> None:
+        if add is None:
+            if sub is not None:
+                self._restore()
+            return
         for b in self.buckets:
-            self._k.shift_(b.w, b.g, add=self._term(add, b), sub=self._term(sub, b))
+            self._k.perturb_(b.w, b.w0, b.g, self._term(add, b), save=not self._saved)
+        self._saved = True
 
     @torch.no_grad()
-    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None) -> None:
-        first = self._fusable_sgd(add, grads)
+    def finish(self, restore=None, add: Sequence[str] = (), grads: str | None = None, scaler=None) -> None:
+        first = None if scaler is not None else self._fusable_sgd(add, grads)
         if first is None:
-            super().finish(restore, add, grads)
+            super().finish(restore, add, grads, scaler)
             return
         extra = [self.slots[slot][0] for slot in add]
+        from_w0 = restore is not None and self._saved
         try:
             for i, b in enumerate(self.buckets):
                 for group, start, end in self._group_runs(b):
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
-                        b.w,
-                        b.g,
-                        self.live,
-                        self._term(restore, b),
-                        extra,
+                        b.w, b.g, self.live, b.w0 if from_w0 else None, extra,
                         self._momentum_buffer(i) if momentum else None,
-                        group["lr"],
-                        momentum,
-                        group["dampening"],
-                        group["weight_decay"],
-                        group["nesterov"],
-                        first,
-                        start,
-                        end,
-                    )
+                        group["lr"], momentum, group["dampening"], group["weight_decay"],
+                        group["nesterov"], first, start, end,
+                    )  # fmt: skip
+            self._saved = False
             # the base optimizer's step() did not run: tell an attached LR scheduler it did
             self.optimizer._opt_called = True
         finally:

@@ -163,7 +163,7 @@ def optimizer_side(
             lambda st: be.take("head"),
             lambda st: (
                 be.take("tail"),
-                st.update(s=be.scales([("head", 0.05), ("tail", 0.1)])),
+                st.update(s=be.scales([("head", 0.05), ("tail", 0.1)])[0]),
                 be.shift(add=("head", st["s"][0])),
             ),
             lambda st: be.shift(add=("tail", st["s"][1]), sub=("head", st["s"][0])),

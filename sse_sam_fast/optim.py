@@ -21,9 +21,12 @@ epoch) has counted ``gamma · total_epochs`` epochs, then 0.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from typing import Callable, NamedTuple
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +58,33 @@ def _check_losses(losses, batch: int | None = None) -> Tensor:
         )
     if batch is not None and losses.shape[0] != batch:
         raise ValueError(f"closure returned {losses.shape[0]} losses, expected {batch} (the same batch)")
-    if losses.shape[0] == 0:
+    if losses.shape[0] == 0 and batch is None:
         raise ValueError("closure returned an empty batch of losses")
     if not losses.requires_grad:
         raise ValueError("closure returned losses that do not require grad (was it run under no_grad?)")
     return losses
+
+
+def _micro_batches(closure, tail_mask) -> tuple[list, list]:
+    """A closure and a mask, or equal-length lists of them (gradient accumulation)."""
+    if isinstance(closure, (list, tuple)):
+        closures = list(closure)
+        if not closures:
+            raise ValueError("closure: an empty list of micro-batch closures")
+        if tail_mask is None:
+            masks = [None] * len(closures)
+        elif isinstance(tail_mask, (list, tuple)) and len(tail_mask) == len(closures):
+            masks = list(tail_mask)
+        else:
+            raise ValueError("tail_mask must be a list with one mask per micro-batch closure")
+    else:
+        if isinstance(tail_mask, (list, tuple)):
+            raise ValueError("tail_mask is a list but closure is not: pass one closure per micro-batch")
+        closures, masks = [closure], [tail_mask]
+    for c in closures:
+        if not callable(c):
+            raise TypeError("step() needs a closure that returns the per-sample losses of the batch")
+    return closures, masks
 
 
 def _takes_index(closure) -> bool:
@@ -94,11 +119,37 @@ class _GroupedSAM(torch.optim.Optimizer):
     It wraps a base optimizer holding the model's parameters. ``param_groups``
     and ``state`` are the base optimizer's own objects, so LR schedulers attached
     to either work.
+
+    Keyword-only options of every method:
+
+    - ``backend``: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
+    - ``bn_stats``: ``"clean"`` (default): in :meth:`step` only the forwards at
+      the unperturbed weights update BatchNorm running statistics; ``"all"``:
+      every forward does, as in the published code.
+    - ``nonfinite``: ``"skip"`` (default): a NaN or inf in the loss or gradient of
+      any pass of :meth:`step` skips the step, leaves weights and optimizer state
+      bit-identical, counts it in ``nonfinite_steps`` and warns naming the pass;
+      ``"raise"``: raises ``FloatingPointError`` instead (weights restored first).
+      Reading the verdict is one host synchronisation per step.
+    - ``local_perturbation`` (DistributedDataParallel models): ``False`` (default)
+      perturbs with the gradient averaged over all processes, so N processes on N
+      shards follow one process on the whole batch; ``True`` perturbs each replica
+      with its own gradient and averages only the final one (the m-sharpness
+      variant: fewer collectives).
     """
 
     _rows = 3  # gradient sets a step keeps at once (live + two slots)
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, backend: str = "auto"):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        backend: str = "auto",
+        bn_stats: str = "clean",
+        nonfinite: str = "skip",
+        local_perturbation: bool = False,
+    ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, _GroupedSAM):
@@ -107,6 +158,12 @@ class _GroupedSAM(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if bn_stats not in ("clean", "all"):
+            raise ValueError(f"bn_stats must be 'clean' or 'all', got {bn_stats!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if not isinstance(local_perturbation, bool):
+            raise TypeError(f"local_perturbation must be a bool, got {local_perturbation!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters that require grad")
@@ -122,6 +179,9 @@ class _GroupedSAM(torch.optim.Optimizer):
         self.model = model
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
+        self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
+        self.nonfinite_steps = 0
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._backend = make_backend(backend, optimizer, params, self._rows)
         self._pending: tuple | None = None  # the perturbation an official method left applied
 
@@ -142,9 +202,10 @@ class _GroupedSAM(torch.optim.Optimizer):
     # ---- one call per step --------------------------------------------------------
     def step(
         self,
-        closure: Callable[..., Tensor] | None = None,
-        tail_mask: Tensor | None = None,
+        closure: Callable[..., Tensor] | Sequence[Callable[..., Tensor]] | None = None,
+        tail_mask: Tensor | Sequence[Tensor] | None = None,
         schedule: str = "exact",
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Tensor:
         """One update computed with the cheapest schedule of ``schedule``.
 
@@ -166,71 +227,193 @@ class _GroupedSAM(torch.optim.Optimizer):
         the published update. ``"auto"`` picks ``split`` when the closure takes
         an index and no BatchNorm layer of the model is in training mode.
 
-        Deciding which passes run reads the tail count on the host: one
-        synchronisation per step, before the first forward of the step's passes.
+        Gradient accumulation: lists of closures and tail masks, one per
+        micro-batch, make one step over their union: every pass runs over all
+        micro-batches, so the perturbation direction uses the accumulated
+        gradient (for a model without BatchNorm, the update of one big batch).
+
+        Mixed precision: with ``scaler`` (a ``torch.amp.GradScaler``) every
+        backward is scaled, norms are taken of unscaled gradients, and the base
+        optimizer steps through ``scaler.step``, which skips a step with an inf
+        or NaN (weights bit-identical); call ``scaler.update()`` after ``step``.
+
+        Deciding which passes run reads the tail counts on the host: one
+        synchronisation per step, before the first backward.
         """
-        if not callable(closure):
-            raise TypeError("step() needs a closure that returns the per-sample losses of the batch")
         if self._pending is not None:
             raise RuntimeError(f"step() called while {self._pending[0]} was left open; finish it first")
+        closures, masks = _micro_batches(closure, tail_mask)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         groups = self._groups()
-        split = self._split(schedule, closure, groups)
-        if split:
-            mask = _check_mask(tail_mask)
-            batch = mask.shape[0]
-            index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
-            sizes = {k: v.numel() for k, v in index.items()}
-            losses = None
-        else:
-            with torch.enable_grad():
-                losses = _check_losses(closure())
-            batch = losses.shape[0]
-            sizes, index = {"all": batch}, {}
-            if any(g.members != "all" for g in groups):
-                mask = _check_mask(tail_mask, losses)
-                sizes["tail"] = int(mask.sum())
-                sizes["head"] = batch - sizes["tail"]
-        active = [g for g in groups if sizes[g.members] > 0]
+        split = self._split(schedule, closures[0], groups)
+        sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        with sync:  # the engine averages gradients itself (see _sync_gradients)
+            return self._step(closures, masks, groups, split, scaler)
 
-        def backward(g: _Group, idx, shared=None, retain=False) -> Tensor:
-            with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
-                if shared is None:
-                    n = batch if idx is None else idx.numel()
-                    shared = _check_losses(closure() if idx is None else closure(idx), n)
-                # d L_k / d l_i = c_k / B for the samples of group k, 0 for the others
-                w = torch.full_like(shared, g.weight / batch, requires_grad=False)
-                if not split and g.members != "all":
-                    w = torch.where(mask if g.members == "tail" else ~mask, w, 0.0)
-                torch.dot(shared, w).backward(retain_graph=retain)
-            return shared
-
+    def _step(self, closures, masks, groups, split, scaler) -> Tensor:
         be = self._backend
-        be.begin()
+        ddp = self._ddp
+        n_mb = len(closures)
+        self._skipped = False
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+
+        def call(k: int, idx, n: int) -> Tensor:
+            with torch.enable_grad():
+                return _check_losses(closures[k]() if idx is None else closures[k](idx), n)
+
+        # ---- sizes: which passes run (one host sync for all micro-batches) ----------
+        clean: list[Tensor | None] = [None] * n_mb
         if split:
-            total = 0.0
-            for g in active:
-                total = total + backward(g, index.get(g.members)).detach().sum()
-                be.take(g.members)
-            loss = total / batch
+            masks = [_check_mask(m) for m in masks]
         else:
-            for i, g in enumerate(active):
-                backward(g, None, shared=losses, retain=i + 1 < len(active))
-                be.take(g.members)
-            loss = losses.detach().mean()
-        perturbed = [g for g in active if g.rho > 0]
-        prev = None
+            for k in range(n_mb):
+                clean[k] = call(k, None, None)
+            if any(g.members != "all" for g in groups):
+                masks = [_check_mask(m, clean[k]) for k, m in enumerate(masks)]
+        batches = [m.shape[0] for m in masks] if split else [c.shape[0] for c in clean]
+        batch = sum(batches)
+        counts = {"all": list(batches)}
+        if any(g.members != "all" for g in groups):
+            tails = torch.stack([m.sum() for m in masks]).tolist()
+            counts["tail"] = tails
+            counts["head"] = [b - t for b, t in zip(batches, tails)]
+        totals = {k: sum(v) for k, v in counts.items()}
+        if ddp is not None:
+            # every process must run the same passes and collectives: decide by the global counts
+            t = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
+            t = t.to(next(self.model.parameters()).device)
+            torch.distributed.all_reduce(t, group=ddp.process_group)
+            totals = dict(zip(sorted(totals), t.tolist()))
+        active = [g for g in groups if totals[g.members] > 0]
+        index = None
+        if split:
+            index = [{"head": torch.nonzero(~m).flatten(), "tail": torch.nonzero(m).flatten()} for m in masks]
+
+        def runs(g: _Group, k: int) -> bool:
+            # a micro-batch without samples of the group skips its pass, but under DDP
+            # the forwards must match across processes (buffer broadcasts)
+            return counts[g.members][k] > 0 or ddp is not None
+
+        def backward(g: _Group, k: int, losses: Tensor, retain: bool = False) -> None:
+            with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
+                # d L_k / d l_i = c_k / B for the samples of group k, 0 for the others
+                w = torch.full_like(losses, g.weight / batch, requires_grad=False)
+                if not split and g.members != "all":
+                    m = masks[k]
+                    w = torch.where(m if g.members == "tail" else ~m, w, 0.0)
+                out = torch.dot(losses, w)
+                (out if scaler is None else scaler.scale(out)).backward(retain_graph=retain)
+
+        checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
+        be.begin()
         try:
-            for g, scale in zip(perturbed, be.scales([(g.members, g.rho) for g in perturbed])):
+            # ---- clean passes at w: one shared forward per micro-batch (exact) ------
+            loss_sum = 0.0
+            for k in range(n_mb):
+                mine = [g for g in active if runs(g, k)]
+                if split:
+                    for g in mine:
+                        losses = call(k, index[k][g.members], index[k][g.members].numel())
+                        backward(g, k, losses)
+                        be.accumulate(g.members)
+                        loss_sum = loss_sum + losses.detach().sum()
+                        checks.append((f"clean {g.members}", torch.isfinite(losses.detach().sum())))
+                else:
+                    losses = clean[k]
+                    for i, g in enumerate(mine):
+                        backward(g, k, losses, retain=i + 1 < len(mine))
+                        be.accumulate(g.members)
+                    loss_sum = loss_sum + losses.detach().sum()
+                    checks.append(("clean forward", torch.isfinite(losses.detach().sum())))
+                    clean[k] = None  # frees the graph of an unused group's micro-batch
+            loss = loss_sum / batch
+            perturbed = [g for g in active if g.rho > 0]
+            if scaler is not None and perturbed:
+                be.unscale([g.members for g in perturbed], scaler._scale.double().reciprocal().float())
+            if ddp is not None and not self.local_perturbation:
+                be.all_reduce([g.members for g in active], False, ddp.process_group)
+            scales, norms = be.scales([(g.members, g.rho) for g in active])
+            for g, n in zip(active, norms):
+                if n is not None:
+                    checks.append((f"clean {g.members} gradient", torch.isfinite(n)))
+            # ---- perturbed passes: group by group, over every micro-batch -----------
+            prev = None
+            for g, scale in zip(active, scales):
+                if g.rho == 0:
+                    continue
                 be.shift(add=(g.members, scale), sub=prev)
                 prev = (g.members, scale)
-                backward(g, index.get(g.members) if split else None)
+                with self._bn_frozen():
+                    for k in range(n_mb):
+                        if runs(g, k):
+                            idx = index[k][g.members] if split else None
+                            losses = call(k, idx, batches[k] if idx is None else idx.numel())
+                            backward(g, k, losses)
+                            checks.append((f"perturbed {g.members}", torch.isfinite(losses.detach().sum())))
+                if scaler is None:
+                    checks.append((f"perturbed {g.members} gradient", torch.isfinite(be.live_norm())))
+            if ddp is not None:
+                be.all_reduce([], True, ddp.process_group)
+            if scaler is None:
+                self._verdict(checks, [g.members for g in active if g.rho == 0])
         except BaseException:
-            if prev is not None:
-                be.shift(sub=prev)
-            be.abort()
+            be.abort()  # weights back to w, bit-identical; gradients zero
             raise
-        be.finish(restore=prev, add=[g.members for g in active if g.rho == 0])
+        if self._skipped:
+            return loss
+        be.finish(restore=prev, add=[g.members for g in active if g.rho == 0], scaler=scaler)
         return loss
+
+    def _verdict(self, checks: list[tuple[str, Tensor]], unperturbed: list[str]) -> None:
+        """Read every finiteness flag of the step at once (the step's one late
+        host synchronisation); on a failure abandon the step per ``nonfinite``."""
+        self._skipped = False
+        if not checks:
+            return
+        flags = torch.stack([c.to(checks[0][1].device) for _, c in checks]).tolist()
+        if all(flags):
+            return
+        first = checks[flags.index(False)][0]
+        self._backend.abort()
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite value in the {first} pass; the step was not applied")
+        self.nonfinite_steps += 1
+        self._skipped = True
+        warnings.warn(
+            f"{type(self).__name__}: non-finite value in the {first} pass; step skipped "
+            f"(weights unchanged; {self.nonfinite_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    @contextlib.contextmanager
+    def _bn_frozen(self):
+        """With ``bn_stats="clean"``, BatchNorm running statistics are put back
+        after the forwards at perturbed weights."""
+        mods = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        ]
+        if self.bn_stats == "all" or not mods:
+            yield
+            return
+        saved = [
+            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+            for m in mods
+        ]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, bufs in zip(mods, saved):
+                    live = [
+                        b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None
+                    ]
+                    for dst, src in zip(live, bufs):
+                        dst.copy_(src)
 
     def _split(self, schedule: str, closure, groups: list[_Group]) -> bool:
         if schedule not in ("exact", "split", "auto"):
@@ -254,7 +437,7 @@ class _GroupedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"{method}() must come {after}; the last open step was {have}()")
 
     def _perturb(self, slot: str, rho: float, method: str) -> None:
-        (scale,) = self._backend.scales([(slot, rho)])
+        (scale,), _ = self._backend.scales([(slot, rho)])
         self._backend.shift(add=(slot, scale))
         self._pending = (method, slot, scale)
 
@@ -270,7 +453,11 @@ class _GroupedSAM(torch.optim.Optimizer):
         self._backend.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
-        return {"base": self.optimizer.state_dict(), "stage": self._stage_state()}
+        return {
+            "base": self.optimizer.state_dict(),
+            "stage": self._stage_state(),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict):
@@ -279,10 +466,13 @@ class _GroupedSAM(torch.optim.Optimizer):
             # a base optimizer's own state_dict, as saved by scripts for the published code
             self.optimizer.load_state_dict(state_dict)
             return
-        if set(state_dict) != {"base", "stage"}:
-            raise ValueError(f"state_dict must have keys 'base' and 'stage', got {sorted(state_dict)}")
+        if not {"base", "stage"} <= set(state_dict) <= {"base", "stage", "nonfinite_steps"}:
+            raise ValueError(
+                f"state_dict must have keys 'base', 'stage' (and 'nonfinite_steps'), got {sorted(state_dict)}"
+            )
         self._load_stage_state(state_dict["stage"])
         self.optimizer.load_state_dict(state_dict["base"])
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._stage_state().items())
@@ -300,9 +490,9 @@ class SAM(_GroupedSAM):
 
     _rows = 2
 
-    def __init__(self, optimizer, model, rho: float = 0.05, *, backend: str = "auto"):
+    def __init__(self, optimizer, model, rho: float = 0.05, **options):
         self.rho = _check_rho("rho", rho)
-        super().__init__(optimizer, model, backend=backend)
+        super().__init__(optimizer, model, **options)
 
     def _groups(self):
         return [_Group("all", 1.0, self.rho)]
@@ -339,12 +529,10 @@ class ImbSAM(_GroupedSAM):
     perturbed tail backward.
     """
 
-    def __init__(
-        self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0, backend: str = "auto"
-    ):
+    def __init__(self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0, **options):
         self.rho = _check_rho("rho", rho)
         self.tail_weight = _check_rho("tail_weight", tail_weight)
-        super().__init__(optimizer, model, backend=backend)
+        super().__init__(optimizer, model, **options)
 
     def _groups(self):
         return [_Group("head", 1.0, 0.0), _Group("tail", self.tail_weight, self.rho)]
@@ -404,8 +592,7 @@ class SSESAM(_GroupedSAM):
         tail_rho: float,
         gamma: float = 0,
         total_epochs: int = 200,
-        *,
-        backend: str = "auto",
+        **options,
     ):
         head_rho = _check_rho("head_rho", head_rho)
         tail_rho = _check_rho("tail_rho", tail_rho)
@@ -418,7 +605,7 @@ class SSESAM(_GroupedSAM):
         self.epoch_count = 0
         # the official code switches only for 0 < gamma < 1
         self.cut_epoch = total_epochs * gamma if 0 < gamma < 1 else None
-        super().__init__(optimizer, model, backend=backend)
+        super().__init__(optimizer, model, **options)
 
     @property
     def stage(self) -> int:

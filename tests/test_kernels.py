@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import grouped_sumsq, restore_sgd_, shift_  # noqa: E402
+from kernels import grouped_sumsq, perturb_, restore_sgd_  # noqa: E402
 
 SIZES = (0, 1, 7, 97, 4097, 98432)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,6 +82,25 @@ def assert_close(actual, expected, name, dtype=None):
     assert not problems, f"{name} ({dtype}): " + "; ".join(problems)
 
 
+# Integer views for bit-for-bit comparisons (-0.0 vs 0.0, NaN payloads).
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_same_bits(actual, expected, name):
+    """Bit-for-bit equality; report how many elements differ and the first one."""
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().cpu().reshape(-1)
+    e = expected.detach().cpu().reshape(-1)
+    differ = a.view(_BITS[a.dtype]) != e.view(_BITS[e.dtype])
+    if differ.any():
+        first = int(differ.nonzero()[0])
+        raise AssertionError(
+            f"{name} ({a.dtype}): {int(differ.sum())} of {a.numel()} elements differ in their bits "
+            f"(first index {first}: actual {a[first].item()!r}, expected {e[first].item()!r})"
+        )
+
+
 def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -138,78 +157,121 @@ def test_grouped_sumsq_many_slots(device):
     assert torch.equal(grouped_sumsq(g, [0]), out)
 
 
-# shift_
+# perturb_
 
 
-@pytest.mark.parametrize("mode", ["perturb", "restore", "switch"])
+@pytest.mark.parametrize("save", [True, False], ids=["save", "from_w0"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("n", SIZES)
-def test_shift_matches_torch(n, dtype, mode, device):
+def test_perturb_matches_torch(n, dtype, save, device):
     w = make(n, dtype, device, seed=10 + n)
+    # With save this is overwritten; without, it is the base and w is never read.
+    w0 = make(n, dtype, device, seed=30 + n)
     g = make((3, n), dtype, device, seed=20 + n)
-    sums = grouped_sumsq(g, [0, 1])
-    rho_a, rho_b = rho_for(n), 0.5 * rho_for(n)
-    add = (0, sums[0], rho_a) if mode in ("perturb", "switch") else None
-    sub = (1, sums[1], rho_b) if mode in ("restore", "switch") else None
+    sums = grouped_sumsq(g, [1])
+    rho = rho_for(n)
+    w_before, w0_before, g_before = w.clone(), w0.clone(), g.clone()
 
-    expected = w.float()
-    if add is not None:
-        expected = expected + scale_ref(sums[0], rho_a) * g[0].float()
-    if sub is not None:
-        expected = expected - scale_ref(sums[1], rho_b) * g[1].float()
-    g_before = g.clone()
-    assert shift_(w, g, add=add, sub=sub) is w
-    assert_close(w, expected.to(dtype), f"w after {mode}")
+    assert perturb_(w, w0, g, (1, sums[0], rho), save) is w
+    base = w_before if save else w0_before
+    expected = base.float() + scale_ref(sums[0], rho) * g[1].float()
+    assert_close(w, expected.to(dtype), f"w, save={save}")
+    assert_same_bits(w0, base, f"w0, save={save}")
     assert torch.equal(g, g_before)
 
 
-def test_shift_zero_gradient_is_a_no_op(device):
+def test_perturb_zero_gradient_is_a_no_op(device):
     # An empty head or tail group has a zero gradient: no step, never NaN.
     w = make(97, torch.bfloat16, device, seed=3)
+    w0 = torch.empty_like(w)
     g = torch.zeros((2, 97), dtype=torch.bfloat16, device=device)
     w_before = w.clone()
     sums = grouped_sumsq(g, [0, 1])
-    shift_(w, g, add=(0, sums[0], 0.05), sub=(1, sums[1].reshape(1), 0.1))
-    assert torch.equal(w, w_before)
+    perturb_(w, w0, g, (0, sums[0], 0.05), save=True)
+    assert_same_bits(w, w_before, "w after save")
+    assert_same_bits(w0, w_before, "w0 after save")
+    perturb_(w, w0, g, (1, sums[1].reshape(1), 0.1), save=False)
+    assert_same_bits(w, w_before, "w after switch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_perturb_then_copy_restores_bitwise(dtype, device):
+    # The restore contract: the snapshot holds the stored bits, whatever they are.
+    n = 4097
+    info = torch.finfo(dtype)
+    w = make(n, dtype, device, seed=80)
+    w[:5] = torch.tensor([-0.0, info.tiny * info.eps, -info.tiny, info.max, -math.inf], dtype=dtype)
+    # A NaN with a non-default payload.
+    w.view(_BITS[dtype])[5] = 0x7FC00001 if dtype == torch.float32 else 0x7E01
+    g = make((2, n), dtype, device, seed=81)
+    sums = grouped_sumsq(g, [1])
+    w0 = torch.empty_like(w)
+    w_before = w.clone()
+
+    perturb_(w, w0, g, (1, sums[0], rho_for(n)), save=True)
+    moved = w.view(_BITS[dtype]) != w_before.view(_BITS[dtype])
+    assert int(moved.sum()) > n // 2, "the perturbation did not move w"
+    w.copy_(w0)
+    assert_same_bits(w, w_before, "w after perturb_ and w.copy_(w0)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_perturb_switch_leaves_no_trace(dtype, device):
+    # SSE-SAM's head -> tail switch: the second perturbation starts from w0, so
+    # the result is exactly the tail perturbation of the unperturbed weights.
+    n = 4097
+    w = make(n, dtype, device, seed=90)
+    g = make((2, n), dtype, device, seed=91)
+    sums = grouped_sumsq(g, [0, 1])
+    rho_h, rho_t = rho_for(n), 0.5 * rho_for(n)
+    w_before = w.clone()
+    w0 = torch.empty_like(w)
+
+    perturb_(w, w0, g, (0, sums[0], rho_h), save=True)
+    perturb_(w, w0, g, (1, sums[1], rho_t), save=False)
+    direct, direct_w0 = w_before.clone(), torch.empty_like(w)
+    perturb_(direct, direct_w0, g, (1, sums[1], rho_t), save=True)
+    assert_same_bits(w, direct, "w after switch vs w0 + s_t g_t")
+    assert_same_bits(w0, w_before, "w0 after switch")
+    expected = w_before.float() + scale_ref(sums[1], rho_t) * g[1].float()
+    assert_close(w, expected.to(dtype), "w after switch")
 
 
 # restore_sgd_
 
 
-def _sgd_step_pair(n, dtype, device, hp, use_sub, use_extra, steps=2):
-    """Run restore_sgd_ and (fp32 restore, torch.optim.SGD) side by side."""
+def _sgd_step_pair(n, dtype, device, hp, use_w0, use_extra, steps=2):
+    """Run perturb_ + restore_sgd_ and (w.copy_(w0), torch.optim.SGD) side by side."""
     w = make(n, dtype, device, seed=30 + n)
+    w0 = torch.empty_like(w)
     p = w.clone()
     has_momentum = hp["momentum"] != 0
     buf = torch.zeros_like(w) if has_momentum else None
     opt = torch.optim.SGD([p], **hp)
     grad_row, tail_row, head_row = 2, 1, 0
+    extra = [head_row] if use_extra else []
     for step in range(steps):
         # Gradients an order of magnitude below the weights, as in training.
         g = make((3, n), dtype, device, seed=40 + 7 * step + n, scale=0.1)
-        sums = grouped_sumsq(g, [tail_row])
-        rho = rho_for(n)
-        sub = (tail_row, sums[0], rho) if use_sub else None
-        extra = [head_row] if use_extra else []
+        if use_w0:
+            sums = grouped_sumsq(g, [tail_row])
+            perturb_(w, w0, g, (tail_row, sums[0], rho_for(n)), save=True)
 
         with torch.no_grad():
             # Both sides start each step from the kernel's state: in bf16 the
-            # one-ulp differences of a step would otherwise carry over in
-            # absolute terms to a smaller weight after the next restore.
-            p.copy_(w)
+            # one-ulp differences of a step would otherwise carry over.
+            p.copy_(w0 if use_w0 else w)
             if has_momentum and step > 0:
                 opt.state[p]["momentum_buffer"].copy_(buf)
-            if use_sub:
-                p_restored = p.float() - scale_ref(sums[0], rho) * g[tail_row].float()
-                p.copy_(p_restored.to(dtype))
             grad = g[grad_row].float() + (g[head_row].float() if use_extra else 0.0)
             p.grad = grad.to(dtype)
         opt.step()
 
-        restore_sgd_(w, g, grad_row, sub, extra, buf, first_step=step == 0, **hp)
+        g_before = g.clone()
+        restore_sgd_(w, g, grad_row, w0 if use_w0 else None, extra, buf, first_step=step == 0, **hp)
         label = f"step {step}"
         assert_close(w, p, f"w, {label}")
-        assert_close(g[grad_row], p.grad, f"summed gradient, {label}")
+        assert torch.equal(g, g_before), f"g changed, {label}"
         if has_momentum:
             assert_close(buf, opt.state[p]["momentum_buffer"], f"momentum buffer, {label}")
 
@@ -221,50 +283,51 @@ def test_restore_sgd_matches_torch_sgd(n, dtype, nesterov, device):
     # torch.optim.SGD refuses nesterov with dampening, so dampening is tested
     # on the heavy-ball path.
     hp = dict(lr=0.05, momentum=0.9, dampening=0.0 if nesterov else 0.1, weight_decay=1e-3, nesterov=nesterov)
-    _sgd_step_pair(n, dtype, device, hp, use_sub=True, use_extra=True)
+    _sgd_step_pair(n, dtype, device, hp, use_w0=True, use_extra=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_restore_sgd_plain_sgd_without_restore(dtype, device):
     hp = dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
-    _sgd_step_pair(4097, dtype, device, hp, use_sub=False, use_extra=False)
+    _sgd_step_pair(4097, dtype, device, hp, use_w0=False, use_extra=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_restore_sgd_fused_equals_unfused(dtype, device):
-    # The fused kernel rounds the restored w and the summed gradient where the
-    # unfused sequence stores them, so the two agree bit for bit.  (bf16 is left
-    # out: torch's bf16 add rounds to nearest even, the interpreter truncates.)
+    # The fused kernel rounds the summed gradient where the unfused sequence
+    # stores it, so the two agree bit for bit.  (bf16 is left out: torch's bf16
+    # add rounds to nearest even, the interpreter truncates.)
     n = 4097
     hp = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False)
-    w = make(n, dtype, device, seed=70)
+    w = make(n, dtype, device, seed=69)  # the perturbed weights, never read
+    w0 = make(n, dtype, device, seed=70)
     g = make((3, n), dtype, device, seed=71, scale=0.1)
     buf = make(n, dtype, device, seed=72, scale=0.1)
     w_unfused, g_unfused, buf_unfused = w.clone(), g.clone(), buf.clone()
-    sums = grouped_sumsq(g, [1])
-    sub = (1, sums[0], rho_for(n))
+    g_before, w0_before = g.clone(), w0.clone()
 
-    restore_sgd_(w, g, 2, sub, [0], buf, first_step=False, **hp)
-    shift_(w_unfused, g_unfused, sub=sub)
+    restore_sgd_(w, g, 2, w0, [0], buf, first_step=False, **hp)
+    w_unfused.copy_(w0)
     g_unfused[2] += g_unfused[0]
     restore_sgd_(w_unfused, g_unfused, 2, None, [], buf_unfused, first_step=False, **hp)
-    assert torch.equal(w, w_unfused)
-    assert torch.equal(buf, buf_unfused)
-    assert torch.equal(g, g_unfused)
+    assert_same_bits(w, w_unfused, "w")
+    assert_same_bits(buf, buf_unfused, "buf")
+    assert torch.equal(g, g_before), "the fused kernel wrote g"
+    assert torch.equal(w0, w0_before)
 
 
 def test_restore_sgd_only_touches_its_range(device):
     n, start, end = 4097, 1024, 3000
     w = make(n, torch.float32, device, seed=50)
+    w0 = make(n, torch.float32, device, seed=53)
     g = make((2, n), torch.float32, device, seed=51)
     buf = make(n, torch.float32, device, seed=52)
-    w0, g0, buf0 = w.clone(), g.clone(), buf.clone()
-    sums = grouped_sumsq(g, [1])
+    w_before, w0_before, g_before, buf_before = w.clone(), w0.clone(), g.clone(), buf.clone()
     restore_sgd_(
         w,
         g,
         0,
-        (1, sums[0], 0.1),
+        w0,
         [1],
         buf,
         lr=0.1,
@@ -278,10 +341,11 @@ def test_restore_sgd_only_touches_its_range(device):
     )
     outside = torch.ones(n, dtype=torch.bool, device=device)
     outside[start:end] = False
-    for name, after, before in (("w", w, w0), ("g[0]", g[0], g0[0]), ("buf", buf, buf0)):
+    for name, after, before in (("w", w, w_before), ("buf", buf, buf_before)):
         assert torch.equal(after[outside], before[outside]), f"{name} changed outside range"
         assert not torch.equal(after[start:end], before[start:end]), f"{name} not updated"
-    assert torch.equal(g[1], g0[1])
+    assert torch.equal(g, g_before)
+    assert torch.equal(w0, w0_before)
 
 
 # A bucket as the optimizer builds it
@@ -317,7 +381,11 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
     tail = [make(s, dtype, device, seed=400 + i) for i, s in enumerate(sizes)]
     acc = [make(s, dtype, device, seed=600 + i) for i, s in enumerate(sizes)]
     w = _pack(params, offsets, n, dtype, device)
+    w0 = torch.full_like(w, math.nan)  # every element, padding included, must be saved
     g = torch.stack([_pack(rows, offsets, n, dtype, device) for rows in (head, tail, acc)])
+
+    def segments(flat):
+        return torch.cat([flat[o : o + s] for o, s in zip(offsets, sizes)])
 
     sums = grouped_sumsq(g, [0, 1])
     assert_close(sums[0], torch.cat(head).float().pow(2).sum(), "head sumsq")
@@ -326,10 +394,16 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
     # SSE-SAM stage 1: perturb head, switch to tail, then restore and update with
     # the last tensor in its own parameter group.
     rho_h, rho_t = 0.05, 0.1
-    shift_(w, g, add=(0, sums[0], rho_h))
+    s_h, s_t = scale_ref(sums[0], rho_h), scale_ref(sums[1], rho_t)
+    perturb_(w, w0, g, (0, sums[0], rho_h), save=True)
     assert not w[padding].any()
-    shift_(w, g, add=(1, sums[1], rho_t), sub=(0, sums[0], rho_h))
+    assert_same_bits(w0, _pack(params, offsets, n, dtype, device), "w0")
+    at_head = [(p.float() + s_h * gh.float()).to(dtype) for p, gh in zip(params, head)]
+    assert_close(segments(w), torch.cat(at_head), "w at the head perturbation")
+    perturb_(w, w0, g, (1, sums[1], rho_t), save=False)
     assert not w[padding].any()
+    at_tail = [(p.float() + s_t * gt.float()).to(dtype) for p, gt in zip(params, tail)]
+    assert_close(segments(w), torch.cat(at_tail), "w at the tail perturbation")
 
     groups = [
         dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False),
@@ -338,25 +412,20 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
     ranges = [(0, offsets[-1]), (offsets[-1], n)]
     buf = torch.zeros_like(w)
     for hp, (start, end) in zip(groups, ranges):
-        restore_sgd_(w, g, 2, (1, sums[1], rho_t), [], buf, first_step=True, start=start, end=end, **hp)
+        restore_sgd_(w, g, 2, w0, [], buf, first_step=True, start=start, end=end, **hp)
     assert not w[padding].any()
     assert not buf[padding].any()
 
-    # The same step from per-tensor torch ops: fp32 perturb and restore (the
-    # published code's e = rho g / ||g||), then torch.optim.SGD.
-    s_h, s_t = scale_ref(sums[0], rho_h), scale_ref(sums[1], rho_t)
+    # The same step from per-tensor torch ops: the restore is exact, so the
+    # reference is torch.optim.SGD on the original parameters.
     refs = [p.clone() for p in params]
-    with torch.no_grad():
-        for p, gh, gt, ga in zip(refs, head, tail, acc):
-            moved = p.float() + s_h * gh.float()
-            moved = moved.to(dtype).float() + s_t * gt.float() - s_h * gh.float()
-            p.copy_((moved.to(dtype).float() - s_t * gt.float()).to(dtype))
-            p.grad = ga.clone()
+    for p, ga in zip(refs, acc):
+        p.grad = ga.clone()
     opt = torch.optim.SGD([dict(params=refs[:-1], **groups[0]), dict(params=refs[-1:], **groups[1])])
     opt.step()
-    assert_close(torch.cat([w[o : o + s] for o, s in zip(offsets, sizes)]), torch.cat(refs), "w")
+    assert_close(segments(w), torch.cat(refs), "w")
     ref_buf = torch.cat([opt.state[p]["momentum_buffer"] for p in refs])
-    assert_close(torch.cat([buf[o : o + s] for o, s in zip(offsets, sizes)]), ref_buf, "buf")
+    assert_close(segments(buf), ref_buf, "buf")
 
 
 # Argument checks (no launch)
@@ -364,8 +433,10 @@ def test_many_tiny_tensors_plus_one_large(dtype, device):
 
 def test_bad_arguments_name_the_argument():
     w = torch.zeros(8)
+    w0 = torch.zeros(8)
     g = torch.zeros(2, 8)
     ok = torch.zeros((), dtype=torch.float32)
+    add = (0, ok, 0.1)
     with pytest.raises(ValueError, match="g must"):
         grouped_sumsq(torch.zeros(8), [0])
     with pytest.raises(ValueError, match="rows"):
@@ -373,13 +444,32 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="g must be contiguous"):
         grouped_sumsq(torch.zeros(8, 2).t(), [0])
     with pytest.raises(ValueError, match="w must be contiguous"):
-        shift_(torch.zeros(16)[::2], g, add=(0, ok, 0.1))
+        perturb_(torch.zeros(16)[::2], w0, g, add, True)
     with pytest.raises(ValueError, match="g must have w's dtype"):
-        shift_(w, g.half(), add=(0, ok, 0.1))
+        perturb_(w, w0, g.half(), add, True)
     with pytest.raises(ValueError, match="sumsq must be float32"):
-        shift_(w, g, add=(0, ok.double(), 0.1))
-    with pytest.raises(ValueError, match="sub: row 5"):
-        shift_(w, g, sub=(5, ok, 0.1))
+        perturb_(w, w0, g, (0, ok.double(), 0.1), True)
+    with pytest.raises(ValueError, match="add: row 5"):
+        perturb_(w, w0, g, (5, ok, 0.1), False)
+    with pytest.raises(ValueError, match="add must be a tuple"):
+        perturb_(w, w0, g, None, True)
+    with pytest.raises(ValueError, match="save must be a bool"):
+        perturb_(w, w0, g, add, 1)
+    with pytest.raises(ValueError, match="w0 must be a tensor of shape"):
+        perturb_(w, torch.zeros(9), g, add, True)
+    with pytest.raises(ValueError, match="w0 must have w's dtype"):
+        perturb_(w, w0.half(), g, add, True)
+    with pytest.raises(ValueError, match="w0 must be on w's device"):
+        perturb_(w, torch.zeros(8, device="meta"), g, add, True)
+    with pytest.raises(ValueError, match="w0 must be contiguous"):
+        perturb_(w, torch.zeros(16)[::2], g, add, True)
+    with pytest.raises(ValueError, match="w0 must not share memory with w"):
+        perturb_(w, w, g, add, True)
+    storage = torch.zeros(12)
+    with pytest.raises(ValueError, match="w0 must not share memory with w"):
+        perturb_(storage[:8], storage[4:], g, add, False)
+    with pytest.raises(ValueError, match="w0 must not share memory with g"):
+        perturb_(w, g[1], g, add, True)
     common = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True)
     with pytest.raises(ValueError, match="momentum_buf"):
         restore_sgd_(w, g, 0, None, [], None, **common)
@@ -387,3 +477,7 @@ def test_bad_arguments_name_the_argument():
         restore_sgd_(w, g, 0, None, [0, 1], torch.zeros(8), **common)
     with pytest.raises(ValueError, match="start, end"):
         restore_sgd_(w, g, 0, None, [], torch.zeros(8), start=4, end=2, **common)
+    with pytest.raises(ValueError, match="w0 must have w's dtype"):
+        restore_sgd_(w, g, 0, w0.half(), [], torch.zeros(8), **common)
+    with pytest.raises(ValueError, match="w0 must not share memory with w"):
+        restore_sgd_(w, g, 0, w, [], torch.zeros(8), **common)
