@@ -1,12 +1,14 @@
 """Command-line interface: ``sse-sam-fast <command>`` or ``python -m sse_sam_fast <command>``.
 
-``train``  trains a small MLP on long-tailed digits with SGD, SAM, ImbSAM or
-           SSE-SAM and prints overall, head and tail accuracy.
-``verify`` checks a backend against the published algorithms on this machine.
-``bench``  times SSE-SAM steps against SGD and the published schedule.
+``train``   trains one model on a long-tailed data set (digits, a Gaussian mixture,
+            CIFAR-10/100-LT) with SGD, SAM, ImbSAM or SSE-SAM and reports Many /
+            Medium / Few and head / tail accuracy; checkpoints every epoch.
+``compare`` runs several methods over several seeds and tabulates mean ± std.
+``verify``  checks a backend against the published algorithms on this machine.
+``bench``   times SSE-SAM steps against SGD and the published schedule.
 
 Each command is one ``_cmd_<name>(args, parser) -> int`` function registered in
-:func:`build_parser`.
+:func:`build_parser`; the training loop itself lives in :mod:`sse_sam_fast.training`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from . import SAM, SSESAM, ImbSAM, __version__, tail_classes, tail_mask
-from .models import mlp
+from . import __version__
+from .data import DATASETS
+from .losses import LOSSES
 
 OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
+MODEL_NAMES = ("mlp", "resnet32", "resnet34")
+BACKENDS = ("auto", "torch", "triton", "reference")
+SCHEDULES = ("exact", "split", "auto")
 
 
 def _positive_int(text: str) -> int:
@@ -81,64 +85,229 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    train = commands.add_parser(
-        "train",
-        help="train an MLP on long-tailed digits and report head and tail accuracy",
-        description=(
-            "Train a small MLP on scikit-learn's bundled 8x8 digits, made long-tailed "
-            "(class 0 the most frequent), and report overall, head and tail accuracy on "
-            "a balanced test split."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    train.add_argument("--opt", choices=OPTIMIZERS, default="ssesam", help="optimizer")
-    train.add_argument(
-        "--backend",
-        choices=("auto", "torch", "reference"),
-        default="auto",
-        help="sse_sam_fast backend (ignored by sgd)",
-    )
-    train.add_argument("--epochs", type=_positive_int, default=30, help="training epochs")
-    train.add_argument("--batch-size", type=_positive_int, default=64, help="batch size")
-    train.add_argument("--hidden", type=_positive_int, default=128, help="MLP hidden width")
-    train.add_argument("--lr", type=_non_negative_float, default=0.05, help="initial LR (cosine decay)")
-    train.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
-    train.add_argument("--weight-decay", type=_non_negative_float, default=5e-4, help="SGD weight decay")
-    train.add_argument("--rho", type=_non_negative_float, default=0.05, help="radius (sam, imbsam)")
-    train.add_argument("--head-rho", type=_non_negative_float, default=0.05, help="head radius (ssesam)")
-    train.add_argument("--tail-rho", type=_non_negative_float, default=0.1, help="tail radius (ssesam)")
-    train.add_argument(
-        "--gamma",
-        type=_unit_interval,
-        default=0.7,
-        help="fraction of the epochs before ssesam stops perturbing the head (0 or 1: never)",
-    )
-    train.add_argument(
-        "--imb-factor", type=_imb_factor, default=10.0, help="largest / smallest training class size"
-    )
-    train.add_argument(
-        "--eta",
-        type=_non_negative_float,
-        default=40.0,
-        help="tail classes are those with fewer training samples than this",
-    )
-    train.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the data split, init and shuffling"
-    )
-    train.add_argument("--device", default=_default_device(), help="torch device")
-    train.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="CPU threads for torch ops (the MLP is too small for more to pay; on a busy machine "
-        "extra threads stall in OpenMP barriers)",
-    )
-    # late checks (those that need the data) report as "sse-sam-fast train: error: ..."
-    train.set_defaults(func=functools.partial(_cmd_train, parser=train))
+    _add_train(commands)
+    _add_compare(commands)
     _add_verify(commands)
     _add_bench(commands)
     return parser
+
+
+_DEFAULTS_EPILOG = """\
+defaults by data set (each can be overridden):
+  digits-lt, synthetic-lt: --model mlp --epochs 30 --batch-size 64 --lr 0.05 --momentum 0.9
+      --weight-decay 5e-4; --imb-factor 10 (digits) / 100 (synthetic, 500 down to 5 samples)
+  cifar10-lt, cifar100-lt: --model resnet32 --epochs 200 --batch-size 64 --lr 0.01 --momentum 0.9
+      --weight-decay 1e-3 --imb-factor 100 (the published SSE-SAM / ImbSAM recipe)
+  every data set: cosine LR decay per epoch; --rho 0.05 --head-rho 0.05 --tail-rho 0.1 --gamma 0.7
+--eta (tail classes have fewer training samples): digits-lt 40; cifar100-lt 100 (20 for imbsam);
+  other profiles the Many threshold (the Few threshold for imbsam)
+Many / Medium / Few: cifar100-lt n > 100 / 20..100 / n < 20 (the literature's); other profiles
+  the same positions on their own profile (digits-lt: n > 54 / 25..54 / n < 25)
+"""
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options ``train`` and ``compare`` share. Every default is None here and
+    filled in per data set by :func:`sse_sam_fast.training.resolve`, so that
+    ``--resume`` can tell an option given on the command line from a default."""
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, help="long-tailed data set (default digits-lt)")
+    data.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="CIFAR root holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)",
+    )
+    data.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing CIFAR files with torchvision (needs torchvision)",
+    )
+    data.add_argument("--num-classes", type=_positive_int, help="classes of synthetic-lt (default 10)")
+    data.add_argument("--imb-factor", type=_imb_factor, help="largest / smallest training class size")
+
+    model = p.add_argument_group("model and loss")
+    model.add_argument(
+        "--model", choices=MODEL_NAMES, help="mlp (flattens images) or a CIFAR ResNet (images only)"
+    )
+    model.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default 128)")
+    model.add_argument(
+        "--loss",
+        choices=LOSSES,
+        help="ce; ldam (margins, s=30, cosine classifier, DRW); la (logit adjustment); vs (vector scaling) "
+        "(default ce)",
+    )
+    model.add_argument(
+        "--drw-epoch",
+        type=_non_negative_int,
+        help="ldam: train this many epochs unweighted, then class-balanced (default 80%% of --epochs)",
+    )
+    model.add_argument("--tau", type=_non_negative_float, help="la, vs: weight of log prior (default 1)")
+    model.add_argument(
+        "--vs-gamma", type=_non_negative_float, help="vs: exponent of (n_c / n_max)^gamma (default 0.2)"
+    )
+
+    opt = p.add_argument_group("optimizer")
+    opt.add_argument("--rho", type=_non_negative_float, help="radius of sam and imbsam (default 0.05)")
+    opt.add_argument("--head-rho", type=_non_negative_float, help="ssesam head radius (default 0.05)")
+    opt.add_argument("--tail-rho", type=_non_negative_float, help="ssesam tail radius (default 0.1)")
+    opt.add_argument(
+        "--gamma",
+        type=_unit_interval,
+        help="fraction of the epochs before ssesam stops perturbing the head; 0 or 1: never (default 0.7)",
+    )
+    opt.add_argument(
+        "--eta", type=_non_negative_float, help="tail classes have fewer training samples than this"
+    )
+    opt.add_argument("--epochs", type=_positive_int, help="training epochs")
+    opt.add_argument("--batch-size", type=_positive_int, help="batch size")
+    opt.add_argument("--lr", type=_non_negative_float, help="initial learning rate (cosine decay per epoch)")
+    opt.add_argument("--momentum", type=_non_negative_float, help="SGD momentum")
+    opt.add_argument("--weight-decay", type=_non_negative_float, help="SGD weight decay")
+    opt.add_argument(
+        "--backend", choices=BACKENDS, help="sse_sam_fast backend, ignored by sgd (default auto)"
+    )
+    opt.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="opt.step schedule: exact (default: every pass sees the whole batch), split (each group's "
+        "passes on its own samples; a variant for BatchNorm models), auto",
+    )
+
+    report = p.add_argument_group("reporting and machine")
+    report.add_argument(
+        "--many-thr", type=_non_negative_float, help="Many classes have more training samples than this"
+    )
+    report.add_argument("--few-thr", type=_non_negative_float, help="Few classes have fewer training samples")
+    report.add_argument("--device", help=f"torch device (default {_default_device()})")
+    report.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch ops (default 1 for the MLP, which is too small for more; on a busy "
+        "machine extra threads stall in OpenMP barriers; else torch's default)",
+    )
+    report.add_argument(
+        "--quiet",
+        action="store_true",
+        help="train: no progress bar, no per-epoch lines; compare: no per-run lines",
+    )
+    report.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train on a long-tailed data set; report Many/Medium/Few and head/tail accuracy",
+        description=(
+            "Train one model with SGD, SAM, ImbSAM or SSE-SAM on a long-tailed training split and\n"
+            "report per-class, Many/Medium/Few and head/tail accuracy on a balanced test split.\n"
+            "Writes checkpoint.pt (every epoch), results.json and results.png to --out;\n"
+            "--resume continues a run."
+        ),
+        epilog=_DEFAULTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--opt", choices=OPTIMIZERS, help="method (default ssesam)")
+    train.add_argument(
+        "--seed", type=_non_negative_int, help="seed of the init, shuffling, augmentation (and digits split)"
+    )
+    _add_run_options(train)
+    out = train.add_argument_group("outputs")
+    out.add_argument("--out", metavar="DIR", help="output directory (default runs/<dataset>-<opt>-seed<k>)")
+    out.add_argument("--overwrite", action="store_true", help="start over in an --out with an unfinished run")
+    out.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run saved in DIR with its saved configuration (options given must agree, "
+        "except --device, --backend, --threads, --data-dir)",
+    )
+    # stop as if killed after this epoch (tests of --resume)
+    out.add_argument("--stop-after", type=_positive_int, help=argparse.SUPPRESS)
+    # late checks (those that need the data) report as "sse-sam-fast train: error: ..."
+    train.set_defaults(func=functools.partial(_cmd_train, parser=train))
+
+
+def _add_compare(commands) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="run sgd/sam/imbsam/ssesam over several seeds; tabulate mean ± std by group",
+        description=(
+            "Train each method with seeds 0..N-1 (runs in --out/<method>-seed<k>, reused or resumed\n"
+            "when present) and write a mean ± std table of Many/Medium/Few/All and head/tail accuracy\n"
+            "to stdout and --out/compare.md, with compare.json and compare.png. Head/tail use one eta\n"
+            "for every method (--eta, else SSE-SAM's default) so the columns describe the same classes."
+        ),
+        epilog=_DEFAULTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("--seeds", type=_positive_int, default=5, help="seeds per method (default 5)")
+    compare.add_argument(
+        "--methods", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), help="methods (default all)"
+    )
+    _add_run_options(compare)
+    compare.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<dataset>)")
+    compare.set_defaults(func=functools.partial(_cmd_compare, parser=compare))
+
+
+def _given(args: argparse.Namespace, fields: Sequence[str]) -> dict:
+    return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import training
+
+    given = _given(args, training.FIELDS)
+    try:
+        ckpt = None
+        if args.resume is not None:
+            if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+                raise training.OptionError(
+                    "--out", f"a resumed run continues in its own directory {args.resume}"
+                )
+            ckpt = training.load_checkpoint(args.resume)
+            cfg = training.config_for_resume(ckpt, given)
+            out = Path(args.resume)
+        else:
+            cfg = training.TrainConfig(**given)
+            out = Path(args.out or Path("runs") / f"{cfg.dataset}-{cfg.opt}-seed{cfg.seed}")
+        training.train(
+            cfg,
+            out,
+            resume=ckpt,
+            stop_after=args.stop_after,
+            download=args.download,
+            quiet=args.quiet,
+            plot=not args.no_plot,
+            overwrite=args.overwrite,
+        )
+    except training.OptionError as exc:
+        parser.error(f"argument {exc.option}: {exc}")
+    except ImportError as exc:  # scikit-learn for the digits
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import training
+
+    base = training.TrainConfig(**_given(args, training.FIELDS))
+    out = Path(args.out or Path("runs") / f"compare-{base.dataset}")
+    try:
+        training.compare(
+            base,
+            out,
+            seeds=args.seeds,
+            methods=args.methods,
+            download=args.download,
+            plot=not args.no_plot,
+            quiet=args.quiet,
+        )
+    except training.OptionError as exc:
+        parser.error(f"argument {exc.option}: {exc}")
+    except ImportError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_verify(commands) -> None:
@@ -236,123 +405,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (argparse exits with 2 on bad arguments)."""
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-# ---- train ----------------------------------------------------------------------------------
-
-
-def _build_optimizer(args: argparse.Namespace, model: nn.Module):
-    """``(base, wrapper)``; ``wrapper`` is None for plain SGD."""
-    base = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-    )
-    if args.opt == "sgd":
-        return base, None
-    if args.opt == "sam":
-        return base, SAM(base, model, args.rho, backend=args.backend)
-    if args.opt == "imbsam":
-        return base, ImbSAM(base, model, args.rho, backend=args.backend)
-    return base, SSESAM(
-        base, model, args.head_rho, args.tail_rho, args.gamma, args.epochs, backend=args.backend
-    )
-
-
-def _per_sample_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-@torch.no_grad()
-def _per_class_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    model.eval()
-    correct = (model(x).argmax(1) == y).to(torch.float64)
-    model.train()
-    hits = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(0, y, correct)
-    return (hits / torch.bincount(y, minlength=num_classes).clamp_min(1)).cpu()
-
-
-def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _train(args, parser)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
-
-
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .data import digits_lt
-
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:  # unknown or unavailable device
-        parser.error(f"argument --device: cannot use {args.device!r}: {exc}")
-    try:
-        x_train, y_train, x_test, y_test = digits_lt(args.imb_factor, seed=args.seed)
-    except ImportError as exc:
-        print(f"sse-sam-fast train: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # the data set is too small for this imbalance
-        parser.error(f"argument --imb-factor: {exc}")
-    num_classes = int(y_train.max()) + 1
-    counts = torch.bincount(y_train, minlength=num_classes)
-    tails = tail_classes(counts, args.eta)
-    if tails.numel() in (0, num_classes):
-        parser.error(
-            f"argument --eta: eta={args.eta:g} makes {'no' if tails.numel() == 0 else 'every'} class a "
-            f"tail class (training counts {counts.tolist()}); choose eta in "
-            f"({int(counts.min())}, {int(counts.max())}]"
-        )
-    tail_set = set(tails.tolist())
-    heads = [c for c in range(num_classes) if c not in tail_set]
-
-    torch.manual_seed(args.seed)
-    model = mlp(x_train.shape[1], num_classes, args.hidden).to(device)
-    base, opt = _build_optimizer(args, model)
-    # per-epoch cosine decay on the base optimizer: the wrapper shares its param_groups
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_test, y_test = x_test.to(device), y_test.to(device)
-    tails = tails.to(device)
-    shuffle = torch.Generator().manual_seed(args.seed)
-
-    print(
-        f"data: digits-LT imb_factor={args.imb_factor:g}, {len(y_train)} train / {len(y_test)} test "
-        f"(balanced); train counts {counts.tolist()}"
-    )
-    print(f"tail classes (count < eta={args.eta:g}): {sorted(tail_set)}; head classes: {heads}")
-    name = "SGD" if opt is None else f"{type(opt).__name__} (backend {opt.backend})"
-    arch = f"mlp({x_train.shape[1]}, {num_classes}, hidden={args.hidden})"
-    print(f"model: {arch}; optimizer: {name}; device: {device}")
-
-    start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        stage = f"  stage {opt.stage}" if isinstance(opt, SSESAM) else ""
-        total = torch.zeros((), device=device)
-        for idx in torch.randperm(len(y_train), generator=shuffle).split(args.batch_size):
-            idx = idx.to(device)
-            x, y = x_train[idx], y_train[idx]
-            if opt is None:
-                base.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                base.step()
-            else:
-                loss = opt.step(functools.partial(_per_sample_loss, model, x, y), tail_mask(y, tails))
-            total += loss.detach() * len(y)
-        if isinstance(opt, SSESAM):
-            opt.update_rho()
-        schedule.step()
-        loss = float(total) / len(y_train)
-        acc = _per_class_accuracy(model, x_test, y_test, num_classes).mean()
-        print(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  test acc {acc:.4f}{stage}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-
-    per_class = _per_class_accuracy(model, x_test, y_test, num_classes)
-    print(f"{'overall accuracy':<18}{per_class.mean():.4f}")
-    print(f"{'head accuracy':<18}{per_class[heads].mean():.4f}  (classes {heads})")
-    print(f"{'tail accuracy':<18}{per_class[sorted(tail_set)].mean():.4f}  (classes {sorted(tail_set)})")
-    print(f"{'wall time':<18}{wall:.2f} s  ({args.epochs} epochs, evaluation included)")
-    return 0

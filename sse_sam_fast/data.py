@@ -6,15 +6,27 @@ CVPR 2019; LDAM-DRW, ImbSAM and SSE-SAM build CIFAR-LT the same way): class
 samples, so class 0 is the most frequent and ``n_0 / n_{C-1} ≈ imb_factor``.
 The test split stays balanced, so per-class accuracies are comparable.
 
-scikit-learn (the ``cli`` extra) is imported only when a data set is loaded.
+Data sets (:func:`load_dataset`): ``digits-lt`` (scikit-learn's bundled 8x8
+digits, offline), ``synthetic-lt`` (a Gaussian mixture with any number of
+classes), ``cifar10-lt`` and ``cifar100-lt`` (the python-pickle CIFAR files in a
+local directory; torchvision only for ``download=True``). CIFAR images stay
+uint8 until a batch is drawn: :func:`random_crop_flip` augments and
+:func:`normalize_images` normalises on the training device.
+
+scikit-learn (the ``cli`` extra) is imported only when the digits are loaded.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _EXTRA_HINT = "pip install 'sse_sam_fast[cli]'"
@@ -124,3 +136,271 @@ def digits_lt(
         torch.from_numpy(x_test.astype(np.float32)),
         torch.from_numpy(target[test_idx].astype(np.int64)),
     )
+
+
+# ---- synthetic ---------------------------------------------------------------------------------
+
+
+def synthetic_lt(
+    num_classes: int = 10,
+    imb_factor: float = 100.0,
+    n_max: int = 500,
+    test_per_class: int = 100,
+    dim: int = 32,
+    separation: float = 4.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A long-tailed Gaussian mixture with any number of classes, for stress and speed tests.
+
+    Class ``c`` is ``N(mu_c, I)`` in ``dim`` dimensions with ``mu_c`` drawn from
+    ``N(0, (separation^2 / dim)·I)``, so class centres lie about ``separation·sqrt(2)``
+    apart whatever ``dim``. Training counts follow :func:`long_tail_counts` from
+    ``n_max``; the test split holds ``test_per_class`` samples of every class.
+    Returns ``(x_train, y_train, x_test, y_test)`` like :func:`digits_lt`.
+    """
+    if isinstance(test_per_class, bool) or not isinstance(test_per_class, int) or test_per_class < 1:
+        raise ValueError(f"test_per_class must be an int >= 1, got {test_per_class!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+    counts = long_tail_counts(n_max, num_classes, imb_factor)
+    if counts[-1] < 1:
+        raise ValueError(
+            f"imb_factor={imb_factor} leaves class {num_classes - 1} without training samples "
+            f"(largest class keeps {n_max}); use imb_factor <= {n_max}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, dim, generator=gen) * (separation / math.sqrt(dim))
+
+    def draw(per_class: list[int]) -> tuple[Tensor, Tensor]:
+        y = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(per_class))
+        return means[y] + torch.randn(len(y), dim, generator=gen), y
+
+    x_train, y_train = draw(counts)
+    x_test, y_test = draw([test_per_class] * num_classes)
+    return x_train, y_train, x_test, y_test
+
+
+# ---- CIFAR-LT ----------------------------------------------------------------------------------
+
+# Per-channel statistics of the CIFAR training sets, the values long-tail code bases normalise with.
+CIFAR_STATS = {
+    "cifar10-lt": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100-lt": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_CIFAR_LAYOUT = {
+    # name: (folder, training files, test files, label key, classes, torchvision class)
+    "cifar10-lt": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        b"labels",
+        10,
+        "CIFAR10",
+    ),
+    "cifar100-lt": ("cifar-100-python", ("train",), ("test",), b"fine_labels", 100, "CIFAR100"),
+}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR_SUBSET_SEED = 0  # the long-tailed subset is one fixed draw, shared by every run and seed
+
+
+def cifar_files(name: str, data_dir: str | Path) -> list[Path]:
+    """The files :func:`cifar_lt` reads for ``name``, training files first."""
+    folder, train, test, *_ = _CIFAR_LAYOUT[name]
+    return [Path(data_dir) / folder / f for f in (*train, *test)]
+
+
+def _read_cifar_pickle(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    # the CIFAR archives are Python pickles: only point --data-dir at files you trust
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as exc:  # unpickling a damaged file can raise almost anything
+        raise ValueError(f"{path} is not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: expected a dict with keys b'data' and {label_key!r}, got {keys}")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: expected {data.shape[0]} integer labels, got shape {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _download_cifar(name: str, data_dir: Path) -> None:
+    try:
+        import torchvision.datasets as tv_datasets
+    except ImportError:
+        raise ImportError(
+            f"--download uses torchvision's downloader, and torchvision is not installed: "
+            f"pip install torchvision, or fetch the python version of {_CIFAR_LAYOUT[name][5]} from "
+            f"{CIFAR_URL} and extract it into {data_dir.resolve()}"
+        ) from None
+    dataset = getattr(tv_datasets, _CIFAR_LAYOUT[name][5])
+    for train in (True, False):
+        dataset(str(data_dir), train=train, download=True)
+
+
+def cifar_lt(
+    name: str, data_dir: str | Path, imb_factor: float = 100.0, download: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CIFAR-10-LT or CIFAR-100-LT from the python-pickle files under ``data_dir``.
+
+    Returns ``(x_train, y_train, x_test, y_test)`` with uint8 images of shape
+    ``(N, 3, 32, 32)`` (normalise them with :data:`CIFAR_STATS`). Class ``c`` keeps
+    ``long_tail_counts(n, C, imb_factor)[c]`` training images, ``n`` the smallest
+    class (5000 for CIFAR-10, 500 for CIFAR-100), drawn once with a fixed seed so
+    every run and seed trains on the same subset; the test split is the full,
+    balanced test set. ``download=True`` fetches missing files with torchvision.
+    """
+    if name not in _CIFAR_LAYOUT:
+        raise ValueError(f"name must be one of {sorted(_CIFAR_LAYOUT)}, got {name!r}")
+    folder, train_files, _, label_key, num_classes, _ = _CIFAR_LAYOUT[name]
+    data_dir = Path(data_dir)
+    files = cifar_files(name, data_dir)
+    if download and not all(f.is_file() for f in files):
+        _download_cifar(name, data_dir)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        where = (data_dir / folder).resolve()
+        raise FileNotFoundError(
+            f"{name} needs the python version of {_CIFAR_LAYOUT[name][5]} in {where}/ "
+            f"(files {', '.join(f.name for f in files)}); missing: {', '.join(f.name for f in missing)}. "
+            f"Download the python version from {CIFAR_URL} and extract it into {data_dir.resolve()}/, "
+            f"or pass --download (uses torchvision)"
+        )
+    parts = [_read_cifar_pickle(f, label_key) for f in files]
+    n_train = len(train_files)
+    x_train = np.concatenate([p[0] for p in parts[:n_train]])
+    y_train = np.concatenate([p[1] for p in parts[:n_train]])
+    x_test = np.concatenate([p[0] for p in parts[n_train:]])
+    y_test = np.concatenate([p[1] for p in parts[n_train:]])
+    for split, y in (("training", y_train), ("test", y_test)):
+        if y.min() < 0 or y.max() >= num_classes or np.unique(y).size != num_classes:
+            raise ValueError(f"{name}: the {split} labels must cover the classes 0..{num_classes - 1}")
+    sizes = np.bincount(y_train, minlength=num_classes)
+    counts = long_tail_counts(int(sizes.min()), num_classes, imb_factor)
+    if counts[-1] < 1:
+        raise ValueError(
+            f"imb_factor={imb_factor} leaves class {num_classes - 1} without training samples "
+            f"(largest class keeps {int(sizes.min())}); use imb_factor <= {int(sizes.min())}"
+        )
+    rng = np.random.default_rng(CIFAR_SUBSET_SEED)
+    keep = np.concatenate(
+        [np.sort(rng.permutation(np.flatnonzero(y_train == c))[:n]) for c, n in enumerate(counts)]
+    )
+    return (
+        torch.from_numpy(np.ascontiguousarray(x_train[keep])),
+        torch.from_numpy(y_train[keep]),
+        torch.from_numpy(np.ascontiguousarray(x_test)),
+        torch.from_numpy(y_test),
+    )
+
+
+# ---- augmentation -------------------------------------------------------------------------------
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """The standard CIFAR augmentation with torch ops: a random ``H x W`` crop of the
+    image zero-padded by ``padding`` on every side, then a horizontal flip with
+    probability 1/2, independently per image of the batch ``(B, C, H, W)``.
+
+    The random draws come from ``generator`` (a CPU generator, so runs are
+    reproducible across devices); the crop and the flip are one gather on the
+    images' device.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    rows = offsets[0, :, None] + torch.arange(h)
+    cols = offsets[1, :, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads its columns backwards
+    padded = F.pad(images, (padding, padding, padding, padding))
+    return padded[
+        torch.arange(b, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows.to(dev)[:, None, :, None],
+        cols.to(dev)[:, None, None, :],
+    ]
+
+
+def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 images ``(B, C, H, W)`` to float32 ``(x / 255 - mean) / std`` per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    return (images.to(torch.float32) / 255 - m) / s
+
+
+# ---- one entry point -----------------------------------------------------------------------------
+
+DATASETS = ("digits-lt", "synthetic-lt", "cifar10-lt", "cifar100-lt")
+
+
+@dataclass
+class LongTailData:
+    """A long-tailed training split and a balanced test split, ready for training.
+
+    ``x_*`` are float features ``(N, d)`` or, for CIFAR, uint8 images
+    ``(N, 3, 32, 32)`` that :meth:`train_inputs` augments and normalises per batch.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    mean: tuple[float, ...] | None = None  # per channel; images only
+    std: tuple[float, ...] | None = None
+    augment: bool = False
+
+    @property
+    def images(self) -> bool:
+        return self.x_train.dtype == torch.uint8
+
+    @property
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y_train, minlength=self.num_classes).tolist()
+
+    def to(self, device: torch.device) -> LongTailData:
+        self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
+        self.x_test, self.y_test = self.x_test.to(device), self.y_test.to(device)
+        return self
+
+    def train_inputs(self, idx: Tensor, generator: torch.Generator) -> Tensor:
+        x = self.x_train[idx]
+        if not self.images:
+            return x
+        if self.augment:
+            x = random_crop_flip(x, generator)
+        return normalize_images(x, self.mean, self.std)
+
+    def test_inputs(self, start: int, stop: int) -> Tensor:
+        x = self.x_test[start:stop]
+        return normalize_images(x, self.mean, self.std) if self.images else x
+
+
+def load_dataset(
+    name: str,
+    imb_factor: float,
+    *,
+    seed: int = 0,
+    num_classes: int | None = None,
+    data_dir: str | Path = "data",
+    download: bool = False,
+) -> LongTailData:
+    """One of :data:`DATASETS`. ``seed`` draws the digits split and the synthetic
+    mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes`` is
+    for ``synthetic-lt`` only."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if name == "digits-lt":
+        return LongTailData(name, *digits_lt(imb_factor, seed=seed), num_classes=10)
+    if name == "synthetic-lt":
+        classes = 10 if num_classes is None else num_classes
+        return LongTailData(name, *synthetic_lt(classes, imb_factor, seed=seed), num_classes=classes)
+    mean, std = CIFAR_STATS[name]
+    tensors = cifar_lt(name, data_dir, imb_factor, download)
+    return LongTailData(name, *tensors, _CIFAR_LAYOUT[name][4], mean=mean, std=std, augment=True)

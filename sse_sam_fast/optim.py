@@ -381,11 +381,14 @@ class _GroupedSAM(torch.optim.Optimizer):
             raise FloatingPointError(f"non-finite value in the {first} pass; the step was not applied")
         self.nonfinite_steps += 1
         self._skipped = True
+        # a fixed text, so the default filter shows it once per call site; the
+        # count lives in nonfinite_steps. stacklevel 5: _verdict, _step, step,
+        # torch.optim's step wrapper, then the caller
         warnings.warn(
-            f"{type(self).__name__}: non-finite value in the {first} pass; step skipped "
-            f"(weights unchanged; {self.nonfinite_steps} skipped so far)",
+            f"{type(self).__name__}: non-finite value in the {first} pass; step skipped, weights unchanged "
+            "(see nonfinite_steps)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
     @contextlib.contextmanager

@@ -1,166 +1,119 @@
-"""The ``train`` command and the long-tailed digits data behind it."""
+"""The ``train`` and ``compare`` commands: output, exit codes, resume, errors that name the option.
+
+The data sets are tested in test_data.py, the loop itself in test_training.py.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_data import write_fake_cifar
 
-pytest.importorskip("sklearn", reason="the CLI's data set needs the cli extra (scikit-learn)")
+pytest.importorskip("sklearn", reason="the CLI's default data set needs the cli extra (scikit-learn)")
 
 from sse_sam_fast.cli import main  # noqa: E402
-from sse_sam_fast.data import digits_lt, long_tail_counts, long_tail_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _digits_labels() -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return load_digits().target
+GROUPS = ("all", "many", "medium", "few", "head", "tail")
 
 
 def _accuracies(out: str) -> dict[str, float]:
-    return {
-        k: float(re.search(rf"^{k} accuracy\s+([0-9.]+)", out, re.M).group(1))
-        for k in ("overall", "head", "tail")
-    }
+    """The final table: ``<group>  <accuracy>%  <classes>  ...``, as fractions."""
+    return {k: float(re.search(rf"^{k}\s+([0-9.]+)%", out, re.M).group(1)) / 100 for k in GROUPS}
 
 
-# ---- long_tail_counts ------------------------------------------------------------------------
-
-
-def test_long_tail_counts_hand_computed():
-    # 100 · 10^(-c/4) = 100, 56.23, 31.62, 17.78, 10
-    assert long_tail_counts(100, 5, 10.0) == [100, 56, 31, 17, 10]
-    # 5000 · 100^(-c/9): the CIFAR-10-LT profile at imbalance 100
-    assert long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-
-
-@pytest.mark.parametrize(
-    "n_max, num_classes, imb", [(124, 10, 10.0), (500, 100, 50), (37, 7, 3.5), (9, 3, 1)]
-)
-def test_long_tail_counts_shape(n_max, num_classes, imb):
-    counts = long_tail_counts(n_max, num_classes, imb)
-    assert len(counts) == num_classes
-    assert all(isinstance(n, int) for n in counts)
-    assert counts[0] == n_max
-    assert counts[-1] == int(n_max / imb)
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
-
-
-def test_long_tail_counts_balanced_and_single_class():
-    assert long_tail_counts(7, 4, 1) == [7, 7, 7, 7]
-    assert long_tail_counts(7, 1, 10.0) == [7]
-
-
-@pytest.mark.parametrize("imb", [0.5, 0, -3.0, math.nan, math.inf, True, "10"])
-def test_long_tail_counts_rejects_bad_imb_factor(imb):
-    with pytest.raises(ValueError, match="imb_factor"):
-        long_tail_counts(100, 10, imb)
-
-
-def test_long_tail_counts_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="n_max"):
-        long_tail_counts(0, 10, 10.0)
-    with pytest.raises(ValueError, match="num_classes"):
-        long_tail_counts(100, 0, 10.0)
-
-
-# ---- digits_lt ----------------------------------------------------------------------------------
-
-
-def test_digits_lt_splits():
-    x_train, y_train, x_test, y_test = digits_lt(imb_factor=10.0, test_per_class=50, seed=0)
-    assert x_train.dtype == x_test.dtype == torch.float32
-    assert y_train.dtype == y_test.dtype == torch.int64
-    assert x_train.shape == (len(y_train), 64) and x_test.shape == (len(y_test), 64)
-
-    assert torch.bincount(y_test).tolist() == [50] * 10
-    pool = int(np.bincount(_digits_labels()).min()) - 50
-    assert pool == 124
-    assert torch.bincount(y_train).tolist() == long_tail_counts(pool, 10, 10.0)
-    assert torch.bincount(y_train).tolist() == [124, 96, 74, 57, 44, 34, 26, 20, 16, 12]
-
-    # the digits set has no duplicate images, so equal rows would mean a shared sample
-    train_rows = {r.tobytes() for r in x_train.numpy()}
-    assert len(train_rows) == len(y_train)
-    assert not train_rows & {r.tobytes() for r in x_test.numpy()}
-
-    # standardised with training statistics
-    assert x_train.mean(0).abs().max() < 1e-4
-    std = x_train.std(0, unbiased=False)
-    assert torch.all(((std - 1).abs() < 1e-3) | (std == 0))
-
-
-def test_long_tail_split_indices_disjoint():
-    labels = _digits_labels()
-    train, test = long_tail_split(labels, 20.0, 30, seed=3)
-    assert not set(train.tolist()) & set(test.tolist())
-    assert len(set(train.tolist())) == len(train)
-    assert np.bincount(labels[test]).tolist() == [30] * 10
-    assert np.bincount(labels[train]).tolist() == long_tail_counts(144, 10, 20.0)
-
-
-def test_digits_lt_deterministic_for_a_seed():
-    a, b, c = digits_lt(seed=0), digits_lt(seed=0), digits_lt(seed=1)
-    for u, v in zip(a, b):
-        assert torch.equal(u, v)
-    assert not torch.equal(a[0], c[0])
-
-
-def test_digits_lt_rejects_empty_classes():
-    with pytest.raises(ValueError, match="imb_factor"):
-        digits_lt(imb_factor=500.0)
-
-
-def test_digits_lt_names_the_extra_without_sklearn(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match=re.escape("sse_sam_fast[cli]")):
-        digits_lt()
-    assert main(["train", "--epochs", "1"]) == 1
-    assert "sse_sam_fast[cli]" in capsys.readouterr().err
+def _train(tmp_path: Path, *argv: str) -> int:
+    return main(["train", "--out", str(tmp_path / "run"), "--no-plot", *argv])
 
 
 # ---- train ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opt", ["sgd", "sam", "imbsam", "ssesam"])
-def test_train_each_optimizer(opt, capsys):
-    assert main(["train", "--epochs", "2", "--opt", opt, "--device", "cpu"]) == 0
+def test_train_each_optimizer(opt, tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "2", "--opt", opt, "--device", "cpu") == 0
     out = capsys.readouterr().out
-    assert len(re.findall(r"^epoch\s+\d+/2\s+loss [0-9.]+\s+test acc [0-9.]+", out, re.M)) == 2
-    assert "tail classes (count < eta=40): [5, 6, 7, 8, 9]" in out
+    assert len(re.findall(r"^epoch\s+\d+/2\s+loss [0-9.]+\s+lr [0-9.e-]+\s+test acc [0-9.]+", out, re.M)) == 2
+    assert "tail classes (count < eta=40): 5-9; head classes: 0-4" in out
+    assert "groups: many (n > 54): 0-3; medium: 4-6; few (n < 25): 7-9" in out
     acc = _accuracies(out)
     assert all(0 <= v <= 1 for v in acc.values())
-    assert math.isclose(acc["overall"], (acc["head"] + acc["tail"]) / 2, abs_tol=1e-3)
-    assert re.search(r"^wall time\s+[0-9.]+ s", out, re.M)
+    assert math.isclose(acc["all"], (acc["head"] + acc["tail"]) / 2, abs_tol=1e-3)
+    assert math.isclose(acc["all"], (4 * acc["many"] + 3 * acc["medium"] + 3 * acc["few"]) / 10, abs_tol=1e-3)
+    assert re.search(r"^wall time [0-9.]+ s for 2 epochs", out, re.M)
 
 
-def test_train_ssesam_switches_stage(capsys):
-    assert main(["train", "--epochs", "4", "--gamma", "0.5", "--backend", "reference"]) == 0
+def test_train_ssesam_switches_stage(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "4", "--gamma", "0.5", "--backend", "reference") == 0
     stages = re.findall(r"^epoch.*stage (\d)$", capsys.readouterr().out, re.M)
     assert stages == ["1", "1", "2", "2"]
 
 
-def test_train_ssesam_defaults_learn_the_tail(capsys):
+def test_train_defaults_are_fast_and_learn_the_tail(tmp_path, capsys, monkeypatch):
     # measured with the defaults: tail accuracy 0.86-0.90 over seeds 0-4 (chance 0.1)
-    assert main(["train", "--opt", "ssesam"]) == 0
-    acc = _accuracies(capsys.readouterr().out)
-    assert acc["tail"] > 0.7
-    assert acc["head"] > 0.9
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    acc = _accuracies(out)
+    assert acc["tail"] > 0.7 and acc["head"] > 0.9
+    run = tmp_path / "runs" / "digits-lt-ssesam-seed0"  # the default --out
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "results.json", "results.png"}
+    assert json.loads((run / "results.json").read_text())["wall_time_s"] < 10
 
 
-def test_train_leaves_thread_count_alone():
+def test_train_quiet_and_no_progress_bar_off_a_terminal(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "2", "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "epoch " not in captured.out and "many " in captured.out
+    assert captured.err == ""
+    assert _train(tmp_path, "--epochs", "2") == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+
+
+def test_train_on_synthetic_data_with_many_classes(tmp_path, capsys):
+    argv = ["--dataset", "synthetic-lt", "--num-classes", "40", "--epochs", "1", "--opt", "imbsam"]
+    assert _train(tmp_path, *argv) == 0
+    out = capsys.readouterr().out
+    assert "40 classes" in out and "tail classes (count < eta=20)" in out
+
+
+def test_train_on_fake_cifar100(tmp_path, capsys):
+    root = write_fake_cifar(tmp_path / "data", "cifar100-lt", per_class=6, test_per_class=1)
+    base = ["--dataset", "cifar100-lt", "--data-dir", str(root), "--model", "mlp", "--hidden", "8"]
+    base += ["--imb-factor", "3", "--epochs", "1", "--loss", "la"]
+    # the literature's thresholds (100, 20) leave Many and Medium empty on 6 images per class
+    with pytest.raises(SystemExit) as exc:
+        _train(tmp_path, *base)
+    assert exc.value.code == 2 and "argument --many-thr" in capsys.readouterr().err
+    assert _train(tmp_path, *base, "--many-thr", "4", "--few-thr", "3", "--eta", "4") == 0
+    out = capsys.readouterr().out
+    assert "100 classes" in out and "loss: la" in out
+
+
+def test_train_leaves_thread_count_alone(tmp_path):
     before = torch.get_num_threads()
-    assert main(["train", "--epochs", "1", "--opt", "sgd", "--threads", "1"]) == 0
+    assert _train(tmp_path, "--epochs", "1", "--opt", "sgd", "--threads", "1") == 0
     assert torch.get_num_threads() == before
+
+
+def test_stop_and_resume_through_the_cli_equals_one_run(tmp_path, capsys):
+    common = ["--epochs", "3", "--gamma", "0.5", "--no-plot"]
+    assert main(["train", "--out", str(tmp_path / "full"), *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "cut"), *common, "--stop-after", "1"]) == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--epochs", "3", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and re.findall(r"^epoch\s+(\d)/3", out, re.M) == ["2", "3"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
@@ -175,15 +128,102 @@ def test_train_leaves_thread_count_alone():
         (["--gamma", "1.5"], "--gamma"),
         (["--tail-rho", "-0.1"], "--tail-rho"),
         (["--opt", "adam"], "--opt"),
+        (["--dataset", "imagenet-lt"], "--dataset"),
+        (["--model", "vit"], "--model"),
+        (["--loss", "focal"], "--loss"),
+        (["--schedule", "fastest"], "--schedule"),
         (["--seed", "-1"], "--seed"),
         (["--device", "nosuchdevice"], "--device"),
+        (["--model", "resnet32"], "--model"),  # digits are feature vectors
+        (["--num-classes", "5"], "--num-classes"),  # synthetic-lt only
+        (["--drw-epoch", "3"], "--drw-epoch"),  # ldam only
+        (["--many-thr", "500"], "--many-thr"),  # leaves Many empty
+        (["--few-thr", "2"], "--few-thr"),  # leaves Few empty
+        (["--dataset", "cifar10-lt", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
     ],
 )
-def test_train_rejects_bad_arguments(argv, option, capsys):
+def test_train_rejects_bad_arguments(argv, option, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["train", *argv])
+        _train(tmp_path, *argv)
     assert exc.value.code == 2
-    assert option in capsys.readouterr().err
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_missing_cifar_says_where_to_put_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--dataset", "cifar10-lt", "--data-dir", str(tmp_path / "d"))
+    err = capsys.readouterr().err
+    assert str((tmp_path / "d" / "cifar-10-batches-py").resolve()) in err
+    assert "data_batch_1" in err and "test_batch" in err and "--download" in err
+
+
+def test_download_without_torchvision(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--dataset", "cifar10-lt", "--data-dir", str(tmp_path / "d"), "--download")
+    err = capsys.readouterr().err
+    assert "argument --download" in err and "pip install torchvision" in err
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("")
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(target)])
+    assert "argument --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setup, option",
+    [
+        (lambda run: (run / "checkpoint.pt").write_bytes(b"\x00" * 100), "--resume"),
+        (lambda run: (run / "checkpoint.pt").unlink(), "--resume"),
+        (lambda run: None, "--lr"),  # a different --lr than the saved run's
+    ],
+)
+def test_resume_errors(setup, option, tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "2", "--stop-after", "1") == 0
+    setup(tmp_path / "run")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.2"])
+    assert exc.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_sklearn_missing_is_reported(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now raises ImportError
+    assert _train(tmp_path, "--epochs", "1") == 1
+    assert "sse_sam_fast[cli]" in capsys.readouterr().err
+
+
+# ---- compare -------------------------------------------------------------------------------------
+
+
+def test_compare_prints_and_writes_a_table(tmp_path, capsys):
+    argv = ["compare", "--seeds", "2", "--methods", "sgd", "ssesam", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[\d/4\] (sgd|ssesam)\s+seed \d", out, re.M)) == 4
+    rows = re.findall(r"^\| (sgd|ssesam) \|(.*)\|$", out, re.M)
+    assert [r[0] for r in rows] == ["sgd", "ssesam"]
+    assert all(len(re.findall(r"\d+\.\d\d ± \d+\.\d\d", r[1])) == 7 for r in rows)
+    assert "head/tail at eta = 40 for every method" in out
+    assert (tmp_path / "compare.md").read_text().strip() in out
+    assert {"compare.json", "compare.png", "sgd-seed0", "ssesam-seed1"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+
+
+def test_compare_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--methods", "adam"])
+    assert exc.value.code == 2 and "--methods" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        main(["compare", "--out", str(tmp_path / "f")])
+    assert "argument --out" in capsys.readouterr().err
+
+
+# ---- the program ----------------------------------------------------------------------------------
 
 
 def test_main_needs_a_command(capsys):
@@ -192,13 +232,13 @@ def test_main_needs_a_command(capsys):
     assert exc.value.code == 2
 
 
-def test_python_dash_m():
+def test_python_dash_m(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "sse_sam_fast", "train", "--epochs", "1"],
+        [sys.executable, "-m", "sse_sam_fast", "train", "--epochs", "1", "--out", str(tmp_path), "--no-plot"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "tail accuracy" in proc.stdout
+    assert re.search(r"^tail\s+[0-9.]+%", proc.stdout, re.M)
