@@ -19,12 +19,13 @@ input are bit-identical.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import SUPPORTED_DTYPES, _check_row, _describe
 
 BLOCK_SIZE = 1024
 # Enough programs per row to saturate a GPU's memory bandwidth on a multi-MB
@@ -33,8 +34,6 @@ MAX_SLOTS = 256
 # Row indices travel as scalar arguments: a device index tensor would need a
 # host-to-device copy on every step.  More rows are split into further launches.
 MAX_ROWS_PER_LAUNCH = 4
-
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit(do_not_specialize=["row0", "row1", "row2", "row3"])
@@ -93,7 +92,7 @@ def grouped_sumsq(g: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         raise ValueError(f"g must be a 2-D tensor of shape (k, N), got {_describe(g)}")
-    if g.dtype not in _SUPPORTED_DTYPES:
+    if g.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"g must be float32, bfloat16 or float16, got {g.dtype}")
     if not g.is_contiguous():
         raise ValueError("g must be contiguous (row stride N)")
@@ -127,21 +126,3 @@ def grouped_sumsq(g: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
             BLOCK_SIZE=triton.next_power_of_2(MAX_SLOTS),
         )
     return out
-
-
-def _check_row(row, k: int, name: str) -> int:
-    try:
-        if isinstance(row, bool):
-            raise TypeError
-        row = operator.index(row)
-    except TypeError:
-        raise ValueError(f"{name} must hold int row indices, got {row!r}") from None
-    if not 0 <= row < k:
-        raise ValueError(f"{name}: row {row} out of range [0, {k})")
-    return row
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .perturb import _check_bucket, _check_row, _check_snapshot, _describe
+from ._checks import _check_bucket, _check_row, _check_snapshot, _describe
 
 BLOCK_SIZE = 1024
 
@@ -149,13 +149,13 @@ def restore_sgd_(
     """
     _check_bucket(w, g)
     n_total = w.shape[0]
-    grad_row = _check_row(grad_row, g, "grad_row")
+    grad_row = _check_row(grad_row, g.shape[0], "grad_row")
     if w0 is not None:
         _check_snapshot(w0, w, g)
     extra_rows = list(extra_rows)
     if len(extra_rows) > 1:
         raise ValueError(f"extra_rows: at most one extra row is supported, got {extra_rows}")
-    extra_rows = [_check_row(r, g, "extra_rows") for r in extra_rows]
+    extra_rows = [_check_row(r, g.shape[0], "extra_rows") for r in extra_rows]
     end = n_total if end is None else end
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_total):
         raise ValueError(

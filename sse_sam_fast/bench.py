@@ -2,7 +2,8 @@
 
 Each schedule trains its own copy of the same model on the same batch; the
 schedules take turns step by step, in rotating order, so that drift in the
-machine's speed (other processes, thermal state) is spread over all of them. Reported: median seconds
+machine's speed (other processes, thermal state) is spread over all of them,
+and ratios are medians of the ratios within each round. Reported: median seconds
 per step with p20/p80, and ratios to SGD and to the published schedule.
 """
 
@@ -100,11 +101,15 @@ def whole_step(
                 times[name].append(time.perf_counter() - t0)
                 if device.type == "cuda":
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    # ratios are medians of per-round ratios: pairing steps timed seconds apart
+    # cancels the slow drift of a shared machine's speed
     return {
         k: {
             "median_s": statistics.median(v),
             "p20_s": _quantile(v, 0.2),
             "p80_s": _quantile(v, 0.8),
+            "x_sgd": statistics.median(a / b for a, b in zip(v, times["sgd"])),
+            "x_published": statistics.median(a / b for a, b in zip(v, times["published"])),
             "peak_bytes": peak[k] or None,
         }
         for k, v in times.items()
@@ -212,13 +217,12 @@ def copy_bandwidth(n: int, device: torch.device, dtype=torch.float32, reps: int 
 
 
 def report(res: dict[str, dict], gpu: bool) -> str:
-    sgd, pub = res["sgd"]["median_s"], res["published"]["median_s"]
     head = f"{'schedule':<16}{'× SGD':>8}{'× published':>13}"
     if gpu:
         head += f"{'median ms (p20–p80)':>26}{'peak MB':>10}"
     rows = [head]
     for name, r in res.items():
-        row = f"{name:<16}{r['median_s'] / sgd:>8.2f}{r['median_s'] / pub:>13.2f}"
+        row = f"{name:<16}{r['x_sgd']:>8.2f}{r['x_published']:>13.2f}"
         if gpu:
             spread = f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f})"
             row += f"{spread:>26}{(r['peak_bytes'] or 0) / 2**20:>10.0f}"
@@ -235,9 +239,8 @@ def _chart(results: dict, path: str) -> None:
     cases = [(key, res) for key, res in results["whole_step"].items()]
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.2 * max(1, len(cases)), 3.6), squeeze=False)
     for ax, (key, res) in zip(axes[0], cases):
-        sgd = res["sgd"]["median_s"]
         names = list(res)
-        ax.barh(names, [res[n]["median_s"] / sgd for n in names], color="tab:blue")
+        ax.barh(names, [res[n]["x_sgd"] for n in names], color="tab:blue")
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("time per step, × SGD")

@@ -1,0 +1,95 @@
+"""Argument checks shared by the kernel launchers: each raises ValueError naming
+the argument, before anything is launched."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_bucket(w, g) -> None:
+    """w: contiguous 1-D (N,); g: contiguous (k, N), same dtype and device."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        raise ValueError(f"w must be a 1-D tensor, got {_describe(w)}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"w must be float32, bfloat16 or float16, got {w.dtype}")
+    if not w.is_contiguous():
+        raise ValueError("w must be contiguous")
+    if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[1] != w.shape[0]:
+        raise ValueError(f"g must have shape (k, {w.shape[0]}), got {_describe(g)}")
+    if g.dtype != w.dtype:
+        raise ValueError(f"g must have w's dtype {w.dtype}, got {g.dtype}")
+    if g.device != w.device:
+        raise ValueError(f"g must be on w's device {w.device}, got {g.device}")
+    if not g.is_contiguous():
+        raise ValueError("g must be contiguous (row stride N)")
+
+
+def _check_snapshot(w0, w: torch.Tensor, g: torch.Tensor) -> None:
+    """w0: contiguous, w's shape, dtype and device, no memory shared with w or g."""
+    if not isinstance(w0, torch.Tensor) or w0.shape != w.shape:
+        raise ValueError(f"w0 must be a tensor of shape ({w.shape[0]},), got {_describe(w0)}")
+    if w0.dtype != w.dtype:
+        raise ValueError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
+    if w0.device != w.device:
+        raise ValueError(f"w0 must be on w's device {w.device}, got {w0.device}")
+    if not w0.is_contiguous():
+        raise ValueError("w0 must be contiguous")
+    # The kernels read one buffer while other programs write the other: an
+    # overlap would mix perturbed and saved values.
+    for name, other in (("w", w), ("g", g)):
+        if _overlaps(w0, other):
+            raise ValueError(f"w0 must not share memory with {name}")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of two contiguous tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + a.numel() * a.element_size()
+    b_end = b_start + b.numel() * b.element_size()
+    return a_start < b_end and b_start < a_end
+
+
+def _check_row(row, k: int, name: str) -> int:
+    """An int row index in ``[0, k)``."""
+    try:
+        if isinstance(row, bool):
+            raise TypeError
+        row = operator.index(row)
+    except TypeError:
+        raise ValueError(f"{name}: row must be an int, got {row!r}") from None
+    if not 0 <= row < k:
+        raise ValueError(f"{name}: row {row} out of range [0, {k})")
+    return row
+
+
+def _check_shift(term, g: torch.Tensor, name: str):
+    """Validate ``(row, sumsq, rho)``; returns ``(g[row], sumsq, float(rho))``."""
+    if not isinstance(term, tuple) or len(term) != 3:
+        raise ValueError(f"{name} must be a tuple (row, sumsq, rho), got {term!r}")
+    row, sumsq, rho = term
+    row = _check_row(row, g.shape[0], name)
+    if not isinstance(sumsq, torch.Tensor) or sumsq.numel() != 1:
+        raise ValueError(f"{name}: sumsq must be a one-element tensor, got {_describe(sumsq)}")
+    if sumsq.dtype != torch.float32:
+        raise ValueError(f"{name}: sumsq must be float32, got {sumsq.dtype}")
+    if sumsq.device != g.device:
+        raise ValueError(f"{name}: sumsq must be on device {g.device}, got {sumsq.device}")
+    if isinstance(rho, torch.Tensor) or isinstance(rho, bool):
+        raise ValueError(f"{name}: rho must be a Python float, got {rho!r}")
+    try:
+        rho = float(rho)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: rho must be a float, got {rho!r}") from None
+    return g[row], sumsq, rho
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} ({x.dtype})"
+    return type(x).__name__
