@@ -355,9 +355,12 @@ class _GroupedSAM(torch.optim.Optimizer):
                 if scaler is None:
                     checks.append((f"perturbed {g.members} gradient", torch.isfinite(be.live_norm())))
             if ddp is not None:
-                be.all_reduce([], True, ddp.process_group)
+                # the final gradient: the live rows, and the unperturbed groups' rows that
+                # finish() adds to them (already averaged above unless perturbing locally)
+                local_rows = [g.members for g in active if g.rho == 0] if self.local_perturbation else []
+                be.all_reduce(local_rows, True, ddp.process_group)
             if scaler is None:
-                self._verdict(checks, [g.members for g in active if g.rho == 0])
+                self._verdict(checks)
         except BaseException:
             be.abort()  # weights back to w, bit-identical; gradients zero
             raise
@@ -366,7 +369,7 @@ class _GroupedSAM(torch.optim.Optimizer):
         be.finish(restore=prev, add=[g.members for g in active if g.rho == 0], scaler=scaler)
         return loss
 
-    def _verdict(self, checks: list[tuple[str, Tensor]], unperturbed: list[str]) -> None:
+    def _verdict(self, checks: list[tuple[str, Tensor]]) -> None:
         """Read every finiteness flag of the step at once (the step's one late
         host synchronisation); on a failure abandon the step per ``nonfinite``."""
         self._skipped = False

@@ -313,13 +313,15 @@ def test_a_bad_perturbed_pass_restores_the_weights_bit_identically(backend):
 
 
 # ---- DDP ----------------------------------------------------------------------------------
-def _ddp_worker(rank, world, init, local, out):
+def _ddp_worker(rank, world, init, local, stage, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     model = nn.parallel.DistributedDataParallel(mlp())
     opt = ssesam(model, "torch", local_perturbation=local)
+    if stage == 2:
+        opt.update_rho()
     for x, y, tail in _ddp_batches():
         shard = slice(rank * 6, (rank + 1) * 6)
         opt.step(lambda: F.cross_entropy(model(x[shard]), y[shard], reduction="none"), tail[shard])
@@ -339,11 +341,11 @@ def _ddp_batches():
         yield x, y, tail
 
 
-def _sse_grads(model, x, y, tail):
+def _sse_grads(model, x, y, tail, head_rho):
     """Hand-written SSE-SAM gradient of one shard: Σ_k ∇L_k(w + e_k), L_k over the shard."""
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
-    for members, rho in ((~tail, 0.05), (tail, 0.1)):
+    for members, rho in ((~tail, head_rho), (tail, 0.1)):
         if not members.any():
             continue
         loss = F.cross_entropy(model(x), y, reduction="none")[members].sum() / len(y)
@@ -362,22 +364,27 @@ def _sse_grads(model, x, y, tail):
     return total
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
-def test_ddp_two_processes(tmp_path, local):
+def test_ddp_two_processes(tmp_path, local, stage):
+    """Stage 2 has an unperturbed group (rho_H = 0), whose gradient must be averaged too."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "params.pt")
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", local, out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", local, stage, out), nprocs=2, join=True)
     got = torch.load(out)
     model = mlp()
     if not local:  # one process on the whole batch
         opt = ssesam(model, "torch")
+        if stage == 2:
+            opt.update_rho()
         for x, y, tail in _ddp_batches():
             opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
     else:  # each shard perturbed with its own gradient, the final gradient averaged
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
         for x, y, tail in _ddp_batches():
-            shards = [_sse_grads(model, x[s], y[s], tail[s]) for s in (slice(0, 6), slice(6, 12))]
+            head_rho = 0.05 if stage == 1 else 0.0
+            shards = [_sse_grads(model, x[s], y[s], tail[s], head_rho) for s in (slice(0, 6), slice(6, 12))]
             for p, a, b in zip(model.parameters(), *shards):
                 p.grad = (a + b) / 2
             base.step()
