@@ -242,11 +242,26 @@ def _given(args: argparse.Namespace, fields: Sequence[str]) -> dict:
     return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
 
 
+def _run(parser: argparse.ArgumentParser, job) -> int:
+    """Run ``job()``; a bad option becomes an argparse error (exit 2) naming it,
+    a missing optional dependency a one-line error (exit 1)."""
+    from . import training
+
+    try:
+        job()
+    except training.OptionError as exc:
+        parser.error(f"argument {exc.option}: {exc}")
+    except ImportError as exc:  # scikit-learn for the digits, torchvision for --download
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import training
 
-    given = _given(args, training.FIELDS)
-    try:
+    def job():
+        given = _given(args, training.FIELDS)
         ckpt = None
         if args.resume is not None:
             if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -269,20 +284,16 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             plot=not args.no_plot,
             overwrite=args.overwrite,
         )
-    except training.OptionError as exc:
-        parser.error(f"argument {exc.option}: {exc}")
-    except ImportError as exc:  # scikit-learn for the digits
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return _run(parser, job)
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import training
 
-    base = training.TrainConfig(**_given(args, training.FIELDS))
-    out = Path(args.out or Path("runs") / f"compare-{base.dataset}")
-    try:
+    def job():
+        base = training.TrainConfig(**_given(args, training.FIELDS))
+        out = Path(args.out or Path("runs") / f"compare-{base.dataset}")
         training.compare(
             base,
             out,
@@ -292,12 +303,8 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             plot=not args.no_plot,
             quiet=args.quiet,
         )
-    except training.OptionError as exc:
-        parser.error(f"argument {exc.option}: {exc}")
-    except ImportError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return _run(parser, job)
 
 
 def _add_verify(commands) -> None:
