@@ -328,17 +328,22 @@ def _add_verify(commands) -> None:
     verify.set_defaults(func=functools.partial(_cmd_verify, parser=verify))
 
 
+def _usable_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device {text!r} is not usable here: {e}")
+    return device
+
+
 def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import os
 
     from .backends import resolve_backend
     from .verify import format_results, verify
 
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        parser.error(f"--device {args.device!r} is not usable here: {e}")
+    device = _usable_device(args.device, parser)
     backend = resolve_backend(args.backend, [torch.empty(0, device=device)])
     if backend == "triton" and device.type != "cuda":
         # without a GPU the kernels run through Triton's interpreter (set before triton loads)
@@ -389,12 +394,13 @@ def _add_bench(commands) -> None:
     bench.add_argument(
         "--out", default="runs/bench", help="directory for bench.json and bench.png ('' for none)"
     )
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(func=functools.partial(_cmd_bench, parser=bench))
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench import run_bench
 
+    _usable_device(args.device, parser)
     return run_bench(args)
 
 

@@ -31,9 +31,10 @@ def test_verify_exits_1_on_a_mismatch(capsys, monkeypatch):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_verify_bad_device_is_an_argument_error(capsys):
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_bad_device_is_an_argument_error(capsys, command):
     with pytest.raises(SystemExit) as e:
-        main(["verify", "--device", "nonsense"])
+        main([command, "--device", "nonsense"])
     assert e.value.code == 2 and "--device" in capsys.readouterr().err
 
 
