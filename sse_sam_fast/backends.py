@@ -156,12 +156,14 @@ class ReferenceBackend:
             kept = self.slots.get(grads, {})
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
-        if scaler is None:
-            self.optimizer.step()
-        else:
-            scaler.step(self.optimizer)
-        self.optimizer.zero_grad()
-        self.slots.clear()
+        try:
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
+        finally:
+            self.optimizer.zero_grad()
+            self.slots.clear()
 
     def _put_back(self) -> None:
         for p, w in self._saved.items():
@@ -232,9 +234,16 @@ class TorchBackend:
         self.slots: dict[str, tuple[int, list[bool]]] = {}
         self._saved = False  # whether w0 holds the weights of an unfinished perturbation
         self._flatten()
-        # autograd writes into our views in place, so a zero gradient and "no
-        # gradient" look alike; this hook tells them apart at the cost of one
-        # Python call per parameter per backward pass
+        self._hooks: dict[int, object] = {}
+        self._hook_new()
+
+    def _hook_new(self) -> None:
+        """Autograd writes into our views in place, so a zero gradient and "no
+        gradient" look alike; a hook per parameter tells them apart, at the cost
+        of one Python call per parameter per backward pass. Frozen parameters
+        cannot carry one: they get it when a step finds them unfrozen."""
+        if len(self._hooks) == len(self.params):
+            return
         ref = weakref.ref(self)
 
         def make_hook(i: int):
@@ -245,10 +254,12 @@ class TorchBackend:
 
             return hook
 
-        self._hooks = [p.register_post_accumulate_grad_hook(make_hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):
+            if i not in self._hooks and p.requires_grad:
+                self._hooks[i] = p.register_post_accumulate_grad_hook(make_hook(i))
 
     def __del__(self):
-        for h in getattr(self, "_hooks", ()):
+        for h in getattr(self, "_hooks", {}).values():
             h.remove()
 
     # ---- layout -----------------------------------------------------------------
@@ -281,7 +292,17 @@ class TorchBackend:
                 "model parameters were re-bound (e.g. model.to() or p.data = ...) in the middle "
                 "of a SAM step; finish or restart the step first"
             )
+        # the gradients of a backward the user already ran (official methods) move along
+        old = [
+            None if g is None or (g is v and not seen) else g
+            for g, v, seen in zip((p.grad for p in self.params), self._views[self.live], self.seen)
+        ]
         self._flatten()
+        with torch.no_grad():
+            for i, (g, v) in enumerate(zip(old, self._views[self.live])):
+                if g is not None:
+                    v.copy_(g)
+                    self.seen[i] = True
 
     def _bind(self, row: int) -> None:
         for p, v in zip(self.params, self._views[row]):
@@ -304,6 +325,7 @@ class TorchBackend:
     @torch.no_grad()
     def begin(self) -> None:
         self._check_layout()
+        self._hook_new()
         if self.slots:
             raise RuntimeError("a SAM step started with the official methods is still open")
         dirty = any(self.seen) or any(p.grad is not v for p, v in zip(self.params, self._views[self.live]))
@@ -316,6 +338,7 @@ class TorchBackend:
     @torch.no_grad()
     def adopt(self) -> None:
         self._check_layout()
+        self._hook_new()
         for i, (p, v) in enumerate(zip(self.params, self._views[self.live])):
             g = p.grad
             if g is v:
@@ -577,6 +600,10 @@ class TritonBackend(TorchBackend):
         with_momentum = [p for p in self.params if group_of[id(p)]["momentum"] != 0]
         states = [opt.state.get(p, {}).get("momentum_buffer") for p in with_momentum]
         if all(s is None for s in states):
+            # a first step, or optimizer.state emptied since (a state_dict saved before
+            # any step was loaded): (re)register the views the kernel is about to fill
+            for p in with_momentum:
+                opt.state[p]["momentum_buffer"] = self._momentum_view(p)
             return True
         if any(s is None for s in states):
             return None

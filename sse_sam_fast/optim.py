@@ -65,6 +65,19 @@ def _check_losses(losses, batch: int | None = None) -> Tensor:
     return losses
 
 
+def _check_schedule(gamma, total_epochs) -> tuple[float, int]:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
+    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(f"total_epochs must be an int >= 1, got {total_epochs!r}")
+    return float(gamma), total_epochs
+
+
+def _cut_epoch(gamma: float, total_epochs: int) -> float | None:
+    # the official code switches only for 0 < gamma < 1
+    return total_epochs * gamma if 0 < gamma < 1 else None
+
+
 def _micro_batches(closure, tail_mask) -> tuple[list, list]:
     """A closure and a mask, or equal-length lists of them (gradient accumulation)."""
     if isinstance(closure, (list, tuple)):
@@ -164,8 +177,7 @@ class _GroupedSAM(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if not isinstance(local_perturbation, bool):
             raise TypeError(f"local_perturbation must be a bool, got {local_perturbation!r}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no parameters that require grad")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
@@ -174,16 +186,39 @@ class _GroupedSAM(torch.optim.Optimizer):
                 f"model has {len(missing)} trainable parameters that the optimizer does not hold "
                 f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
             )
+        # every parameter the base optimizer holds, frozen ones too: one unfrozen later
+        # must have its gradient zeroed and perturbed like the others
+        params = [p for p in model.parameters() if id(p) in held]
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.model = model
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
         self.nonfinite_steps = 0
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._backend = make_backend(backend, optimizer, params, self._rows)
         self._pending: tuple | None = None  # the perturbation an official method left applied
+
+    # param_groups and state are the base optimizer's, read through each time: its
+    # load_state_dict() replaces both objects, and a scheduler attached to this
+    # wrapper must keep changing the learning rates the base optimizer uses.
+    # (Optimizer.__init__ assigns them before the base is known; those go aside.)
+    @property
+    def param_groups(self) -> list[dict]:
+        base = self.__dict__.get("optimizer")
+        return base.param_groups if base is not None else self.__dict__["_init_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.__dict__["_init_param_groups"] = value
+
+    @property
+    def state(self):
+        base = self.__dict__.get("optimizer")
+        return base.state if base is not None else self.__dict__["_init_state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["_init_state"] = value
 
     @property
     def backend(self) -> str:
@@ -352,8 +387,9 @@ class _GroupedSAM(torch.optim.Optimizer):
                             losses = call(k, idx, batches[k] if idx is None else idx.numel())
                             backward(g, k, losses)
                             checks.append((f"perturbed {g.members}", torch.isfinite(losses.detach().sum())))
-                if scaler is None:
-                    checks.append((f"perturbed {g.members} gradient", torch.isfinite(be.live_norm())))
+                norm = be.live_norm() if scaler is None else None
+                if norm is not None:
+                    checks.append((f"perturbed {g.members} gradient", torch.isfinite(norm)))
             if ddp is not None:
                 # the final gradient: the live rows, and the unperturbed groups' rows that
                 # finish() adds to them (already averaged above unless perturbing locally)
@@ -476,8 +512,13 @@ class _GroupedSAM(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict must have keys 'base', 'stage' (and 'nonfinite_steps'), got {sorted(state_dict)}"
             )
-        self._load_stage_state(state_dict["stage"])
-        self.optimizer.load_state_dict(state_dict["base"])
+        before = self._stage_state()
+        self._load_stage_state(state_dict["stage"])  # validates everything before assigning
+        try:
+            self.optimizer.load_state_dict(state_dict["base"])
+        except BaseException:
+            self._load_stage_state(before)  # all or nothing
+            raise
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
 
     def __repr__(self) -> str:
@@ -602,15 +643,11 @@ class SSESAM(_GroupedSAM):
     ):
         head_rho = _check_rho("head_rho", head_rho)
         tail_rho = _check_rho("tail_rho", tail_rho)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-            raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(f"total_epochs must be an int >= 1, got {total_epochs!r}")
-        self.head_rho, self.gamma, self.total_epochs = head_rho, float(gamma), total_epochs
+        gamma, total_epochs = _check_schedule(gamma, total_epochs)
+        self.head_rho, self.gamma, self.total_epochs = head_rho, gamma, total_epochs
         self.rho_is = [head_rho, tail_rho]  # current radii, head then tail (the official name)
         self.epoch_count = 0
-        # the official code switches only for 0 < gamma < 1
-        self.cut_epoch = total_epochs * gamma if 0 < gamma < 1 else None
+        self.cut_epoch = _cut_epoch(gamma, total_epochs)
         super().__init__(optimizer, model, **options)
 
     @property
@@ -635,7 +672,12 @@ class SSESAM(_GroupedSAM):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"state_dict epoch_count must be an int >= 0, got {count!r}")
         rhos = [_check_rho("rho_is[0]", state["rho_is"][0]), _check_rho("rho_is[1]", state["rho_is"][1])]
-        self.epoch_count, self.rho_is = count, rhos
+        head_rho = _check_rho("head_rho", state.get("head_rho", self.head_rho))
+        gamma, total = _check_schedule(
+            state.get("gamma", self.gamma), state.get("total_epochs", self.total_epochs)
+        )
+        self.epoch_count, self.rho_is, self.head_rho = count, rhos, head_rho
+        self.gamma, self.total_epochs, self.cut_epoch = gamma, total, _cut_epoch(gamma, total)
 
     def update_rho(self) -> None:
         """Count one finished epoch; enter stage 2 (``rho_H = 0``) at ``gamma·total_epochs``."""

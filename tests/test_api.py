@@ -288,3 +288,89 @@ def test_step_under_no_grad():
     with torch.no_grad():
         opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
     assert not torch.equal(m[0].weight, before)
+
+
+def test_scheduler_on_the_wrapper_survives_load_state_dict():
+    m = mlp()
+    opt = SAM(sgd(m), m)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    opt.load_state_dict(opt.state_dict())  # replaces the base optimizer's param_groups and state
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_official_methods_right_after_a_rebind_keep_the_users_gradient(backend):
+    results = []
+    for rebind in (False, True):
+        m = mlp()
+        opt = ImbSAM(sgd(m), m, 0.1, backend=backend)
+        x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+        tail = y == 2
+        if rebind:
+            for p in m.parameters():
+                p.data = p.data.clone()  # re-bound behind the optimizer's back
+        loss = F.cross_entropy(m(x), y, reduction="none")
+        (loss[~tail].sum() / 6).backward(retain_graph=True)
+        opt.first_step()
+        (2 * loss[tail].sum() / 6).backward()
+        opt.second_step()
+        (2 * F.cross_entropy(m(x), y, reduction="none")[tail].sum() / 6).backward()
+        opt.third_step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_parameter_unfrozen_after_construction_trains_like_the_reference(backend):
+    results = {}
+    for be in ("reference", backend):
+        m = mlp()
+        m[0].requires_grad_(False)
+        opt = SAM(sgd(m), m, 0.1, backend=be)
+        m[0].requires_grad_(True)
+        x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+        for _ in range(3):
+            opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+        results[be] = [p.detach().clone() for p in m.parameters()]
+    for a, b in zip(results["reference"], results[backend]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_failed_base_step_leaves_no_stale_slots():
+    results = []
+    for backend in ("reference", "torch"):
+        m = mlp()
+        opt = SSESAM(sgd(m), m, 0.05, 0.1, backend=backend)
+        fail = [True]
+
+        def hook(*_):
+            if fail.pop():
+                raise RuntimeError("once")
+
+        fail.insert(0, False)
+        handle = opt.optimizer.register_step_pre_hook(hook)
+        x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+        with pytest.raises(RuntimeError, match="once"):
+            opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+        assert not opt._backend.slots
+        handle.remove()
+        opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_stage_state_round_trips_completely():
+    m = mlp()
+    saved = SSESAM(sgd(m), m, 0.07, 0.2, gamma=0.5, total_epochs=4)
+    other = SSESAM(sgd(m), m, 0.01, 0.3, gamma=0.9, total_epochs=100)
+    other.load_state_dict(saved.state_dict())
+    assert (other.head_rho, other.gamma, other.total_epochs, other.rho_is) == (0.07, 0.5, 4, [0.07, 0.2])
+    for _ in range(2):
+        other.update_rho()
+    assert other.stage == 2

@@ -1,6 +1,8 @@
 """The triton backend against the published loop: through Triton's interpreter
 on CPU tensors here, compiled on CUDA where a GPU is present."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,3 +101,20 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
 def test_cuda_triton_matches_published_loop_on_cpu(case):
     expected = run(case, "reference", "official")
     assert_close(run(case, "triton", "step", device="cuda"), expected, torch.float32, f"cuda {case.name}")
+
+
+def test_momentum_restarts_after_the_base_state_is_emptied():
+    """Loading a state_dict saved before any step empties optimizer.state; the next
+    fused step must start the momentum again and register it."""
+    results = []
+    for backend in ("reference", "triton"):
+        case = Case(method="sam", steps=4)
+        model, opt = case.build(backend)
+        fresh = copy.deepcopy(opt.state_dict())
+        for i, (x, y, tail) in enumerate(case.batches()):
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+            if i == 0:
+                opt.load_state_dict(fresh)
+        assert all("momentum_buffer" in opt.optimizer.state[p] for p in model.parameters())
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert_close(results[1], results[0], torch.float32, "after emptied state")
