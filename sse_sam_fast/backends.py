@@ -34,6 +34,15 @@ EPS = 1e-16  # added to every gradient norm, as in the published code
 ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 
 
+def _base_step(optimizer: torch.optim.Optimizer, scaler) -> None:
+    """The base optimizer's own step; under AMP through the scaler, which unscales
+    the gradients and skips the step if any is inf or NaN."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+
+
 class ReferenceBackend:
     """The specification: a literal per-parameter loop in the manner of the
     published code (clone per parameter, ``torch.norm`` of per-parameter norms,
@@ -157,10 +166,7 @@ class ReferenceBackend:
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
         try:
-            if scaler is None:
-                self.optimizer.step()
-            else:
-                scaler.step(self.optimizer)
+            _base_step(self.optimizer, scaler)
         finally:
             self.optimizer.zero_grad()
             self.slots.clear()
@@ -463,10 +469,7 @@ class TorchBackend:
         for p in absent:
             p.grad = None
         try:
-            if scaler is None:
-                self.optimizer.step()
-            else:
-                scaler.step(self.optimizer)
+            _base_step(self.optimizer, scaler)
         finally:
             self._reset()
 
