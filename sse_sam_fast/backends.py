@@ -34,6 +34,11 @@ EPS = 1e-16  # added to every gradient norm, as in the published code
 ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 
 
+def _either(a: list[bool], b: list[bool]) -> list[bool]:
+    """Presence of a gradient in the sum of two gradient sets, parameter by parameter."""
+    return [x or y for x, y in zip(a, b)]
+
+
 def _base_step(optimizer: torch.optim.Optimizer, scaler) -> None:
     """The base optimizer's own step; under AMP through the scaler, which unscales
     the gradients and skips the step if any is inf or NaN."""
@@ -375,7 +380,7 @@ class TorchBackend:
         row, seen = self.slots[slot]
         live = self.live
         self._rows_op(lambda b: (b.g[row].add_(b.g[live]), b.g[live].zero_()))
-        self.slots[slot] = (row, [a or c for a, c in zip(seen, self.seen)])
+        self.slots[slot] = (row, _either(seen, self.seen))
         self.seen = [False] * len(self.params)
 
     @torch.no_grad()
@@ -383,7 +388,7 @@ class TorchBackend:
         row, seen = self.slots[slot]
         live = self.live
         self._rows_op(lambda b: b.g[live].add_(b.g[row]))
-        self.seen = [a or c for a, c in zip(self.seen, seen)]
+        self.seen = _either(self.seen, seen)
 
     @torch.no_grad()
     def unscale(self, slots: Sequence[str], inv_scale: Tensor) -> None:
@@ -560,9 +565,10 @@ class TritonBackend(TorchBackend):
             return
         extra = [self.slots[slot][0] for slot in add]
         from_w0 = restore is not None and self._saved
+        group_of = self._group_of()
         try:
             for i, b in enumerate(self.buckets):
-                for group, start, end in self._group_runs(b):
+                for group, start, end in self._group_runs(b, group_of):
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
                         b.w, b.g, self.live, b.w0 if from_w0 else None, extra,
@@ -593,7 +599,7 @@ class TritonBackend(TorchBackend):
             return None
         seen = self.seen
         for slot in add:
-            seen = [a or c for a, c in zip(seen, self.slots[slot][1])]
+            seen = _either(seen, self.slots[slot][1])
         if not all(seen):  # a parameter without a gradient must be skipped, as step() does
             return None
         keys = ("lr", "momentum", "dampening", "weight_decay")
@@ -620,10 +626,10 @@ class TritonBackend(TorchBackend):
     def _group_of(self) -> dict[int, dict]:
         return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
 
-    def _group_runs(self, b: _Bucket):
+    @staticmethod
+    def _group_runs(b: _Bucket, group_of: dict[int, dict]):
         """Maximal runs of consecutive parameters of ``b`` in one param group, as
         ``(group, start, end)`` element ranges (padding included)."""
-        group_of = self._group_of()
         runs = []
         for j, p in enumerate(b.params):
             g = group_of[id(p)]
@@ -635,15 +641,13 @@ class TritonBackend(TorchBackend):
         return runs
 
     def _momentum_buffer(self, i: int) -> Tensor:
-        """Bucket ``i``'s flat momentum buffer; ``optimizer.state`` holds views of it."""
+        """Bucket ``i``'s flat momentum buffer and its per-parameter views
+        (_fusable_sgd puts the views into ``optimizer.state``)."""
         if self._momentum[i] is None:
             b = self.buckets[i]
             flat = self._momentum[i] = torch.zeros_like(b.w)
-            group_of = self._group_of()
             for p, off in zip(b.params, b.offsets):
-                self._momentum_views[id(p)] = view = flat[off : off + p.numel()].view_as(p)
-                if group_of[id(p)]["momentum"] != 0:
-                    self.optimizer.state[p]["momentum_buffer"] = view
+                self._momentum_views[id(p)] = flat[off : off + p.numel()].view_as(p)
         return self._momentum[i]
 
     def _momentum_view(self, p: Tensor) -> Tensor:

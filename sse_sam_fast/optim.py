@@ -195,6 +195,8 @@ class _GroupedSAM(torch.optim.Optimizer):
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
         self.nonfinite_steps = 0
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        # found once, like the parameters: their training flags are read at each step
+        self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._backend = make_backend(backend, optimizer, params, self._rows)
         self._pending: tuple | None = None  # the perturbation an official method left applied
 
@@ -299,18 +301,19 @@ class _GroupedSAM(torch.optim.Optimizer):
                 return _check_losses(closures[k]() if idx is None else closures[k](idx), n)
 
         # ---- sizes: which passes run (one host sync for all micro-batches) ----------
+        masked = any(g.members != "all" for g in groups)
         clean: list[Tensor | None] = [None] * n_mb
         if split:
             masks = [_check_mask(m) for m in masks]
         else:
             for k in range(n_mb):
                 clean[k] = call(k, None, None)
-            if any(g.members != "all" for g in groups):
+            if masked:
                 masks = [_check_mask(m, clean[k]) for k, m in enumerate(masks)]
         batches = [m.shape[0] for m in masks] if split else [c.shape[0] for c in clean]
         batch = sum(batches)
         counts = {"all": list(batches)}
-        if any(g.members != "all" for g in groups):
+        if masked:
             tails = torch.stack([m.sum() for m in masks]).tolist()
             counts["tail"] = tails
             counts["head"] = [b - t for b, t in zip(batches, tails)]
@@ -434,28 +437,22 @@ class _GroupedSAM(torch.optim.Optimizer):
     def _bn_frozen(self):
         """With ``bn_stats="clean"``, BatchNorm running statistics are put back
         after the forwards at perturbed weights."""
-        mods = [
-            m
-            for m in self.model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-        ]
-        if self.bn_stats == "all" or not mods:
+        if self.bn_stats == "all":
             yield
             return
         saved = [
-            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-            for m in mods
+            (buf, buf.clone())
+            for m in self._batchnorms
+            if m.training and m.track_running_stats
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buf is not None
         ]
         try:
             yield
         finally:
             with torch.no_grad():
-                for m, bufs in zip(mods, saved):
-                    live = [
-                        b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None
-                    ]
-                    for dst, src in zip(live, bufs):
-                        dst.copy_(src)
+                for buf, old in saved:
+                    buf.copy_(old)
 
     def _split(self, schedule: str, closure, groups: list[_Group]) -> bool:
         if schedule not in ("exact", "split", "auto"):
@@ -467,9 +464,7 @@ class _GroupedSAM(torch.optim.Optimizer):
             if not takes_index:
                 raise TypeError("schedule='split' needs a closure that takes sample indices: closure(idx)")
             return True
-        return takes_index and not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()
-        )
+        return takes_index and not any(m.training for m in self._batchnorms)
 
     # ---- official-method helpers --------------------------------------------------
     def _open(self, method: str, expected: str | None) -> None:
