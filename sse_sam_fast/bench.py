@@ -29,6 +29,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, the device synchronised on both sides."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -91,14 +100,11 @@ def whole_step(
         # rotate who goes first: a schedule that always follows the biggest one
         # would pay for its allocator and cache churn
         for name, fn in order[i % len(order) :] + order[: i % len(order)]:
-            _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
+            seconds = _timed(fn, device)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
                 if device.type == "cuda":
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
     # ratios are medians of per-round ratios: pairing steps timed seconds apart
@@ -182,11 +188,7 @@ def optimizer_side(
             st, total = {}, 0.0
             for k, phase in enumerate(phases):
                 fake_backward(k)
-                _sync(device)
-                t0 = time.perf_counter()
-                phase(st)
-                _sync(device)
-                total += time.perf_counter() - t0
+                total += _timed(lambda: phase(st), device)
             if i >= warmup:
                 times.append(total)
         med = statistics.median(times)
@@ -206,13 +208,7 @@ def copy_bandwidth(n: int, device: torch.device, dtype=torch.float32, reps: int 
     src, dst = torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)
     for _ in range(3):
         dst.copy_(src)
-    ts = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
+    ts = [_timed(lambda: dst.copy_(src), device) for _ in range(reps)]
     return 2 * n * src.element_size() / statistics.median(ts) / 1e9
 
 
