@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS, make_backend
 
+SCHEDULES = ("exact", "split", "auto")  # the values of step(schedule=...)
+
 
 class _Group(NamedTuple):
     members: str  # "all" | "head" | "tail"; also the name of its gradient slot
@@ -455,7 +457,7 @@ class _GroupedSAM(torch.optim.Optimizer):
                     buf.copy_(old)
 
     def _split(self, schedule: str, closure, groups: list[_Group]) -> bool:
-        if schedule not in ("exact", "split", "auto"):
+        if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be 'exact', 'split' or 'auto', got {schedule!r}")
         if schedule == "exact" or all(g.members == "all" for g in groups):
             return False  # one group covering the batch: split and exact are the same
