@@ -1,0 +1,92 @@
+"""Every use of private torch attributes, in one place.
+
+The triton backend replaces ``torch.optim.SGD.step()`` with a fused kernel. That
+is only equal to the real step when nothing else would have run around it
+(optimizer hooks) and when the step's options are ones the kernel implements;
+afterwards an attached LR scheduler must believe the optimizer stepped, and
+the momentum buffers the kernel fills must be the ones ``optimizer.state``
+holds. Those facts live in private torch attributes. ``tests/
+test_torch_private.py`` fails loudly if a torch release renames them; until
+then, a missing attribute makes the step fall back to ``optimizer.step()``,
+never a wrong update. The names are unchanged from torch 2.0 to 2.13 (the GPU
+machines run 2.11).
+
+Under AMP the engine takes norms of unscaled gradients, so it reads the
+GradScaler's current scale, which has no public device-side accessor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+_HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay")
+
+
+def _has_hooks(optimizer: torch.optim.Optimizer) -> bool | None:
+    """Whether any step hook is registered; None if torch no longer says where."""
+    from torch.optim import optimizer as module
+
+    try:
+        return bool(
+            optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks
+            or module._global_optimizer_pre_hooks
+            or module._global_optimizer_post_hooks
+        )
+    except AttributeError:
+        return None
+
+
+def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` is exactly the update of ``kernels.update``:
+    a ``torch.optim.SGD`` without hooks, ``maximize``, ``differentiable`` or
+    tensor-valued hyperparameters."""
+    if type(optimizer) is not torch.optim.SGD or _has_hooks(optimizer) is not False:
+        return False
+    for group in optimizer.param_groups:
+        if group.get("maximize") or group.get("differentiable"):
+            return False
+        if any(isinstance(group[k], Tensor) for k in _HYPERPARAMETERS):
+            return False
+    return True
+
+
+def sgd_momentum_buffers(
+    optimizer: torch.optim.SGD, params: Sequence[Tensor], view_of: Callable[[Tensor], Tensor]
+) -> bool | None:
+    """Point ``optimizer.state[p]["momentum_buffer"]`` at ``view_of(p)`` for the
+    ``params`` that use momentum. Returns True if the buffers start now (SGD's
+    first step: the kernel sets them instead of decaying them), False if they
+    continue (values loaded from a state_dict or made by a plain ``step()`` are
+    copied into the views first), None if some exist and some do not (the fused
+    step cannot reproduce that)."""
+    state = optimizer.state
+    current = [state.get(p, {}).get("momentum_buffer") for p in params]
+    if all(s is None for s in current):
+        # a first step, or optimizer.state emptied since (a state_dict saved before any step)
+        for p in params:
+            state[p]["momentum_buffer"] = view_of(p)
+        return True
+    if any(s is None for s in current):
+        return None
+    for p, s in zip(params, current):
+        view = view_of(p)
+        if s is not view:
+            view.copy_(s)
+            state[p]["momentum_buffer"] = view
+    return False
+
+
+def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell an attached LR scheduler that the optimizer stepped: its wrapper of
+    ``step()`` did not run, and it warns otherwise."""
+    optimizer._opt_called = True
+
+
+def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor:
+    """``1 / scale`` of a GradScaler as a device tensor (``get_scale()`` would
+    read it on the host); fp64 reciprocal as the scaler's own unscale does."""
+    return scaler._scale.double().reciprocal().float()

@@ -1,0 +1,142 @@
+"""The interface every backend implements, written down once.
+
+A grouped-perturbation step (``sse_sam_fast.optim``) needs a place to keep
+several gradient sets between passes and a handful of operations on them. The
+engine names a set by an opaque :data:`Slot`; the backend decides where it
+lives (a dict of per-parameter clones, or a row of a flat buffer) and how many
+rows it needs. "Live" gradients are what autograd writes: ``p.grad``.
+
+A parameter that got no gradient in a pass is absent from that pass; one
+absent from every pass of the final gradient is skipped by the base optimizer,
+as with ``p.grad = None``.
+
+Restore contract. ``perturb`` moves the weights to ``w + e``; the backend
+remembers the applied move, so ``perturb`` again (head to tail) and
+``restore`` need no argument:
+
+- ``reference``, official methods: restoring subtracts the same ``e`` the
+  perturbation added, as the published code does (``w`` comes back within a
+  rounding).
+- ``reference`` inside :meth:`step`, and the flat backends always: the first
+  perturbation of a step saves ``w0 = w``; a later one computes ``w = w0 + e``
+  and restoring is the exact copy ``w = w0``. A step abandoned half-way (an
+  exception, a non-finite value) therefore leaves the weights bit-identical.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, NewType
+
+import torch
+from torch import Tensor
+
+from .._constants import EPS
+
+__all__ = ["EPS", "Backend", "Perturbation", "Slot"]
+
+Slot = NewType("Slot", int)
+"""A gradient set kept between passes; backends use it only as a key."""
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A planned move ``e = rho · G[slot] / (||G[slot]|| + 1e-16)``.
+
+    ``norm`` is ``||G[slot]||`` as a device tensor (None where no parameter of
+    the slot got a gradient); ``scale`` is the backend's own representation of
+    ``rho / (||G|| + 1e-16)`` and means nothing to the engine.
+    """
+
+    slot: Slot
+    norm: Tensor | None
+    scale: object
+
+
+class Backend(abc.ABC):
+    """Where the gradients of a step live and how its buffer operations run."""
+
+    name: ClassVar[str]
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
+        self.optimizer = optimizer
+        self.params = list(params)
+
+    # ---- starting -------------------------------------------------------------------
+    @abc.abstractmethod
+    def begin(self) -> None:
+        """Start a one-call step: discard stray gradients, check the layout."""
+
+    @abc.abstractmethod
+    def adopt(self) -> None:
+        """Start an official method: take ``p.grad`` as the user left it."""
+
+    # ---- gradient sets ---------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def holding(self) -> bool:
+        """Whether any slot holds a gradient (a step is in progress)."""
+
+    @abc.abstractmethod
+    def holds(self, slot: Slot) -> bool:
+        """Whether ``slot`` holds a gradient."""
+
+    @abc.abstractmethod
+    def take(self, slot: Slot) -> None:
+        """``slot := live``; live gradients := none."""
+
+    @abc.abstractmethod
+    def accumulate(self, slot: Slot) -> None:
+        """``slot += live`` (``:=`` if the slot is empty); live gradients := none."""
+
+    @abc.abstractmethod
+    def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:
+        """Multiply the gradients of ``slots`` by a device scalar (AMP's ``1/scale``)."""
+
+    @abc.abstractmethod
+    def all_reduce(self, slots: Sequence[Slot], live: bool, group) -> None:
+        """Average ``slots`` (and the live gradients if ``live``) over a process group."""
+
+    # ---- norms and moves ---------------------------------------------------------------
+    @abc.abstractmethod
+    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
+        """One :class:`Perturbation` per ``(slot, rho)``, norms kept on the device."""
+
+    @abc.abstractmethod
+    def live_norm(self) -> Tensor | None:
+        """``||live gradients||`` as a device tensor (None: no gradient at all)."""
+
+    @abc.abstractmethod
+    def perturb(self, move: Perturbation) -> None:
+        """Undo the applied move, if any, and apply ``move``."""
+
+    @abc.abstractmethod
+    def restore(self) -> None:
+        """Undo the applied move, if any."""
+
+    # ---- ending --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
+        """Restore ``w``, add the slots ``add`` to the live gradients, and step the
+        base optimizer on them (or on slot ``grads`` instead of the live ones;
+        through ``scaler.step`` under AMP). Leaves every gradient zero and every
+        slot empty, also when the base step raises."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Abandon the step: weights back to ``w``, gradients zero, slots empty."""
+
+    @abc.abstractmethod
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's ``zero_grad``."""
+
+
+def base_step(optimizer: torch.optim.Optimizer, scaler) -> None:
+    """The base optimizer's own step; under AMP through the scaler, which unscales
+    the gradients and skips the step if any is inf or NaN."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)

@@ -1,0 +1,139 @@
+"""The flat buffers of the torch backend, with the Triton kernels of
+``sse_sam_fast.kernels``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _torch_private
+from .base import Perturbation, Slot
+from .flat import Bucket, TorchBackend, _either
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(TorchBackend):
+    """The torch backend's buffers with the Triton kernels: the norms of several
+    gradient sets in one launch per bucket, perturbation, restore and the
+    head-to-tail switch in one pass each, and the scale
+    ``rho / (||g|| + 1e-16)`` computed inside the kernels from device sums of
+    squares. When the base optimizer is ``torch.optim.SGD`` the last restore,
+    the gradient sum and the SGD update are one pass too; its momentum buffers
+    are then views into a flat buffer, shared with ``optimizer.state``.
+    Computes in fp32 whatever the storage dtype.
+    """
+
+    name = "triton"
+
+    def __init__(self, optimizer, params):
+        from .. import kernels  # Triton is imported only when this backend is asked for
+
+        self._k = kernels
+        super().__init__(optimizer, params)
+        if any(b.w.device.type != "cuda" for b in self.buckets) and not interpreting():
+            raise ValueError(
+                "backend='triton' needs CUDA parameters (or TRITON_INTERPRET=1 to run the kernels "
+                "through Triton's interpreter on the CPU); use backend='torch' or 'auto'"
+            )
+
+    def _flatten(self, rows: int) -> None:
+        super()._flatten(rows)
+        self._momentum: list[Tensor | None] = [None] * len(self.buckets)
+        self._momentum_views: dict[int, Tensor] = {}
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+
+    @torch.no_grad()
+    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
+        """A scale is ``(sumsq, rho)``: the kernels compute ``rho / (sqrt(sumsq) + 1e-16)``."""
+        if not items:
+            return []
+        rows = [self.slots[slot][0] for slot, _ in items]
+        dev = self.buckets[0].w.device
+        sumsq = None
+        for b in self.buckets:
+            part = self._k.grouped_sumsq(b.g, rows).to(dev)
+            sumsq = part if sumsq is None else sumsq + part
+        norms = sumsq.sqrt()
+        return [Perturbation(slot, norms[i], (sumsq[i : i + 1], rho)) for i, (slot, rho) in enumerate(items)]
+
+    @torch.no_grad()
+    def perturb(self, move: Perturbation) -> None:
+        sumsq, rho = move.scale
+        row = self.slots[move.slot][0]
+        for b in self.buckets:
+            self._k.perturb_(b.w, b.w0, b.g, (row, sumsq.to(b.w.device), rho), save=not self._saved)
+        self._saved = True
+
+    @torch.no_grad()
+    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
+        first = None if scaler is not None else self._fusable_sgd(add, grads)
+        if first is None:
+            super().finish(add, grads, scaler)
+            return
+        extra = [self.slots[slot][0] for slot in add]
+        group_of = self._group_of()
+        try:
+            for i, b in enumerate(self.buckets):
+                for group, start, end in self._group_runs(b, group_of):
+                    momentum = group["momentum"]
+                    self._k.restore_sgd_(
+                        b.w, b.g, self.live, b.w0 if self._saved else None, extra,
+                        self._momentum_buffer(i) if momentum else None,
+                        group["lr"], momentum, group["dampening"], group["weight_decay"],
+                        group["nesterov"], first, start, end,
+                    )  # fmt: skip
+            self._saved = False
+            _torch_private.mark_stepped(self.optimizer)
+        finally:
+            self._reset()
+
+    def _fusable_sgd(self, add: Sequence[Slot], grads: Slot | None) -> bool | None:
+        """None if the fused SGD update cannot reproduce ``optimizer.step()``
+        here; else whether it is the momentum buffers' first step."""
+        if grads is not None or len(add) > 1 or not _torch_private.plain_sgd(self.optimizer):
+            return None
+        seen = self.seen
+        for slot in add:
+            seen = _either(seen, self.slots[slot][1])
+        if not all(seen):  # a parameter without a gradient must be skipped, as step() does
+            return None
+        group_of = self._group_of()
+        with_momentum = [p for p in self.params if group_of[id(p)]["momentum"] != 0]
+        return _torch_private.sgd_momentum_buffers(self.optimizer, with_momentum, self._momentum_view)
+
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+    @staticmethod
+    def _group_runs(b: Bucket, group_of: dict[int, dict]):
+        """Maximal runs of consecutive parameters of ``b`` in one param group, as
+        ``(group, start, end)`` element ranges (padding included)."""
+        runs = []
+        for j, p in enumerate(b.params):
+            g = group_of[id(p)]
+            end = b.offsets[j + 1] if j + 1 < len(b.params) else b.numel
+            if runs and runs[-1][0] is g:
+                runs[-1][2] = end
+            else:
+                runs.append([g, b.offsets[j], end])
+        return runs
+
+    def _momentum_buffer(self, i: int) -> Tensor:
+        """Bucket ``i``'s flat momentum buffer and its per-parameter views."""
+        if self._momentum[i] is None:
+            b = self.buckets[i]
+            flat = self._momentum[i] = torch.zeros_like(b.w)
+            for p, off in zip(b.params, b.offsets):
+                self._momentum_views[id(p)] = flat[off : off + p.numel()].view_as(p)
+        return self._momentum[i]
+
+    def _momentum_view(self, p: Tensor) -> Tensor:
+        self._momentum_buffer(self._bucket_of[id(p)])
+        return self._momentum_views[id(p)]

@@ -1,0 +1,260 @@
+"""The grouped-perturbation engine shared by SAM, ImbSAM and SSE-SAM.
+
+A step splits the batch's per-sample losses ``l_i`` into groups (all samples;
+or head and tail by a tail mask). Group ``k`` has the loss
+``L_k = c_k · Σ_{i∈k} l_i / B`` and a radius ``rho_k``; its gradient enters the
+update at ``w + e_k`` with ``e_k = rho_k · g_k / (||g_k|| + 1e-16)``,
+``g_k = ∇L_k(w)``, or at ``w`` itself when ``rho_k = 0``. The base optimizer
+then steps from the restored ``w`` with ``Σ_k ∇L_k(w + e_k)``.
+
+The engine validates, builds a :class:`~.plan.StepPlan` and hands it to a
+:class:`~.passes.StepRun`; the backend (``sse_sam_fast.backends``) owns the
+buffers. The methods (:mod:`.methods`) supply the groups, the stage state and
+the official per-call methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..backends import BACKENDS, Perturbation, Slot, make_backend
+from .checks import micro_batches, takes_index
+from .passes import StepRun
+from .plan import SCHEDULES, Group, StepPlan
+
+
+class GroupedSAM(torch.optim.Optimizer):
+    """The engine shared by :class:`SAM`, :class:`ImbSAM` and :class:`SSESAM`.
+
+    It wraps a base optimizer holding the model's parameters. ``param_groups``
+    and ``state`` are the base optimizer's own objects, so LR schedulers attached
+    to either work.
+
+    Keyword-only options of every method:
+
+    - ``backend``: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
+    - ``bn_stats``: ``"clean"`` (default): in :meth:`step` only the forwards at
+      the unperturbed weights update BatchNorm running statistics; ``"all"``:
+      every forward does, as in the published code.
+    - ``nonfinite``: ``"skip"`` (default): a NaN or inf in the loss or gradient of
+      any pass of :meth:`step` skips the step, leaves weights and optimizer state
+      bit-identical, counts it in ``nonfinite_steps`` and warns naming the pass;
+      ``"raise"``: raises ``FloatingPointError`` instead (weights restored first).
+      Reading the verdict is one host synchronisation per step.
+    - ``local_perturbation`` (DistributedDataParallel models): ``False`` (default)
+      perturbs with the gradient averaged over all processes, so N processes on N
+      shards follow one process on the whole batch; ``True`` perturbs each replica
+      with its own gradient and averages only the final one (the m-sharpness
+      variant: fewer collectives).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        backend: str = "auto",
+        bn_stats: str = "clean",
+        nonfinite: str = "skip",
+        local_perturbation: bool = False,
+    ):
+        params = self._check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation)
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.optimizer = optimizer
+        self.model = model
+        self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
+        self.nonfinite_steps = 0
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        # found once, like the parameters: their training flags are read at each step
+        self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._backend = make_backend(backend, optimizer, params)
+        self._open_method: str | None = None  # the official method that left a perturbation applied
+
+    @staticmethod
+    def _check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation) -> list[Tensor]:
+        """Validate the options; returns every parameter of ``model`` the base
+        optimizer holds, frozen ones too: one unfrozen later must have its
+        gradient zeroed and perturbed like the others."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, GroupedSAM):
+            raise TypeError("optimizer must be a base optimizer such as SGD, not a SAM wrapper")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if bn_stats not in ("clean", "all"):
+            raise ValueError(f"bn_stats must be 'clean' or 'all', got {bn_stats!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if not isinstance(local_perturbation, bool):
+            raise TypeError(f"local_perturbation must be a bool, got {local_perturbation!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no parameters that require grad")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"model has {len(missing)} trainable parameters that the optimizer does not hold "
+                f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
+            )
+        return [p for p in model.parameters() if id(p) in held]
+
+    # param_groups and state are the base optimizer's, read through each time: its
+    # load_state_dict() replaces both objects, and a scheduler attached to this
+    # wrapper must keep changing the learning rates the base optimizer uses.
+    # (Optimizer.__init__ assigns them before the base is known; those go aside.)
+    @property
+    def param_groups(self) -> list[dict]:
+        base = self.__dict__.get("optimizer")
+        return base.param_groups if base is not None else self.__dict__["_init_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.__dict__["_init_param_groups"] = value
+
+    @property
+    def state(self):
+        base = self.__dict__.get("optimizer")
+        return base.state if base is not None else self.__dict__["_init_state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["_init_state"] = value
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    # ---- the configuration each method supplies --------------------------------
+    def _groups(self) -> list[Group]:
+        raise NotImplementedError
+
+    def _stage_state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_stage_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    # ---- one call per step --------------------------------------------------------
+    def step(
+        self,
+        closure: Callable[..., Tensor] | Sequence[Callable[..., Tensor]] | None = None,
+        tail_mask: Tensor | Sequence[Tensor] | None = None,
+        schedule: str = "exact",
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:
+        """One update computed with the cheapest schedule of ``schedule``.
+
+        ``closure()`` recomputes the forward pass on the current batch and returns
+        the per-sample losses, shape ``(B,)``; ``tail_mask`` (bool, shape ``(B,)``)
+        marks the tail samples (SAM ignores it). Returns the mean loss at the
+        unperturbed weights, detached.
+
+        ``schedule="exact"``: one forward at ``w`` feeds the backward pass of every
+        group (``retain_graph``); a group with ``rho = 0`` gets no perturbed pass
+        and an empty group no pass at all. Every pass sees the whole batch, so
+        BatchNorm in training mode gives the published gradients.
+
+        ``schedule="split"``: every pass of a group runs on that group's samples
+        only: ``closure(idx)`` must return the losses of the samples ``idx`` (a
+        long tensor of batch indices). The same update as ``exact`` for models
+        whose per-sample losses do not depend on other samples; with BatchNorm
+        in training mode the batch statistics change, so it is a variant, not
+        the published update. ``"auto"`` picks ``split`` when the closure takes
+        an index and no BatchNorm layer of the model is in training mode.
+
+        Gradient accumulation: lists of closures and tail masks, one per
+        micro-batch, make one step over their union: every pass runs over all
+        micro-batches, so the perturbation direction uses the accumulated
+        gradient (for a model without BatchNorm, the update of one big batch).
+
+        Mixed precision: with ``scaler`` (a ``torch.amp.GradScaler``) every
+        backward is scaled, norms are taken of unscaled gradients, and the base
+        optimizer steps through ``scaler.step``, which skips a step with an inf
+        or NaN (weights bit-identical); call ``scaler.update()`` after ``step``.
+
+        Deciding which passes run reads the tail counts on the host: one
+        synchronisation per step, before the first backward.
+        """
+        if self._open_method is not None:
+            raise RuntimeError(f"step() called while {self._open_method} was left open; finish it first")
+        if self._backend.holding:
+            raise RuntimeError("a SAM step started with the official methods is still open")
+        closures, masks = micro_batches(closure, tail_mask)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        groups = tuple(self._groups())
+        plan = StepPlan(groups, split=self._split(schedule, closures[0], groups))
+        sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        with sync:  # the engine averages gradients itself (see StepRun)
+            return StepRun(self, plan, closures, masks, scaler).run()
+
+    def _split(self, schedule: str, closure, groups: Sequence[Group]) -> bool:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be 'exact', 'split' or 'auto', got {schedule!r}")
+        if schedule == "exact" or all(g.members == "all" for g in groups):
+            return False  # one group covering the batch: split and exact are the same
+        if schedule == "split":
+            if not takes_index(closure):
+                raise TypeError("schedule='split' needs a closure that takes sample indices: closure(idx)")
+            return True
+        return takes_index(closure) and not any(m.training for m in self._batchnorms)
+
+    # ---- official-method helpers --------------------------------------------------
+    def _enter(self, method: str, after: str | None) -> None:
+        """Check the call order of the official methods; take ``p.grad`` as left."""
+        if self._open_method != after:
+            where = f"after {after}()" if after else "first"
+            raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
+        self._backend.adopt()
+
+    def _perturb(self, slot: Slot, rho: float, method: str) -> None:
+        """Move the weights along the gradient held in ``slot``; ``method`` stays open."""
+        move: Perturbation = self._backend.perturbations([(slot, rho)])[0]
+        self._backend.perturb(move)
+        self._open_method = method
+
+    # ---- optimizer manners --------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. With the flat-buffer backends ``p.grad`` is a view
+        into a gradient buffer and is zeroed in place, whatever ``set_to_none``."""
+        self._backend.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {
+            "base": self.optimizer.state_dict(),
+            "stage": self._stage_state(),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if "base" not in state_dict and "param_groups" in state_dict:
+            # a base optimizer's own state_dict, as saved by scripts for the published code
+            self.optimizer.load_state_dict(state_dict)
+            return
+        if not {"base", "stage"} <= set(state_dict) <= {"base", "stage", "nonfinite_steps"}:
+            raise ValueError(
+                f"state_dict must have keys 'base', 'stage' (and 'nonfinite_steps'), got {sorted(state_dict)}"
+            )
+        before = self._stage_state()
+        self._load_stage_state(state_dict["stage"])  # validates everything before assigning
+        try:
+            self.optimizer.load_state_dict(state_dict["base"])
+        except BaseException:
+            self._load_stage_state(before)  # all or nothing
+            raise
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._stage_state().items())
+        base = "\n    ".join(repr(self.optimizer).splitlines())
+        return f"{type(self).__name__}({args}, backend={self.backend!r},\n  optimizer={base})"

@@ -1,0 +1,215 @@
+"""SAM, ImbSAM and SSE-SAM: configurations of the grouped-perturbation engine.
+
+=========  ==============================================  ==========================
+method     groups ``(members, c_k, rho_k)``                 paper
+=========  ==============================================  ==========================
+SAM        ``(all, 1, rho)``                               Foret et al., ICLR 2021
+ImbSAM     ``(head, 1, 0)``, ``(tail, tail_weight, rho)``  Zhou et al., ICCV 2023
+SSE-SAM    ``(head, 1, rho_H)``, ``(tail, 1, tail_rho)``   arXiv 2412.13715, AAAI 2025
+=========  ==============================================  ==========================
+
+SSE-SAM's ``rho_H`` is ``head_rho`` until ``update_rho()`` (called once per
+epoch) has counted ``gamma · total_epochs`` epochs, then 0.
+
+Each class also has the official per-call methods of its published code, with
+their effects on ``p`` and ``p.grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import Slot
+from .checks import check_rho, check_schedule
+from .engine import GroupedSAM
+from .plan import Group
+
+_ALL, _HEAD, _TAIL = Group("all", 1.0, 0.0).slot, Group("head", 1.0, 0.0).slot, Group("tail", 1.0, 0.0).slot
+# SSE-SAM's official methods keep two sets between calls: the clean gradient of
+# the group being perturbed, and the running sum of the perturbed gradients
+_CLEAN, _SUM = Slot(8), Slot(9)
+
+
+def _cut_epoch(gamma: float, total_epochs: int) -> float | None:
+    # the official code switches only for 0 < gamma < 1
+    return total_epochs * gamma if 0 < gamma < 1 else None
+
+
+class SAM(GroupedSAM):
+    """Sharpness-Aware Minimization (Foret et al., ICLR 2021).
+
+    ``g = ∇L(w)``, ``e = rho·g/(||g||+1e-16)``, base step with ``∇L(w+e)``,
+    ``L = mean_i l_i``. Drop-in for the published ``SAM(optimizer, model, rho)``:
+    ``first_step()`` after the first backward, ``second_step()`` after the second.
+    """
+
+    def __init__(self, optimizer, model, rho: float = 0.05, **options):
+        self.rho = check_rho("rho", rho)
+        super().__init__(optimizer, model, **options)
+
+    def _groups(self):
+        return [Group("all", 1.0, self.rho)]
+
+    def _stage_state(self):
+        return {"rho": self.rho}
+
+    def _load_stage_state(self, state):
+        self.rho = check_rho("rho", state["rho"])
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """``w += rho·g/(||g||+1e-16)`` with ``g`` in ``p.grad``; zeroes the grads."""
+        self._enter("first_step", None)
+        self._backend.take(_ALL)
+        self._perturb(_ALL, self.rho, "first_step")
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """Restore ``w``, base step with the perturbed gradient in ``p.grad``; zeroes the grads."""
+        self._enter("second_step", "first_step")
+        self._open_method = None
+        self._backend.finish()
+
+
+class ImbSAM(GroupedSAM):
+    """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail classes only.
+
+    ``L_H = Σ_H l_i / B``, ``L_T = tail_weight·Σ_T l_i / B`` (``tail_weight = 2``
+    in the official training code, used by :meth:`step`); base step with
+    ``∇L_H(w) + ∇L_T(w + e_T)``. Official methods: ``first_step()`` after the head
+    backward, ``second_step()`` after the tail backward, ``third_step()`` after the
+    perturbed tail backward.
+    """
+
+    def __init__(self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0, **options):
+        self.rho = check_rho("rho", rho)
+        self.tail_weight = check_rho("tail_weight", tail_weight)
+        super().__init__(optimizer, model, **options)
+
+    def _groups(self):
+        return [Group("head", 1.0, 0.0), Group("tail", self.tail_weight, self.rho)]
+
+    def _stage_state(self):
+        return {"rho": self.rho, "tail_weight": self.tail_weight}
+
+    def _load_stage_state(self, state):
+        self.rho = check_rho("rho", state["rho"])
+        self.tail_weight = check_rho("tail_weight", state["tail_weight"])
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """Keep the head gradient in ``p.grad``; zeroes the grads."""
+        self._enter("first_step", None)
+        self._backend.take(_HEAD)
+        self._open_method = "first_step"
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """``w += rho·g_T/(||g_T||+1e-16)`` with ``g_T`` in ``p.grad``; zeroes the grads."""
+        self._enter("second_step", "first_step")
+        self._backend.take(_TAIL)
+        self._perturb(_TAIL, self.rho, "second_step")
+
+    @torch.no_grad()
+    def third_step(self) -> None:
+        """Restore ``w``; base step with the perturbed tail gradient plus the head one."""
+        self._enter("third_step", "second_step")
+        self._open_method = None
+        self._backend.finish(add=[_HEAD])
+
+
+class SSESAM(GroupedSAM):
+    """SSE-SAM: Stage-wise SAM for head and tail ("SSE-SAM: Balancing Head and
+    Tail Classes Gradually through Stage-Wise SAM", AAAI 2025, arXiv 2412.13715).
+
+    ``L_H = Σ_H l_i / B``, ``L_T = Σ_T l_i / B``; base step with
+    ``∇L_H(w + e_H) + ∇L_T(w + e_T)``, ``e_k = rho_k·g_k/(||g_k||+1e-16)``,
+    ``rho_T = tail_rho``, ``rho_H = head_rho`` until ``epoch_count >= gamma ·
+    total_epochs`` and 0 after (stage 2, ImbSAM-like). ``gamma = 0`` (or 1) keeps
+    ``head_rho`` for the whole run, as in the official code.
+
+    Official methods, per step: for the head then the tail group,
+    ``compute_and_add_epsilon(n_i)`` (0 head, 1 tail) after the clean backward and
+    ``compute_grad_sum_and_restore_p()`` after the perturbed one; then
+    ``update()``. Call ``update_rho()`` once at the end of every epoch.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        model,
+        head_rho: float,
+        tail_rho: float,
+        gamma: float = 0,
+        total_epochs: int = 200,
+        **options,
+    ):
+        head_rho = check_rho("head_rho", head_rho)
+        tail_rho = check_rho("tail_rho", tail_rho)
+        gamma, total_epochs = check_schedule(gamma, total_epochs)
+        self.head_rho, self.gamma, self.total_epochs = head_rho, gamma, total_epochs
+        self.rho_is = [head_rho, tail_rho]  # current radii, head then tail (the official name)
+        self.epoch_count = 0
+        self.cut_epoch = _cut_epoch(gamma, total_epochs)
+        super().__init__(optimizer, model, **options)
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.cut_epoch is not None and self.epoch_count >= self.cut_epoch else 1
+
+    def _groups(self):
+        return [Group("head", 1.0, self.rho_is[0]), Group("tail", 1.0, self.rho_is[1])]
+
+    def _stage_state(self):
+        return {
+            "head_rho": self.head_rho,
+            "tail_rho": self.rho_is[1],
+            "gamma": self.gamma,
+            "total_epochs": self.total_epochs,
+            "epoch_count": self.epoch_count,
+            "rho_is": list(self.rho_is),
+        }
+
+    def _load_stage_state(self, state):
+        count = state["epoch_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state_dict epoch_count must be an int >= 0, got {count!r}")
+        rhos = [check_rho("rho_is[0]", state["rho_is"][0]), check_rho("rho_is[1]", state["rho_is"][1])]
+        head_rho = check_rho("head_rho", state.get("head_rho", self.head_rho))
+        gamma, total = check_schedule(
+            state.get("gamma", self.gamma), state.get("total_epochs", self.total_epochs)
+        )
+        self.epoch_count, self.rho_is, self.head_rho = count, rhos, head_rho
+        self.gamma, self.total_epochs, self.cut_epoch = gamma, total, _cut_epoch(gamma, total)
+
+    def update_rho(self) -> None:
+        """Count one finished epoch; enter stage 2 (``rho_H = 0``) at ``gamma·total_epochs``."""
+        self.epoch_count += 1
+        if self.cut_epoch is not None and self.epoch_count >= self.cut_epoch:
+            self.rho_is[0] = 0.0
+
+    @torch.no_grad()
+    def compute_and_add_epsilon(self, n_i: int) -> None:
+        """``w += rho_i·g/(||g||+1e-16)`` with ``g`` in ``p.grad`` (``n_i``: 0 head,
+        1 tail); zeroes the grads."""
+        if n_i not in (0, 1):
+            raise ValueError(f"n_i must be 0 (head) or 1 (tail), got {n_i!r}")
+        self._enter("compute_and_add_epsilon", None)
+        self._backend.take(_CLEAN)
+        self._perturb(_CLEAN, self.rho_is[n_i], "compute_and_add_epsilon")
+
+    @torch.no_grad()
+    def compute_grad_sum_and_restore_p(self) -> None:
+        """Add ``p.grad`` to the gradient sum and restore ``w``; zeroes the grads."""
+        self._enter("compute_grad_sum_and_restore_p", "compute_and_add_epsilon")
+        self._open_method = None
+        self._backend.accumulate(_SUM)
+        self._backend.restore()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Base step with the summed gradient; zeroes the grads."""
+        self._enter("update", None)
+        if not self._backend.holds(_SUM):
+            raise RuntimeError("update() needs compute_grad_sum_and_restore_p() first")
+        self._backend.finish(grads=_SUM)

@@ -1,0 +1,218 @@
+"""The pass runners: one call of ``step()`` carrying out a :class:`StepPlan`
+over one or more micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import _torch_private
+from ..backends import Perturbation
+from .checks import check_losses, check_mask
+from .plan import Group, StepPlan
+
+
+@dataclass
+class MicroBatch:
+    closure: Callable[..., Tensor]
+    mask: Tensor | None
+    size: int
+    losses: Tensor | None = None  # exact: the clean forward, dropped once its backwards ran
+    index: dict[str, Tensor] | None = None  # split: the sample indices of head and tail
+    counts: dict[str, int] = field(default_factory=dict)  # samples of each group's members
+
+
+@contextlib.contextmanager
+def bn_frozen(batchnorms: Sequence[nn.Module], policy: str):
+    """With ``bn_stats="clean"``, BatchNorm running statistics are put back
+    after the forwards at perturbed weights."""
+    if policy == "all":
+        yield
+        return
+    saved = [
+        (buf, buf.clone())
+        for m in batchnorms
+        if m.training and m.track_running_stats
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, old in saved:
+                buf.copy_(old)
+
+
+class StepRun:
+    """One ``step()``: the clean passes, the perturbed passes, the non-finite
+    verdict and the base step, through the optimizer's backend."""
+
+    def __init__(self, opt, plan: StepPlan, closures: Sequence[Callable], masks: Sequence, scaler):
+        self.opt, self.be, self.ddp, self.scaler = opt, opt._backend, opt._ddp, scaler
+        self.split = plan.split
+        self.checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
+        self.batches = [self._prepare(plan, c, m) for c, m in zip(closures, masks)]
+        self.total = sum(mb.size for mb in self.batches)
+        self.plan = plan.without(self._empty(plan))
+
+    # ---- before any backward -------------------------------------------------------
+    def _call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
+        with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
+            return check_losses(mb.closure() if idx is None else mb.closure(idx), n)
+
+    def _prepare(self, plan: StepPlan, closure, mask) -> MicroBatch:
+        """exact: the clean forward runs here; split: the mask gives each group's samples."""
+        if plan.split:
+            mask = check_mask(mask)
+            index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
+            return MicroBatch(closure, mask, mask.shape[0], index=index)
+        mb = MicroBatch(closure, None, 0)
+        mb.losses = self._call(mb, None, None)
+        mb.size = mb.losses.shape[0]
+        if plan.masked:
+            mb.mask = check_mask(mask, mb.losses)
+        return mb
+
+    def _empty(self, plan: StepPlan) -> dict[str, bool]:
+        """Which members have no sample in the step. Reads the tail counts on the
+        host: one synchronisation for all micro-batches. Under DDP the global
+        counts decide, so that every process runs the same passes and collectives."""
+        for mb in self.batches:
+            mb.counts["all"] = mb.size
+        if plan.masked:
+            tails = torch.stack([mb.mask.sum() for mb in self.batches]).tolist()
+            for mb, t in zip(self.batches, tails):
+                mb.counts.update(tail=t, head=mb.size - t)
+        keys = sorted(self.batches[0].counts)
+        totals = [sum(mb.counts[k] for mb in self.batches) for k in keys]
+        if self.ddp is not None:
+            t = torch.tensor(totals, dtype=torch.float64, device=next(self.ddp.parameters()).device)
+            torch.distributed.all_reduce(t, group=self.ddp.process_group)
+            totals = t.tolist()
+        return {k: total == 0 for k, total in zip(keys, totals)}
+
+    def _runs(self, g: Group, mb: MicroBatch) -> bool:
+        # a micro-batch without samples of the group skips its pass, but under DDP
+        # the forwards must match across processes (buffer broadcasts)
+        return mb.counts[g.members] > 0 or self.ddp is not None
+
+    def _check(self, name: str, value: Tensor) -> None:
+        self.checks.append((name, torch.isfinite(value)))
+
+    def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
+        with torch.enable_grad():
+            # d L_k / d l_i = c_k / B for the samples of group k, 0 for the others
+            w = torch.full_like(losses, g.weight / self.total, requires_grad=False)
+            if not self.split and g.members != "all":
+                w = torch.where(mb.mask if g.members == "tail" else ~mb.mask, w, 0.0)
+            out = torch.dot(losses, w)
+            (out if self.scaler is None else self.scaler.scale(out)).backward(retain_graph=retain)
+
+    # ---- the passes --------------------------------------------------------------------
+    def run(self) -> Tensor:
+        """The step; returns the mean loss at ``w``. Any exception leaves the
+        weights bit-identical and the gradients zero."""
+        be = self.be
+        be.begin()
+        try:
+            loss = self._clean_passes()
+            moves = self._perturbations()
+            for g in self.plan.perturbed:
+                self._perturbed_pass(g, moves[g])
+            self._reduce_final()
+            skipped = self.scaler is None and self._verdict()
+        except BaseException:
+            be.abort()
+            raise
+        if not skipped:
+            be.finish(add=[g.slot for g in self.plan.unperturbed], scaler=self.scaler)
+        return loss
+
+    def _clean_passes(self) -> Tensor:
+        loss_sum = 0.0
+        for mb in self.batches:
+            mine = [g for g in self.plan.groups if self._runs(g, mb)]
+            if self.split:
+                for g in mine:
+                    idx = mb.index[g.members]
+                    losses = self._call(mb, idx, idx.numel())
+                    self._backward(g, mb, losses)
+                    self.be.accumulate(g.slot)
+                    loss_sum = loss_sum + losses.detach().sum()
+                    self._check(f"clean {g.members}", losses.detach().sum())
+            else:
+                for i, g in enumerate(mine):
+                    self._backward(g, mb, mb.losses, retain=i + 1 < len(mine))
+                    self.be.accumulate(g.slot)
+                loss_sum = loss_sum + mb.losses.detach().sum()
+                self._check("clean forward", mb.losses.detach().sum())
+                mb.losses = None  # frees the graph of a micro-batch no group used
+        return loss_sum / self.total
+
+    def _perturbations(self) -> dict[Group, Perturbation]:
+        """Every group's norm (checked for finiteness) and the moves of the perturbed ones."""
+        be, plan = self.be, self.plan
+        if self.scaler is not None and plan.perturbed:
+            be.unscale([g.slot for g in plan.perturbed], _torch_private.inverse_scale(self.scaler))
+        if self.ddp is not None and not self.opt.local_perturbation:
+            be.all_reduce([g.slot for g in plan.groups], False, self.ddp.process_group)
+        moves = be.perturbations([(g.slot, g.rho) for g in plan.groups])
+        for g, move in zip(plan.groups, moves):
+            if move.norm is not None:
+                self._check(f"clean {g.members} gradient", move.norm)
+        return dict(zip(plan.groups, moves))
+
+    def _perturbed_pass(self, g: Group, move: Perturbation) -> None:
+        self.be.perturb(move)
+        with bn_frozen(self.opt._batchnorms, self.opt.bn_stats):
+            for mb in self.batches:
+                if not self._runs(g, mb):
+                    continue
+                idx = mb.index[g.members] if self.split else None
+                losses = self._call(mb, idx, mb.size if idx is None else idx.numel())
+                self._backward(g, mb, losses)
+                self._check(f"perturbed {g.members}", losses.detach().sum())
+        norm = self.be.live_norm() if self.scaler is None else None
+        if norm is not None:
+            self._check(f"perturbed {g.members} gradient", norm)
+
+    def _reduce_final(self) -> None:
+        """Under DDP, average the final gradient: the live rows, and the
+        unperturbed groups' rows that finish() adds to them (already averaged
+        before the perturbation unless perturbing locally)."""
+        if self.ddp is None:
+            return
+        local = [g.slot for g in self.plan.unperturbed] if self.opt.local_perturbation else []
+        self.be.all_reduce(local, True, self.ddp.process_group)
+
+    def _verdict(self) -> bool:
+        """Read every finiteness flag of the step at once (the step's one late
+        host synchronisation); on a failure abandon the step per ``nonfinite``.
+        Returns whether the step is skipped."""
+        if not self.checks:
+            return False
+        flags = torch.stack([c.to(self.checks[0][1].device) for _, c in self.checks]).tolist()
+        if all(flags):
+            return False
+        first = self.checks[flags.index(False)][0]
+        self.be.abort()
+        opt = self.opt
+        if opt.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite value in the {first} pass; the step was not applied")
+        opt.nonfinite_steps += 1
+        # a fixed text, so the default filter shows it once per call site; the count
+        # lives in nonfinite_steps. stacklevel 5: _verdict, run, step, torch.optim's
+        # step wrapper, then the caller
+        warnings.warn(
+            f"{type(opt).__name__}: non-finite value in the {first} pass; step skipped, weights unchanged "
+            "(see nonfinite_steps)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return True

@@ -1,0 +1,71 @@
+"""The step plan: which passes a step runs, on which samples, with which
+radius and weight.
+
+A method is a list of :class:`Group` s. A plan is built from them and the
+schedule alone, host values only, so building it never waits for the device.
+Dropping the groups that have no samples in the batch is a separate, explicit
+step (:meth:`StepPlan.without`), the only one that needs counts.
+
+Passes of a plan, in order (``F`` a forward, ``B`` a backward):
+
+1. clean: every group's backward at ``w``. ``exact``: one shared forward per
+   micro-batch and one backward per group (``retain_graph``); ``split``: a
+   forward and backward per group on that group's samples only.
+2. perturbed: for every group with ``rho > 0`` in turn, ``w = w0 + e_k`` and a
+   forward and backward of that group (on the whole batch in ``exact``, on its
+   own samples in ``split``).
+3. the base step from the restored ``w`` with the perturbed groups' gradients
+   plus the clean gradients of the groups with ``rho = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..backends import Slot
+
+SCHEDULES = ("exact", "split", "auto")  # the values of step(schedule=...)
+
+MEMBERS = ("all", "head", "tail")
+# the backend slot holding each group's clean gradient between passes
+_SLOTS = {members: Slot(i) for i, members in enumerate(MEMBERS)}
+
+
+class Group(NamedTuple):
+    """Group ``k`` of a method: the loss ``L_k = weight · Σ_{i∈members} l_i / B``
+    is perturbed with radius ``rho`` (not at all when ``rho = 0``)."""
+
+    members: str  # "all" | "head" | "tail"
+    weight: float
+    rho: float
+
+    @property
+    def slot(self) -> Slot:
+        return _SLOTS[self.members]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    groups: tuple[Group, ...]
+    split: bool  # each group's passes on its own samples (else every pass sees the batch)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the groups need a tail mask."""
+        return any(g.members != "all" for g in self.groups)
+
+    @property
+    def perturbed(self) -> tuple[Group, ...]:
+        return tuple(g for g in self.groups if g.rho > 0)
+
+    @property
+    def unperturbed(self) -> tuple[Group, ...]:
+        """Groups whose clean gradient enters the update as it is."""
+        return tuple(g for g in self.groups if g.rho == 0)
+
+    def without(self, empty: Mapping[str, bool]) -> StepPlan:
+        """The plan without the groups whose members are ``empty`` in this batch:
+        an empty group gets no pass at all."""
+        return StepPlan(tuple(g for g in self.groups if not empty[g.members]), self.split)

@@ -1,0 +1,111 @@
+"""The private torch attributes the library relies on (sse_sam_fast/_torch_private.py).
+
+If one of these fails after a torch upgrade, the fused SGD path falls back to
+``optimizer.step()`` (no wrong update), but loses its speed: update the module."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from sse_sam_fast import _torch_private
+
+
+def _sgd(**kw):
+    return torch.optim.SGD(nn.Linear(3, 2).parameters(), **{"lr": 0.1, **kw})
+
+
+def test_torch_still_has_the_hook_registries():
+    from torch.optim import optimizer as module
+
+    opt = _sgd()
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        assert isinstance(getattr(opt, name), dict), name
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"):
+        assert isinstance(getattr(module, name), dict), name
+    assert _torch_private._has_hooks(opt) is False
+
+
+@pytest.mark.parametrize("register", ["pre", "post", "global_pre", "global_post"])
+def test_any_step_hook_makes_sgd_not_plain(register):
+    opt = _sgd(momentum=0.9)
+    assert _torch_private.plain_sgd(opt)
+    fn = {
+        "pre": opt.register_step_pre_hook,
+        "post": opt.register_step_post_hook,
+        "global_pre": register_optimizer_step_pre_hook,
+        "global_post": register_optimizer_step_post_hook,
+    }[register]
+    handle = fn(lambda *_: None)
+    try:
+        assert not _torch_private.plain_sgd(opt)
+    finally:
+        handle.remove()
+    assert _torch_private.plain_sgd(opt)
+
+
+def test_options_the_kernel_does_not_implement_are_not_plain():
+    assert not _torch_private.plain_sgd(_sgd(maximize=True))
+    assert not _torch_private.plain_sgd(_sgd(lr=torch.tensor(0.1)))
+    assert not _torch_private.plain_sgd(torch.optim.Adam(nn.Linear(3, 2).parameters()))
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    assert not _torch_private.plain_sgd(MySGD(nn.Linear(3, 2).parameters(), lr=0.1))
+
+
+def test_a_missing_private_attribute_falls_back_instead_of_crashing():
+    opt = _sgd()
+    del opt._optimizer_step_pre_hooks
+    assert _torch_private._has_hooks(opt) is None
+    assert not _torch_private.plain_sgd(opt)
+
+
+def test_sgd_keeps_momentum_under_the_key_the_fused_step_fills():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert all(isinstance(opt.state[p]["momentum_buffer"], torch.Tensor) for p in model.parameters())
+
+
+def test_momentum_buffers_start_continue_or_refuse():
+    model = nn.Linear(3, 2)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    views = {id(p): torch.zeros_like(p) for p in params}
+    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is True
+    assert all(opt.state[p]["momentum_buffer"] is views[id(p)] for p in params)
+    # a buffer that is not the view (loaded from a state_dict) is copied into it
+    opt.state[params[0]]["momentum_buffer"] = torch.ones_like(params[0])
+    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is False
+    assert opt.state[params[0]]["momentum_buffer"] is views[id(params[0])]
+    assert torch.equal(views[id(params[0])], torch.ones_like(params[0]))
+    del opt.state[params[1]]["momentum_buffer"]
+    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is None
+
+
+def test_mark_stepped_silences_the_scheduler_order_warning():
+    """The LR scheduler warns when it steps before its optimizer did; the fused
+    step never calls optimizer.step(), so it must set the flag torch reads."""
+    opt = _sgd()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    _torch_private.mark_stepped(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()
+    unmarked = _sgd()
+    sched = torch.optim.lr_scheduler.StepLR(unmarked, step_size=1)
+    with pytest.warns(UserWarning, match="optimizer.step"):
+        sched.step()
+
+
+def test_inverse_scale_is_the_device_reciprocal_of_the_scale():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones((), requires_grad=True))  # creates the scale tensor lazily
+    inv = _torch_private.inverse_scale(scaler)
+    assert isinstance(inv, torch.Tensor) and inv.dtype == torch.float32
+    assert inv.item() == 1 / 1024
