@@ -1,4 +1,8 @@
-"""Triton kernels for flat SAM-family buckets (see DESIGN.md section 4).
+"""Triton kernels for flat SAM-family buckets (see docs/ARCHITECTURE.md, "Kernels").
+
+The folder sits at the top of the repository and installs as
+``sse_sam_fast.kernels`` (a top-level ``kernels`` would clash with an unrelated
+package of that name).
 
 A bucket is one 1-D weight tensor ``w`` of length N and one ``(k, N)`` gradient
 tensor ``g`` whose rows are the gradient sets (head, tail, accumulator).

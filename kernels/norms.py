@@ -8,7 +8,7 @@ For a gradient buffer ``g`` of shape ``(k, N)`` and a list of row indices
 for every listed row in one launch, so the head and tail norms that SAM, ImbSAM
 and SSE-SAM need (``||g|| = sqrt(out[j])``) cost a single read of the rows.
 The result stays on the device: the scale ``rho / (sqrt(out[j]) + 1e-16)`` is
-computed by the kernels that consume it (``kernels.perturb``, ``kernels.update``).
+computed by the kernels that consume it (``.perturb``, ``.update``).
 
 Determinism: the reduction never uses atomics.  Program ``(slot, j)`` sums the
 blocks ``slot, slot + n_slots, slot + 2 n_slots, ...`` of row ``rows[j]`` in that

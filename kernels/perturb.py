@@ -10,9 +10,9 @@ and restoring is the exact copy ``w <- w0``.  :func:`perturb_` does
     save=False:            w <- w0 + s * g[row]     (any later one, e.g. head -> tail)
 
 with ``s = rho / (sqrt(sumsq) + 1e-16)``, where ``sumsq`` is a device fp32 scalar
-(usually an entry of :func:`kernels.norms.grouped_sumsq`).  The scale is computed
+(usually an entry of :func:`.norms.grouped_sumsq`).  The scale is computed
 inside the kernel so the norm never travels to the host.  The restore itself is
-``w.copy_(w0)``, or the load of ``w0`` in :func:`kernels.update.restore_sgd_`.
+``w.copy_(w0)``, or the load of ``w0`` in :func:`.update.restore_sgd_`.
 
 The snapshot is a copy of the stored bits (``-0.0``, subnormals and NaN payloads
 included), never converted.  The perturbed value is computed in fp32 whatever the
@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._constants import EPS
 from ._checks import _check_bucket, _check_shift, _check_snapshot
 
 BLOCK_SIZE = 1024
@@ -46,6 +47,7 @@ def _perturb_kernel(
     rho,
     n_elements,
     SAVE: tl.constexpr,
+    EPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """SAVE: w0 <- w, w <- w + s * g; else w <- w0 + s * g; s = rho / (sqrt(sumsq) + 1e-16)."""
@@ -63,7 +65,7 @@ def _perturb_kernel(
     # separate launch, and it keeps the norm off the host.
     # 1e-16 is added to the norm, not to the sum of squares, as in the
     # published SAM code, so a zero gradient gives a zero (not NaN) step.
-    scale = rho / (tl.sqrt(tl.load(sumsq_ptr)) + 1e-16)
+    scale = rho / (tl.sqrt(tl.load(sumsq_ptr)) + EPS)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     w = base.to(tl.float32) + scale * g
     tl.store(w_ptr + offsets, w.to(w_ptr.dtype.element_ty), mask=mask)
@@ -85,7 +87,7 @@ def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool
             g[row]``, so the previous perturbation leaves no trace.
 
     Restoring is ``w.copy_(w0)`` (bit-identical) or the ``w0`` argument of
-    :func:`kernels.update.restore_sgd_`.
+    :func:`.update.restore_sgd_`.
     """
     _check_bucket(w, g)
     _check_snapshot(w0, w, g)
@@ -96,8 +98,6 @@ def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool
     if n_elements == 0:
         return w
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
-    _perturb_kernel[grid](w, w0, g_row, sumsq, rho, n_elements, SAVE=save, BLOCK_SIZE=BLOCK_SIZE)
+    _perturb_kernel[grid](w, w0, g_row, sumsq, rho, n_elements, SAVE=save, EPS=EPS, BLOCK_SIZE=BLOCK_SIZE)
     return w
 
-
-# Argument checks shared with kernels.update.

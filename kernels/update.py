@@ -3,7 +3,7 @@
 The last phase of a SAM-family step restores ``w`` to its unperturbed value and
 hands the perturbed-point gradient to the base optimizer.  For a base
 ``torch.optim.SGD`` both fit in one read of each buffer.  The restore is exact:
-the weights are read from the snapshot ``w0`` that :func:`kernels.perturb.perturb_`
+the weights are read from the snapshot ``w0`` that :func:`.perturb.perturb_`
 saved, instead of from the perturbed ``w``.  Over elements ``[start, end)`` of a
 bucket, :func:`restore_sgd_` computes in fp32
 
@@ -132,7 +132,7 @@ def restore_sgd_(
         w: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
         g: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
         grad_row: row holding the gradient at the perturbed point.
-        w0: the snapshot saved by :func:`kernels.perturb.perturb_` (contiguous, ``w``'s
+        w0: the snapshot saved by :func:`.perturb.perturb_` (contiguous, ``w``'s
             shape, dtype and device, no memory shared with ``w`` or ``g``): the
             update starts from ``w0`` and the perturbed ``w`` is not read.
             ``None`` when ``w`` is already restored.
