@@ -5,7 +5,7 @@ parity tests verify, so what is timed is what is tested."""
 import pytest
 import torch
 
-from sse_sam_fast.verify import Case, _losses, published_step
+from sse_sam_fast.verify import Case, per_sample_losses, published_step
 
 pytest.importorskip("pytest_benchmark")
 
@@ -28,7 +28,7 @@ def test_whole_step(benchmark, name, how):
     x, y, tail = next(case.batches())
 
     def closure(idx=None):
-        return _losses(model, x, y) if idx is None else _losses(model, x[idx], y[idx])
+        return per_sample_losses(model, x, y) if idx is None else per_sample_losses(model, x[idx], y[idx])
 
     if schedule == "official":
         benchmark(published_step, opt, model, x, y, tail, case.method)
@@ -40,7 +40,7 @@ def test_whole_step(benchmark, name, how):
 def test_optimizer_side_resnet32(benchmark, backend):
     """The optimizer side of a stage-1 step alone (see bench.optimizer_side)."""
     from sse_sam_fast.bench import optimizer_side
-    from sse_sam_fast.models import resnet32
+    from sse_sam_fast.train.models import resnet32
 
     model = resnet32(100)
     benchmark.pedantic(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM, tail_classes, tail_mask
-from sse_sam_fast.verify import Case, _losses
+from sse_sam_fast.verify import Case, per_sample_losses
 
 
 def mlp():
@@ -130,7 +130,7 @@ def test_state_dict_round_trip_mid_stage_one(backend):
 
     def train(model, opt, part):
         for step, (x, y, tail) in part:
-            opt.step(lambda: _losses(model, x, y), tail)
+            opt.step(lambda: per_sample_losses(model, x, y), tail)
             if step % 2 == 1:
                 opt.update_rho()
 

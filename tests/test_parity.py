@@ -24,13 +24,13 @@ def test_frozen_and_unused_parameters_are_left_alone(backend, api):
     model, _ = case.build(backend)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model_after, opt = case.build(backend)
-    from sse_sam_fast.verify import _losses, published_step
+    from sse_sam_fast.verify import per_sample_losses, published_step
 
     for x, y, tail in case.batches():
         if api == "official":
             published_step(opt, model_after, x, y, tail, "ssesam")
         else:
-            opt.step(lambda: _losses(model_after, x, y), tail)
+            opt.step(lambda: per_sample_losses(model_after, x, y), tail)
     after = dict(model_after.named_parameters())
     frozen = "inner.0.weight"
     assert not after[frozen].requires_grad

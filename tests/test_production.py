@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
-from sse_sam_fast.verify import Case, _losses
+from sse_sam_fast.verify import Case, per_sample_losses
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -264,7 +264,7 @@ def test_resume_is_bitwise_for_every_backend(backend, save_after):
     def train(model, opt, start, stop):
         for step in range(start, stop):
             x, y, tail = batches[step]
-            opt.step(lambda: _losses(model, x, y), tail)
+            opt.step(lambda: per_sample_losses(model, x, y), tail)
             if step % 2 == 1:
                 opt.update_rho()
 

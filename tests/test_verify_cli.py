@@ -24,7 +24,7 @@ def test_verify_triton_passes_under_the_interpreter(capsys):
 
 
 def test_verify_exits_1_on_a_mismatch(capsys, monkeypatch):
-    monkeypatch.setitem(verify_mod.TOLERANCES, torch.float32, (0.0, 0.0))
+    monkeypatch.setitem(verify_mod.TOLERANCES, ("step", torch.float32), (0.0, 0.0))
     assert (
         main(["verify", "--backend", "torch", "--device", "cpu", "--steps", "2", "--dtypes", "float32"]) == 1
     )
