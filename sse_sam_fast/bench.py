@@ -20,7 +20,8 @@ from torch import nn
 
 from . import SSESAM
 from .backends import triton_available
-from .models import MODELS
+from .train.models import MODELS
+from .train.report import agg_figure
 from .verify import published_step
 
 
@@ -122,21 +123,50 @@ def whole_step(
     }
 
 
-# Buffer passes of one SSE-SAM stage-1 step, optimizer side, as element
-# accesses per parameter (reads + writes) of the operations each backend runs;
-# times N times the element size, the traffic.
-#   triton (17): norms of G_H and G_T in one launch (2 r) | save w0 and perturb
-#     w += s_H G_H (2 r, 2 w) | switch w = w0 + s_T G_T (2 r, 1 w) | restore and
-#     SGD from w0, G_acc, buf (3 r) into w, buf (2 w) | zero three rows (3 w)
-#   torch (26): norms (2 r) | w0 = w (1 r, 1 w), w += s_H G_H (2 r, 1 w) |
-#     w = w0 + s_T G_T (2 r, 1 w) | w = w0 (1 r, 1 w) | foreach SGD with weight
-#     decay and momentum: d = g + wd w (2 r, 1 w), buf *= m (1 r, 1 w),
-#     buf += d (2 r, 1 w), w -= lr buf (2 r, 1 w) | zero three rows (3 w)
-#   reference, as the published code (37): clone G_H, G_T into slots (2 r, 2 w) |
-#     norms (2 r) | eps = g s (1 r, 1 w) then p += eps (2 r, 1 w), four times:
-#     perturb head, restore head, perturb tail, restore tail (20) | the same
-#     foreach SGD (11) | zero_grad(set_to_none) moves nothing
-PASSES_STAGE1 = {"triton": 17, "torch": 26, "reference": 37}
+# Buffer passes of one SSE-SAM stage-1 step driven through the official methods
+# (compute_and_add_epsilon(0), compute_grad_sum_and_restore_p(), the same for the
+# tail, update()), as element accesses per parameter (reads + writes) of the
+# operations each backend runs; times N times the element size, the traffic.
+#   torch (35): head: norm (1 r), save w0 = w (1 r, 1 w), w += s_H G_H (2 r, 1 w) |
+#     restore w = w0 (1 r, 1 w) | tail: zero the head's row (1 w), norm (1 r), save
+#     (2), perturb (3) | G_sum += G (2 r, 1 w), zero G (1 w), restore (2) | foreach
+#     SGD with weight decay and momentum from G_sum: d = g + wd w (2 r, 1 w),
+#     buf *= m (1 r, 1 w), buf += d (2 r, 1 w), w -= lr buf (2 r, 1 w) | zero three rows (3 w)
+#   triton (33): the same, with each norm (1 r) and each save-and-perturb (2 r,
+#     2 w) one kernel; update() steps from a slot, which the fused restore-and-SGD
+#     kernel does not cover, so its SGD is the same foreach SGD
+#   reference, as the published code (44): each method first clones p.grad into a
+#     slot (1 r, 1 w; the tail's sum adds: 2 r, 1 w) | each perturbation takes a
+#     norm (1 r) | each perturbation and restore: eps = g s (1 r, 1 w), then
+#     p += eps or p -= eps (2 r, 1 w) | update: p.grad = G_sum.clone() (1 r, 1 w),
+#     the same SGD (11) | zero_grad(set_to_none) moves nothing
+PASSES_STAGE1 = {"triton": 33, "torch": 35, "reference": 44}
+
+
+def _plant(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Add ``grads`` to ``p.grad`` with a backward pass (``d/dp Σ p·g = g``), so
+    that every backend sees what a real backward leaves: the flat backends' views
+    written in place and their post-accumulate-grad hooks called. Each official
+    method leaves the gradients zero, so this plants exactly ``grads``."""
+    with torch.enable_grad():
+        sum((p * g).sum() for p, g in zip(params, grads)).backward()
+
+
+def _official_step(opt: SSESAM, params: list[torch.Tensor], grads, device: torch.device) -> float:
+    """One SSE-SAM step as the published training loop drives it, on preset
+    gradients ``grads`` (head, head at ``w + e_H``, tail, tail at ``w + e_T``).
+    Returns the seconds the optimizer's methods took; planting is not timed."""
+    calls = (
+        lambda: opt.compute_and_add_epsilon(0),
+        opt.compute_grad_sum_and_restore_p,
+        lambda: opt.compute_and_add_epsilon(1),
+        opt.compute_grad_sum_and_restore_p,
+    )
+    seconds = 0.0
+    for g, call in zip(grads, calls):
+        _plant(params, g)
+        seconds += _timed(call, device)
+    return seconds + _timed(opt.update, device)
 
 
 def optimizer_side(
@@ -146,51 +176,23 @@ def optimizer_side(
     steps: int = 20,
     warmup: int = 3,
 ) -> dict[str, dict]:
-    """Time the optimizer side of an SSE-SAM stage-1 step (everything but the
-    forward and backward passes, which are replaced by copying precomputed
-    gradients into ``p.grad``, untimed). Returns per backend: median seconds
-    per step, p20, p80, bytes moved (from PASSES_STAGE1) and GB/s."""
+    """Time the optimizer side of an SSE-SAM stage-1 step through the public
+    official methods (see :func:`_official_step`), the forward and backward
+    passes replaced by untimed backwards that plant precomputed gradients.
+    Returns per backend: median seconds per step, p20, p80, bytes moved (from
+    PASSES_STAGE1) and GB/s."""
     out = {}
     model = copy.deepcopy(model).to(device)
-    grads = [[torch.randn_like(p) * 1e-3 for p in model.parameters()] for _ in range(4)]
-    n = sum(p.numel() for p in model.parameters())
-    elem = next(model.parameters()).element_size()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [[torch.randn_like(p) * 1e-3 for p in trainable] for _ in range(4)]
+    n = sum(p.numel() for p in trainable)
+    elem = trainable[0].element_size()
     for backend in backends:
         m = copy.deepcopy(model)
         base = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
         opt = SSESAM(base, m, 0.05, 0.10, backend=backend)
-        be, params = opt._backend, list(m.parameters())
-
-        def fake_backward(k):
-            with torch.no_grad():
-                for p, g in zip(params, grads[k]):
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.copy_(g)
-            if hasattr(be, "seen"):
-                be.seen = [True] * len(params)
-
-        phases = [
-            lambda st: be.take("head"),
-            lambda st: (
-                be.take("tail"),
-                st.update(s=be.scales([("head", 0.05), ("tail", 0.1)])[0]),
-                be.shift(add=("head", st["s"][0])),
-            ),
-            lambda st: be.shift(add=("tail", st["s"][1]), sub=("head", st["s"][0])),
-            lambda st: be.finish(restore=("tail", st["s"][1])),
-        ]
-        times = []
-        for i in range(warmup + steps):
-            # the reference as the published code runs it: the official methods' path
-            be.adopt() if backend == "reference" else be.begin()
-            st, total = {}, 0.0
-            for k, phase in enumerate(phases):
-                fake_backward(k)
-                total += _timed(lambda: phase(st), device)
-            if i >= warmup:
-                times.append(total)
+        params = [p for p in m.parameters() if p.requires_grad]
+        times = [_official_step(opt, params, grads, device) for _ in range(warmup + steps)][warmup:]
         med = statistics.median(times)
         moved = PASSES_STAGE1[backend] * n * elem
         out[backend] = {
@@ -227,13 +229,9 @@ def report(res: dict[str, dict], gpu: bool) -> str:
 
 
 def _chart(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = [(key, res) for key, res in results["whole_step"].items()]
-    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.2 * max(1, len(cases)), 3.6), squeeze=False)
+    fig = agg_figure((4.2 * max(1, len(cases)), 3.6), layout=None)
+    axes = fig.subplots(1, max(1, len(cases)), squeeze=False)
     for ax, (key, res) in zip(axes[0], cases):
         names = list(res)
         ax.barh(names, [res[n]["x_sgd"] for n in names], color="tab:blue")
@@ -244,7 +242,6 @@ def _chart(results: dict, path: str) -> None:
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_bench(args) -> int:
@@ -296,7 +293,8 @@ def run_bench(args) -> int:
             results["optimizer_side"][model_name] = {"params": n, "copy_gbps": copy_gbps, **res}
             ref = res["reference"]["median_s"]
             print(
-                f"\nOptimizer side of an SSE-SAM stage-1 step: {model_name} ({n / 1e6:.2f}M params)"
+                f"\nOptimizer side of an SSE-SAM stage-1 step (official methods, preset gradients): "
+                f"{model_name} ({n / 1e6:.2f}M params)"
                 + (f"; device-to-device copy {copy_gbps:.1f} GB/s" if gpu else "")
             )
             # bandwidth and absolute times only on a GPU: on a CPU the buffers of the
