@@ -357,7 +357,7 @@ def test_failed_base_step_leaves_no_stale_slots():
         x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
         with pytest.raises(RuntimeError, match="once"):
             opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
-        assert not opt._backend.slots
+        assert not opt._backend.holding
         handle.remove()
         opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
         results.append([p.detach().clone() for p in m.parameters()])
