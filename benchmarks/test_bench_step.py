@@ -40,7 +40,7 @@ def test_whole_step(benchmark, name, how):
 def test_optimizer_side_resnet32(benchmark, backend):
     """The optimizer side of a stage-1 step alone (see bench.optimizer_side)."""
     from sse_sam_fast.bench import optimizer_side
-    from sse_sam_fast.models import resnet32
+    from sse_sam_fast.train.models import resnet32
 
     model = resnet32(100)
     benchmark.pedantic(

@@ -8,7 +8,8 @@
 ``bench``   times SSE-SAM steps against SGD and the published schedule.
 
 Each command is one ``_cmd_<name>(args, parser) -> int`` function registered in
-:func:`build_parser`; the training loop itself lives in :mod:`sse_sam_fast.training`.
+:func:`build_parser`; the training application itself lives in :mod:`sse_sam_fast.train`,
+and every choice offered here comes from one registry (:mod:`sse_sam_fast.train.registry`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import DATASETS
-from .losses import LOSSES
-
-OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
-MODEL_NAMES = ("mlp", "resnet32", "resnet34")
-BACKENDS = ("auto", "torch", "triton", "reference")
-SCHEDULES = ("exact", "split", "auto")
+from .train.config import FIELDS, OptionError, TrainConfig, default_device
+from .train.registry import BACKENDS, DATASETS, IMAGE_MODELS, LOSSES, METHODS, MODELS, SCHEDULES
 
 
 def _number(cast, low, what: str):
@@ -65,10 +61,6 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sse-sam-fast", description="Fast SAM, ImbSAM and SSE-SAM for long-tailed learning."
@@ -98,10 +90,10 @@ Many / Medium / Few: cifar100-lt n > 100 / 20..100 / n < 20 (the literature's); 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options ``train`` and ``compare`` share. Every default is None here and
-    filled in per data set by :func:`sse_sam_fast.training.resolve`, so that
+    filled in per data set by :func:`sse_sam_fast.train.config.resolve`, so that
     ``--resume`` can tell an option given on the command line from a default."""
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, help="long-tailed data set (default digits-lt)")
+    data.add_argument("--dataset", choices=tuple(DATASETS), help="long-tailed data set (default digits-lt)")
     data.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -117,12 +109,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     model = p.add_argument_group("model and loss")
     model.add_argument(
-        "--model", choices=MODEL_NAMES, help="mlp (flattens images) or a CIFAR ResNet (images only)"
+        "--model", choices=tuple(MODELS), help="mlp (flattens images) or an image model (images only)"
     )
     model.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default 128)")
     model.add_argument(
         "--loss",
-        choices=LOSSES,
+        choices=tuple(LOSSES),
         help="ce; ldam (margins, s=30, cosine classifier, DRW); la (logit adjustment); vs (vector scaling) "
         "(default ce)",
     )
@@ -168,7 +160,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--many-thr", type=_non_negative_float, help="Many classes have more training samples than this"
     )
     report.add_argument("--few-thr", type=_non_negative_float, help="Few classes have fewer training samples")
-    report.add_argument("--device", help=f"torch device (default {_default_device()})")
+    report.add_argument("--device", help=f"torch device (default {default_device()})")
     report.add_argument(
         "--threads",
         type=_positive_int,
@@ -196,7 +188,7 @@ def _add_train(commands) -> None:
         epilog=_DEFAULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--opt", choices=OPTIMIZERS, help="method (default ssesam)")
+    train.add_argument("--opt", choices=tuple(METHODS), help="method (default ssesam)")
     train.add_argument(
         "--seed", type=_non_negative_int, help="seed of the init, shuffling, augmentation (and digits split)"
     )
@@ -231,7 +223,7 @@ def _add_compare(commands) -> None:
     )
     compare.add_argument("--seeds", type=_positive_int, default=5, help="seeds per method (default 5)")
     compare.add_argument(
-        "--methods", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), help="methods (default all)"
+        "--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS), help="methods (default all)"
     )
     _add_run_options(compare)
     compare.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<dataset>)")
@@ -245,11 +237,9 @@ def _given(args: argparse.Namespace, fields: Sequence[str]) -> dict:
 def _run(parser: argparse.ArgumentParser, job) -> int:
     """Run ``job()``; a bad option becomes an argparse error (exit 2) naming it,
     a missing optional dependency a one-line error (exit 1)."""
-    from . import training
-
     try:
         job()
-    except training.OptionError as exc:
+    except OptionError as exc:
         parser.error(f"argument {exc.option}: {exc}")
     except ImportError as exc:  # scikit-learn for the digits, torchvision for --download
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -258,23 +248,22 @@ def _run(parser: argparse.ArgumentParser, job) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import training
+    from .train.checkpoint import config_for_resume, load_checkpoint
+    from .train.loop import train
 
     def job():
-        given = _given(args, training.FIELDS)
+        given = _given(args, FIELDS)
         ckpt = None
         if args.resume is not None:
             if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
-                raise training.OptionError(
-                    "--out", f"a resumed run continues in its own directory {args.resume}"
-                )
-            ckpt = training.load_checkpoint(args.resume)
-            cfg = training.config_for_resume(ckpt, given)
+                raise OptionError("--out", f"a resumed run continues in its own directory {args.resume}")
+            ckpt = load_checkpoint(args.resume)
+            cfg = config_for_resume(ckpt, given)
             out = Path(args.resume)
         else:
-            cfg = training.TrainConfig(**given)
+            cfg = TrainConfig(**given)
             out = Path(args.out or Path("runs") / f"{cfg.dataset}-{cfg.opt}-seed{cfg.seed}")
-        training.train(
+        train(
             cfg,
             out,
             resume=ckpt,
@@ -289,12 +278,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import training
+    from .train.compare import compare
 
     def job():
-        base = training.TrainConfig(**_given(args, training.FIELDS))
+        base = TrainConfig(**_given(args, FIELDS))
         out = Path(args.out or Path("runs") / f"compare-{base.dataset}")
-        training.compare(
+        compare(
             base,
             out,
             seeds=args.seeds,
@@ -319,8 +308,8 @@ def _add_verify(commands) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    verify.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto")
-    verify.add_argument("--device", default=_default_device(), help="torch device")
+    verify.add_argument("--backend", choices=BACKENDS, default="auto")
+    verify.add_argument("--device", default=default_device(), help="torch device")
     verify.add_argument("--steps", type=_positive_int, default=6, help="optimizer steps per case")
     verify.add_argument(
         "--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["float32", "bfloat16"]
@@ -372,7 +361,7 @@ def _add_bench(commands) -> None:
         "bandwidth and peak memory on a GPU only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--device", default=_default_device(), help="torch device")
+    bench.add_argument("--device", default=default_device(), help="torch device")
     bench.add_argument("--batch", type=_positive_int, default=128)
     bench.add_argument("--tail-frac", type=_unit_interval, default=0.19, help="fraction of tail samples")
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per schedule")
@@ -386,7 +375,7 @@ def _add_bench(commands) -> None:
     bench.add_argument(
         "--models",
         nargs="+",
-        choices=("resnet32", "resnet32-gn", "vit", "resnet34"),
+        choices=tuple(IMAGE_MODELS),
         default=None,
         help="models (default: resnet32, resnet32-gn, vit; and resnet34 on a GPU)",
     )

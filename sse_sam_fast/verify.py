@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import SAM, SSESAM, ImbSAM
-from .models import mlp, small_bn_cnn
+from .train.models import mlp, small_bn_cnn
 
 # One table of tolerances: (atol, rtol) per use and dtype of the compared tensor.
 #   "step": a backend's parameters after several optimizer steps against the

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
-from sse_sam_fast.models import CifarResNet, small_bn_cnn
+from sse_sam_fast.train.models import CifarResNet, small_bn_cnn
 
 
 class TinyTransformer(nn.Module):

@@ -1,6 +1,6 @@
 """Long-tailed data sets: the profile, digits, the Gaussian mixture, CIFAR from pickles, augmentation.
 
-``write_fake_cifar`` (also used by test_training.py and test_cli.py) writes a tiny
+``write_fake_cifar`` (also used by short_runs.py, test_loop.py and test_cli.py) writes a tiny
 directory in the CIFAR python-pickle layout, so no test needs the real files.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sse_sam_fast.data import (
+from sse_sam_fast.train.data import (
     CIFAR_STATS,
     LongTailData,
     cifar_files,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sse_sam_fast.losses import (
+from sse_sam_fast.train.losses import (
     LOSSES,
     CrossEntropy,
     LDAMLoss,

@@ -1,6 +1,6 @@
 """The ``train`` and ``compare`` commands: output, exit codes, resume, errors that name the option.
 
-The data sets are tested in test_data.py, the loop itself in test_training.py.
+The data sets are tested in test_data.py, the loop itself in test_loop.py.
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ def test_train_on_fake_cifar100(tmp_path, capsys):
     assert _train(tmp_path, *base, "--many-thr", "4", "--few-thr", "3", "--eta", "4") == 0
     out = capsys.readouterr().out
     assert "100 classes" in out and "loss: la" in out
+
+
+@pytest.mark.parametrize("model", ["resnet32-gn", "vit"])
+def test_train_image_models_the_parser_once_refused(model, tmp_path, capsys):
+    root = write_fake_cifar(tmp_path / "data", per_class=8, test_per_class=1)
+    argv = ["--dataset", "cifar10-lt", "--data-dir", str(root), "--imb-factor", "2", "--model", model]
+    assert _train(tmp_path, *argv, "--epochs", "1", "--batch-size", "32", "--threads", "1", "--quiet") == 0
+    assert f"model: {model}, " in capsys.readouterr().out
 
 
 def test_train_leaves_thread_count_alone(tmp_path):

@@ -33,7 +33,7 @@ batch-dependent step size in the published code.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,14 @@ class VSLoss(PerSampleLoss):
         return F.cross_entropy(adjusted, target, reduction="none")
 
 
-LOSSES = ("ce", "ldam", "la", "vs")
+# The --loss choices: name -> build(class_counts, drw_epoch, tau, vs_gamma), each
+# taking the options it uses; the names and the builders cannot drift apart.
+LOSSES: dict[str, Callable[..., PerSampleLoss]] = {
+    "ce": lambda counts, drw_epoch, tau, vs_gamma: CrossEntropy(),
+    "ldam": lambda counts, drw_epoch, tau, vs_gamma: LDAMLoss(counts, drw_epoch=drw_epoch),
+    "la": lambda counts, drw_epoch, tau, vs_gamma: LogitAdjustedLoss(counts, tau=tau),
+    "vs": lambda counts, drw_epoch, tau, vs_gamma: VSLoss(counts, gamma=vs_gamma, tau=tau),
+}
 
 
 def build_loss(
@@ -178,15 +185,9 @@ def build_loss(
 ) -> PerSampleLoss:
     """One of :data:`LOSSES` for these training counts. ``drw_epoch`` is LDAM's;
     ``tau`` is shared by ``la`` and ``vs``; ``vs_gamma`` is VS's exponent."""
-    if name == "ce":
-        return CrossEntropy()
-    if name == "ldam":
-        return LDAMLoss(class_counts, drw_epoch=drw_epoch)
-    if name == "la":
-        return LogitAdjustedLoss(class_counts, tau=tau)
-    if name == "vs":
-        return VSLoss(class_counts, gamma=vs_gamma, tau=tau)
-    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
+    return LOSSES[name](class_counts, drw_epoch, tau, vs_gamma)
 
 
 class NormedLinear(nn.Module):

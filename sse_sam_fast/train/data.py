@@ -335,8 +335,6 @@ def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]
 
 # ---- one entry point -----------------------------------------------------------------------------
 
-DATASETS = ("digits-lt", "synthetic-lt", "cifar10-lt", "cifar100-lt")
-
 
 @dataclass
 class LongTailData:
@@ -395,12 +393,25 @@ def load_dataset(
     mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes`` is
     for ``synthetic-lt`` only."""
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    if name == "digits-lt":
-        return LongTailData(name, *digits_lt(imb_factor, seed=seed), num_classes=10)
-    if name == "synthetic-lt":
-        classes = 10 if num_classes is None else num_classes
-        return LongTailData(name, *synthetic_lt(classes, imb_factor, seed=seed), num_classes=classes)
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    return DATASETS[name](name, imb_factor, seed, num_classes, data_dir, download)
+
+
+def _digits(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
+    return LongTailData(name, *digits_lt(imb_factor, seed=seed), num_classes=10)
+
+
+def _synthetic(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
+    classes = 10 if num_classes is None else num_classes
+    return LongTailData(name, *synthetic_lt(classes, imb_factor, seed=seed), num_classes=classes)
+
+
+def _cifar(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
     mean, std = CIFAR_STATS[name]
     tensors = cifar_lt(name, data_dir, imb_factor, download)
     return LongTailData(name, *tensors, _CIFAR_LAYOUT[name][4], mean=mean, std=std, augment=True)
+
+
+# The --dataset choices: name -> load(name, imb_factor, seed, num_classes, data_dir, download)
+DATASETS = {"digits-lt": _digits, "synthetic-lt": _synthetic, "cifar10-lt": _cifar, "cifar100-lt": _cifar}
+IMAGE_DATASETS = tuple(_CIFAR_LAYOUT)  # 3x32x32 images; the others are feature vectors

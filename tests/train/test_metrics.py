@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sse_sam_fast.data import long_tail_counts
-from sse_sam_fast.metrics import (
+from sse_sam_fast.train.data import long_tail_counts
+from sse_sam_fast.train.metrics import (
     CIFAR100_THRESHOLDS,
     class_ranges,
     frequency_groups,

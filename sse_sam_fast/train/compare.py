@@ -1,0 +1,166 @@
+"""``sse-sam-fast compare``: several methods over several seeds, tabulated as mean ± std
+of Many / Medium / Few / All and head / tail accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .checkpoint import RESULTS, config_for_resume, load_checkpoint, run_status
+from .config import FIELDS, RUNTIME_FIELDS, OptionError, TrainConfig, default_eta, option_name, resolve
+from .loop import train
+from .metrics import group_accuracy, head_tail_groups, mean_std
+from .registry import METHODS
+from .report import compare_table, machine, plot_compare, try_plot, versions
+
+COMPARE_COLUMNS = ("many", "medium", "few", "all", "head", "tail")
+
+
+def _matches(requested: TrainConfig, saved: dict) -> str | None:
+    """The first field whose requested value differs from the saved run's, if any
+    (defaults that come from the data are deterministic and not compared)."""
+    for field in FIELDS:
+        value = getattr(requested, field)
+        if field in RUNTIME_FIELDS or value is None:
+            continue
+        if saved.get(field) != value:
+            return field
+    return None
+
+
+def compare(
+    base: TrainConfig,
+    out: str | Path,
+    *,
+    seeds: int = 5,
+    methods: Sequence[str] = tuple(METHODS),
+    download: bool = False,
+    plot: bool = True,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train every method in ``methods`` with seeds ``0 .. seeds-1`` (runs in
+    ``out/<method>-seed<k>``) and tabulate mean ± std accuracy by group.
+
+    Each method trains with its own ``eta`` unless ``base.eta`` is set; the head and
+    tail columns all use one ``eta`` (``base.eta``, else SSE-SAM's default for the
+    data set) so that they describe the same classes. A finished run with the same
+    configuration is reused, an unfinished one resumed. ``quiet`` drops the line
+    per run.
+    """
+    out = Path(out)
+    device = torch.device(resolve(base).device)
+    if out.exists() and not out.is_dir():
+        raise OptionError("--out", f"{out} is a file; --out names a directory for the comparison")
+    for method in methods:
+        if method not in METHODS:
+            raise OptionError("--methods", f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    start = time.perf_counter()
+    runs, reused = [], 0
+    jobs = list(product(methods, range(seeds)))
+    for i, (method, seed) in enumerate(jobs, 1):
+        cfg = resolve(dataclasses.replace(base, opt=method, seed=seed))
+        results, note = _run_or_reuse(cfg, out / f"{method}-seed{seed}", download)
+        reused += note == " (reused)"
+        acc = results["final"]["acc"]
+        runs.append({"method": method, "seed": seed, "results": results})
+        if quiet:
+            continue
+        log(
+            f"[{i}/{len(jobs)}] {method:<7} seed {seed}: all {100 * acc['all']:.2f}  many "
+            f"{100 * acc['many']:.2f}  medium {100 * acc['medium']:.2f}  few {100 * acc['few']:.2f}  "
+            f"({results['wall_time_s']:.1f} s){note}"
+        )
+
+    first = runs[0]["results"]
+    counts = first["data"]["train_counts"]
+    eta = base.eta if base.eta is not None else default_eta(base.dataset, "ssesam", counts)
+    ht = head_tail_groups(counts, eta)
+    summary, times = _summarise(runs, methods, ht)
+    wall = time.perf_counter() - start
+    host = machine(device)
+    where = f"{host['gpu']}" if host["gpu"] else f"CPU ({host['cpus']} cores)"
+    lines = compare_table(first, methods, summary, times, COMPARE_COLUMNS, seeds, eta, ht["tail"])
+    lines += [
+        "",
+        f"{len(runs)} runs ({reused} reused from {out}) in {wall:.1f} s on {where}, "
+        f"torch {torch.__version__}, sse_sam_fast {__version__}.",
+    ]
+    text = "\n".join(lines)
+    log("")
+    log(text)
+
+    report = {
+        "config": asdict(base),
+        "methods": list(methods),
+        "seeds": list(range(seeds)),
+        "eta": eta,
+        "runs": [{"method": r["method"], "seed": r["seed"], "acc": r["acc"]} for r in runs],
+        "summary": {m: {c: list(v) for c, v in s.items()} for m, s in summary.items()},
+        "train_time_s": {m: list(v) for m, v in times.items()},
+        "wall_time_s": round(wall, 3),
+        "versions": versions(),
+        "machine": host,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
+    if plot:
+        cfg0 = first["config"]
+        title = (
+            f"{cfg0['dataset']}, {cfg0['model']}, {cfg0['epochs']} epochs, {seeds} seeds; "
+            f"head/tail at eta = {eta:g}"
+        )
+        try_plot(lambda: plot_compare(out / "compare.png", summary, COMPARE_COLUMNS, title), log)
+    log(f"wrote {out / 'compare.md'}, compare.json" + (", compare.png" if plot else ""))
+    return report
+
+
+def _run_or_reuse(cfg: TrainConfig, run_dir: Path, download: bool) -> tuple[dict, str]:
+    """The results of ``cfg`` in ``run_dir``: a finished run's are reused, an
+    unfinished run is resumed, else it trains; with the note for its line."""
+    status, note = run_status(run_dir), ""
+    ckpt = None
+    if status is not None:
+        saved = json.loads((run_dir / RESULTS).read_text())["config"] if status == "finished" else None
+        if saved is None:
+            ckpt = load_checkpoint(run_dir)
+            saved = ckpt["config"]
+        differs = _matches(cfg, saved)
+        if differs is not None:
+            raise OptionError(
+                "--out",
+                f"{run_dir} holds a run with {option_name(differs)} {saved.get(differs)} "
+                f"(this comparison: {getattr(cfg, differs)}); choose another --out",
+            )
+    if status == "finished":
+        return json.loads((run_dir / RESULTS).read_text()), " (reused)"
+    if ckpt is not None:
+        cfg, note = config_for_resume(ckpt, asdict(cfg)), " (resumed)"
+    results = train(cfg, run_dir, resume=ckpt, download=download, quiet=True, plot=False, log=lambda _: None)
+    return results, note
+
+
+def _summarise(runs: list[dict], methods: Sequence[str], ht: dict[str, list[int]]) -> tuple[dict, dict]:
+    """``(summary, times)``: mean ± std of each column and of the training time per
+    method; each run gets its columns as ``run["acc"]``, head / tail under ``ht``."""
+    table: dict[str, dict[str, list[float]]] = {m: {c: [] for c in COMPARE_COLUMNS} for m in methods}
+    for run in runs:
+        res = run["results"]
+        acc = dict(res["final"]["acc"])
+        acc.update(group_accuracy([math.nan if a is None else a for a in res["final"]["per_class"]], ht))
+        run["acc"] = {c: acc[c] for c in COMPARE_COLUMNS}
+        for c in COMPARE_COLUMNS:
+            table[run["method"]][c].append(acc[c])
+    summary = {m: {c: mean_std(v) for c, v in cols.items()} for m, cols in table.items()}
+    times = {m: mean_std(r["results"]["wall_time_s"] for r in runs if r["method"] == m) for m in methods}
+    return summary, times

@@ -1,0 +1,58 @@
+"""compare: methods x seeds tabulated as mean ± std; runs reused or resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from short_runs import assert_same_run, digits, quiet
+
+from sse_sam_fast.train.compare import compare
+from sse_sam_fast.train.config import OptionError, TrainConfig
+from sse_sam_fast.train.metrics import mean_std
+
+
+def test_compare_tabulates_mean_and_std(tmp_path):
+    base = digits(epochs=1)
+    lines = []
+    report = compare(base, tmp_path, seeds=2, methods=["sgd", "imbsam"], plot=True, log=lines.append)
+    assert (tmp_path / "compare.png").exists() and (tmp_path / "compare.md").exists()
+    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(report))
+    assert report["eta"] == 40 and len(report["runs"]) == 4
+    for method in ("sgd", "imbsam"):
+        alls = [json.loads((tmp_path / f"{method}-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+        values = [r["final"]["acc"]["few"] for r in alls]
+        assert report["summary"][method]["few"] == pytest.approx(list(mean_std(values)))
+    table = (tmp_path / "compare.md").read_text()
+    assert "| method | Many | Medium | Few | All | Head | Tail |" in table
+    assert table.count(" ± ") >= 2 * 7 and "| imbsam |" in table
+    assert table in "\n".join(lines) + "\n"
+
+    again = []
+    compare(base, tmp_path, seeds=2, methods=["sgd", "imbsam"], plot=False, log=again.append)
+    assert sum("(reused)" in line for line in again) == 4
+    with pytest.raises(OptionError, match="holds a run with --lr") as exc:
+        compare(dataclasses.replace(base, lr=0.2), tmp_path, seeds=1, methods=["sgd"], log=lambda _: None)
+    assert exc.value.option == "--out"
+
+
+def test_compare_reports_head_tail_under_one_eta(tmp_path):
+    # each method trains with its own eta (20 vs 100 here), the table uses SSE-SAM's for all
+    base = TrainConfig(dataset="synthetic-lt", epochs=1, device="cpu", num_classes=10)
+    report = compare(base, tmp_path, seeds=1, methods=["imbsam"], plot=False, log=lambda _: None)
+    run = json.loads((tmp_path / "imbsam-seed0" / "results.json").read_text())
+    assert run["config"]["eta"] == 20 and report["eta"] == 100
+    tail = [c for c, n in enumerate(run["data"]["train_counts"]) if n < 100]
+    expected = sum(run["final"]["per_class"][c] for c in tail) / len(tail)
+    assert report["runs"][0]["acc"]["tail"] == pytest.approx(expected)
+
+
+def test_compare_resumes_an_unfinished_run(tmp_path):
+    base = digits(epochs=2)
+    quiet(dataclasses.replace(base, opt="sgd", seed=0), tmp_path / "sgd-seed0", stop_after=1)
+    lines = []
+    compare(base, tmp_path, seeds=1, methods=["sgd"], plot=False, log=lines.append)
+    assert "(resumed)" in lines[0]
+    quiet(dataclasses.replace(base, opt="sgd", seed=0), tmp_path / "fresh")
+    assert_same_run(tmp_path / "fresh", tmp_path / "sgd-seed0")
