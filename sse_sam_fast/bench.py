@@ -20,7 +20,8 @@ from torch import nn
 
 from . import SSESAM
 from .backends import triton_available
-from .models import MODELS
+from .train.models import MODELS
+from .train.report import agg_figure
 from .verify import published_step
 
 
@@ -228,13 +229,9 @@ def report(res: dict[str, dict], gpu: bool) -> str:
 
 
 def _chart(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = [(key, res) for key, res in results["whole_step"].items()]
-    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.2 * max(1, len(cases)), 3.6), squeeze=False)
+    fig = agg_figure((4.2 * max(1, len(cases)), 3.6), layout=None)
+    axes = fig.subplots(1, max(1, len(cases)), squeeze=False)
     for ax, (key, res) in zip(axes[0], cases):
         names = list(res)
         ax.barh(names, [res[n]["x_sgd"] for n in names], color="tab:blue")
@@ -245,7 +242,6 @@ def _chart(results: dict, path: str) -> None:
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_bench(args) -> int:
