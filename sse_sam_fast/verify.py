@@ -36,7 +36,7 @@ from .train.models import mlp, small_bn_cnn
 #   "step-interpreted": Triton's interpreter converts fp32 to bf16 by truncation,
 #     not round-to-nearest-even as compiled kernels do: its bias adds up to ~7 bf16
 #     ulps over six steps of the BatchNorm CNN.
-#   "kernel": one Triton kernel call against plain torch (tests/test_kernels.py).
+#   "kernel": one Triton kernel call against plain torch (tests/kernels/test_kernels.py).
 #     The low-precision rows cover torch.optim.SGD rounding its temporaries to the
 #     parameter dtype while the kernels keep them in fp32, and atol the cancellation
 #     in the momentum buffer (values near 0 built from larger operands). The bf16

@@ -3,7 +3,7 @@
 On CPU the kernels run under Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before triton is first imported).  The ``cuda``
 variants repeat every comparison on the GPU; run them with
-``TRITON_INTERPRET=0 pytest -m cuda tests/test_kernels.py`` to test the compiled
+``TRITON_INTERPRET=0 pytest -m cuda tests/kernels`` to test the compiled
 kernels rather than the interpreter.  Comparisons use the "kernel" rows of the
 one tolerance table, ``sse_sam_fast.verify.TOLERANCES``.
 """

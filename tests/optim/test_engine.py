@@ -1,5 +1,5 @@
-"""Optimizer manners: construction checks, state_dict, schedulers, zero_grad,
-the flat-buffer layout, and the long-tail helpers."""
+"""The engine's optimizer manners: construction checks, call order, state_dict,
+schedulers, zero_grad."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sse_sam_fast import SAM, SSESAM, ImbSAM, tail_classes, tail_mask
+from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, per_sample_losses
 
 
@@ -187,97 +187,6 @@ def test_repr_names_method_hyperparameters_and_base():
     r = repr(SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.7, total_epochs=200, backend="torch"))
     assert r.startswith("SSESAM(head_rho=0.05, tail_rho=0.1, gamma=0.7, total_epochs=200")
     assert "backend='torch'" in r and "SGD" in r
-
-
-def test_torch_backend_views_and_in_place_zero_grad():
-    m = mlp()
-    opt = SSESAM(sgd(m), m, 0.05, 0.1, backend="torch")
-    bucket = opt._backend.buckets[0]
-    for p in m.parameters():
-        base = bucket.w.data_ptr()
-        assert base <= p.data_ptr() < base + bucket.w.numel() * 4
-        assert (p.data_ptr() - base) % 128 == 0  # segments aligned within the buffer
-    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    F.cross_entropy(m(x), y).backward()
-    grads = [p.grad for p in m.parameters()]
-    opt.zero_grad()
-    assert all(p.grad is g and not g.any() for p, g in zip(m.parameters(), grads))
-    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
-    assert all(not p.grad.any() for p in m.parameters())
-    assert not bucket.w[m[0].weight.numel() : 64].any()  # padding stays zero
-
-
-def test_rebound_parameters_are_reflattened():
-    m = mlp()
-    opt = SAM(sgd(m), m, backend="torch")
-    m.double()  # re-binds every p.data behind the optimizer's back
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    before = [p.detach().clone() for p in m.parameters()]
-    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
-    assert opt._backend.buckets[0].w.dtype == torch.float64
-    assert all(not torch.equal(a, b) for a, b in zip(m.parameters(), before))
-
-
-def test_rebinding_in_the_middle_of_official_methods_is_an_error():
-    m = mlp()
-    opt = SAM(sgd(m), m, backend="torch")
-    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    F.cross_entropy(m(x), y).backward()
-    opt.first_step()
-    m[0].weight.data = m[0].weight.data.clone()
-    F.cross_entropy(m(x), y).backward()
-    with pytest.raises(RuntimeError, match="re-bound"):
-        opt.second_step()
-
-
-def test_grads_set_to_none_by_the_base_are_adopted():
-    """Scripts that call base.zero_grad() (set_to_none) still work with flat buffers."""
-    results = []
-    for backend in ("reference", "torch"):
-        m = mlp()
-        opt = SAM(sgd(m), m, 0.1, backend=backend)
-        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-        for _ in range(3):
-            opt.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
-            opt.first_step()
-            opt.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
-            opt.second_step()
-        results.append([p.detach().clone() for p in m.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
-
-
-def test_mixed_dtypes_make_several_buckets_with_one_global_norm():
-    results = []
-    for backend in ("reference", "torch"):
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3).double())
-        opt = SAM(sgd(m), m, 0.2, backend=backend)
-        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-        for _ in range(3):
-            opt.step(lambda: F.cross_entropy(m[2](m[1](m[0](x)).double()), y, reduction="none"))
-        results.append([p.detach().clone() for p in m.parameters()])
-        if backend == "torch":
-            assert len(opt._backend.buckets) == 2
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
-
-
-# ---- long-tail helpers -----------------------------------------------------------
-def test_tail_classes_and_mask():
-    assert tail_classes([500, 120, 30, 8], eta=100).tolist() == [2, 3]
-    assert tail_classes([5, 5], eta=1).tolist() == []
-    targets = torch.tensor([0, 3, 2, 1, 3])
-    mask = tail_mask(targets, tail_classes([500, 120, 30, 8], 100))
-    assert mask.tolist() == [False, True, True, False, True]
-    with pytest.raises(ValueError, match="class_counts"):
-        tail_classes([[1, 2]], 3)
-    with pytest.raises(ValueError, match="class_counts"):
-        tail_classes([1.5, 2.0], 3)
-    with pytest.raises(TypeError, match="targets"):
-        tail_mask(torch.tensor([0.0, 1.0]), [1])
 
 
 def test_step_under_no_grad():
