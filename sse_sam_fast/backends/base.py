@@ -63,6 +63,7 @@ class Backend(abc.ABC):
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
         self.optimizer = optimizer
         self.params = list(params)
+        self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
 
     # ---- starting -------------------------------------------------------------------
     @abc.abstractmethod
@@ -75,13 +76,13 @@ class Backend(abc.ABC):
 
     # ---- gradient sets ---------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def holding(self) -> bool:
         """Whether any slot holds a gradient (a step is in progress)."""
+        return bool(self.slots)
 
-    @abc.abstractmethod
     def holds(self, slot: Slot) -> bool:
         """Whether ``slot`` holds a gradient."""
+        return slot in self.slots
 
     @abc.abstractmethod
     def take(self, slot: Slot) -> None:

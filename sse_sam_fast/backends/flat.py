@@ -204,13 +204,6 @@ class TorchBackend(Backend):
             p.grad = v
 
     # ---- gradient sets ---------------------------------------------------------------
-    @property
-    def holding(self) -> bool:
-        return bool(self.slots)
-
-    def holds(self, slot: Slot) -> bool:
-        return slot in self.slots
-
     @torch.no_grad()
     def take(self, slot: Slot) -> None:
         if slot in self.slots:  # a slot re-taken: its old row is free again

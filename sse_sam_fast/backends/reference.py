@@ -37,13 +37,6 @@ class ReferenceBackend(Backend):
     def adopt(self) -> None:
         self._keep = False
 
-    @property
-    def holding(self) -> bool:
-        return bool(self.slots)
-
-    def holds(self, slot: Slot) -> bool:
-        return slot in self.slots
-
     @torch.no_grad()
     def take(self, slot: Slot) -> None:
         self.slots[slot] = {p: p.grad.clone() for p in self.params if p.grad is not None}
