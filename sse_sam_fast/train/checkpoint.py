@@ -44,22 +44,53 @@ def rng_state(data_gen: torch.Generator, device: torch.device) -> dict:
     }
 
 
+def _checked_rng_state(state) -> dict:
+    """The states of ``rng_state``'s dict in the form their setters take, each
+    tried on a scratch generator first: a damaged entry is a ``ValueError``
+    naming it, raised before any random state changes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the RNG states are damaged: a {type(state).__name__}, not a dict")
+    missing = sorted({"torch", "cuda", "python", "numpy", "data"} - set(state))
+    if missing:
+        raise ValueError(f"the RNG states are damaged: no {', '.join(missing)} entry")
+    out = {}
+    key = "torch"
+    try:
+        for key in ("torch", "data"):
+            torch.Generator().set_state(state[key])  # the CPU generators share one layout
+            out[key] = state[key]
+        key = "cuda"
+        cuda = state["cuda"]
+        if not isinstance(cuda, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in cuda):
+            raise TypeError(f"expected a list of tensors, got {type(cuda).__name__}")
+        out[key] = list(cuda)
+        key = "python"
+        version, internal, gauss = state["python"]
+        out[key] = (version, tuple(internal), gauss)
+        random.Random().setstate(out[key])
+        key = "numpy"
+        np_state = state["numpy"]
+        out[key] = (
+            "MT19937",
+            np_state["key"].numpy().astype(np.uint32),
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["gauss"]),
+        )
+        np.random.RandomState().set_state(out[key])
+    except Exception as exc:  # any damage: a wrong type, length, or value
+        raise ValueError(f"the RNG state rng[{key!r}] is damaged ({type(exc).__name__}: {exc})") from None
+    return out
+
+
 def set_rng_state(state: dict, data_gen: torch.Generator, device: torch.device) -> None:
+    """Set every random state ``rng_state`` saved; all are checked before any is set."""
+    state = _checked_rng_state(state)
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np_state["key"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["gauss"],
-        )
-    )
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
     data_gen.set_state(state["data"])
 
 
@@ -110,6 +141,10 @@ def restore(
 ) -> None:
     """Load the saved model, optimizer, schedule and RNG states into a run built
     from the checkpoint's configuration."""
+    try:
+        _checked_rng_state(ckpt["rng"])  # before anything is loaded
+    except ValueError as exc:
+        raise OptionError("--resume", f"{exc}; the checkpoint cannot be resumed") from None
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from short_runs import assert_same_run, digits, fake_cifar, quiet
@@ -92,3 +94,67 @@ def test_resume_rejects_other_data(tmp_path):
     with pytest.raises(OptionError, match="the data differ") as exc:
         quiet(moved, tmp_path / "run", resume=ckpt)
     assert exc.value.option == "--data-dir"
+
+
+def _set(path, value):
+    """A function that sets ``ckpt['rng'][path...]`` to ``value`` (an empty path: the whole entry)."""
+
+    def damage(rng):
+        if not path:
+            return value
+        node = rng
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return rng
+
+    return damage
+
+
+_DELETE = object()
+RNG_DAMAGE = {
+    "numpy-key-int": (_set(["numpy", "key"], 3), "rng\\['numpy'\\]"),  # the issue's AttributeError
+    "numpy-key-short": (_set(["numpy", "key"], torch.arange(5)), "rng\\['numpy'\\]"),
+    "numpy-not-a-dict": (_set(["numpy"], 7), "rng\\['numpy'\\]"),
+    "torch-int": (_set(["torch"], 3), "rng\\['torch'\\]"),
+    "torch-short": (_set(["torch"], torch.zeros(10, dtype=torch.uint8)), "rng\\['torch'\\]"),
+    "data-float": (_set(["data"], torch.zeros(5056)), "rng\\['data'\\]"),
+    "python-int": (_set(["python"], 3), "rng\\['python'\\]"),
+    "python-short": (_set(["python"], (3, (1, 2), None)), "rng\\['python'\\]"),
+    "cuda-int": (_set(["cuda"], 3), "rng\\['cuda'\\]"),
+    "missing-data": (_set(["data"], _DELETE), "no data entry"),
+    "not-a-dict": (_set([], 3), "RNG states are damaged"),
+}
+
+
+@pytest.mark.parametrize("damage, words", RNG_DAMAGE.values(), ids=RNG_DAMAGE.keys())
+def test_a_damaged_rng_state_is_a_named_error_and_changes_no_random_state(tmp_path, damage, words):
+    cfg = digits(epochs=2)
+    quiet(cfg, tmp_path, stop_after=1)
+    ckpt = load_checkpoint(tmp_path)
+    ckpt["rng"] = damage(ckpt["rng"])
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with pytest.raises(OptionError, match=words) as exc:
+        quiet(config_for_resume(ckpt, {}), tmp_path, resume=ckpt)
+    assert exc.value.option == "--resume" and "damaged" in str(exc.value)
+    assert torch.equal(torch.get_rng_state(), before[0])  # set_rng_state never half-ran
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
+
+
+def test_cli_resume_with_a_damaged_rng_entry_prints_a_named_error(tmp_path, capsys):
+    from sse_sam_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-plot", "--epochs", "2", "--stop-after", "1"]) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["rng"]["numpy"]["key"] = 3
+    torch.save(ckpt, run / "checkpoint.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(run), "--no-plot"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --resume" in err and "rng['numpy'] is damaged" in err
+    assert "Traceback" not in err
