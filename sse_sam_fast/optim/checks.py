@@ -4,25 +4,68 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def real(name: str, value, accepted: str) -> float:
+    """``value`` as a float if it is a real number: a Python or NumPy int or
+    float, a ``Fraction``, or a 0-dim real tensor, which is what argparse, YAML
+    and NumPy hand over. Bools, strings, complex numbers and anything else are a
+    ``TypeError`` naming the argument; ``accepted`` says what would do."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or value.is_meta:
+            raise TypeError(
+                f"{name} must be {accepted}, got a tensor of shape {tuple(value.shape)} ({value.dtype})"
+            )
+        return float(value.item())
+    # bool is an int, numpy's bool_ is no Real: both refused as flags, not numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__} {value!r:.40}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range
+        raise ValueError(f"{name} must be {accepted}, got {value!r:.40}") from None
+
 
 def check_rho(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return float(value)
+    """A radius or a weight: a finite real number >= 0, as a float."""
+    accepted = "a finite real number >= 0"
+    x = real(name, value, accepted)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be {accepted}, got {value!r:.40}")
+    return x
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """A count (epochs, steps): an integer >= ``minimum``; an integral float
+    (``200.0``, ``np.float32(3)``) or a 0-dim tensor holding one is accepted."""
+    accepted = f"an integer >= {minimum}"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)  # exact for ints past 2**53
+    elif isinstance(value, Tensor) and value.dim() == 0 and value.dtype in _INT_DTYPES and not value.is_meta:
+        n = int(value.item())
+    else:
+        x = real(name, value, accepted)
+        if not math.isfinite(x) or not x.is_integer():
+            raise ValueError(f"{name} must be {accepted}, got {value!r:.40}")
+        n = int(x)
+    if n < minimum:
+        raise ValueError(f"{name} must be {accepted}, got {value!r:.40}")
+    return n
 
 
 def check_schedule(gamma, total_epochs) -> tuple[float, int]:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
-    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-        raise ValueError(f"total_epochs must be an int >= 1, got {total_epochs!r}")
-    return float(gamma), total_epochs
+    """SSE-SAM's ``gamma`` (a real number in [0, 1]) and ``total_epochs`` (a count >= 1)."""
+    accepted = "a real number in [0, 1]"
+    g = real("gamma", gamma, accepted)
+    if not 0 <= g <= 1:  # NaN fails both comparisons
+        raise ValueError(f"gamma must be {accepted}, got {gamma!r:.40}")
+    return g, check_count("total_epochs", total_epochs, 1)
 
 
 def check_losses(losses, batch: int | None = None) -> Tensor:
@@ -89,3 +132,27 @@ def takes_index(closure) -> bool:
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return any(p.kind in positional or p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def need_keys(where: str, mapping, keys) -> None:
+    """``mapping`` is a dict holding every key of ``keys``; else a named error."""
+    if not isinstance(mapping, dict):
+        raise TypeError(f"{where} must be a dict, got {type(mapping).__name__}")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(map(repr, missing))}; it has {sorted(map(str, mapping))}")
+
+
+def check_base_state(base, optimizer: torch.optim.Optimizer) -> None:
+    """``base`` has the layout of ``optimizer``'s state_dict: the checks torch
+    makes in ``load_state_dict``, made before anything else is loaded."""
+    need_keys("state_dict['base']", base, ["state", "param_groups"])
+    groups = base["param_groups"]
+    if not isinstance(groups, (list, tuple)) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups
+    ):
+        raise ValueError("state_dict['base']['param_groups'] must be a list of dicts with a 'params' list")
+    saved = [len(g["params"]) for g in groups]
+    held = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != held:
+        raise ValueError(f"state_dict['base'] has param groups of sizes {saved}; the base optimizer {held}")

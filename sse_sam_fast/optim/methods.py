@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import Slot
-from .checks import check_rho, check_schedule
+from .checks import check_count, check_rho, check_schedule, need_keys
 from .engine import GroupedSAM
 from .plan import Group
 
@@ -54,6 +54,7 @@ class SAM(GroupedSAM):
         return {"rho": self.rho}
 
     def _load_stage_state(self, state):
+        need_keys("state_dict['stage']", state, ["rho"])
         self.rho = check_rho("rho", state["rho"])
 
     @torch.no_grad()
@@ -93,8 +94,10 @@ class ImbSAM(GroupedSAM):
         return {"rho": self.rho, "tail_weight": self.tail_weight}
 
     def _load_stage_state(self, state):
-        self.rho = check_rho("rho", state["rho"])
-        self.tail_weight = check_rho("tail_weight", state["tail_weight"])
+        need_keys("state_dict['stage']", state, ["rho", "tail_weight"])
+        # both checked before either is assigned: a refused state changes nothing
+        rho, tail_weight = check_rho("rho", state["rho"]), check_rho("tail_weight", state["tail_weight"])
+        self.rho, self.tail_weight = rho, tail_weight
 
     @torch.no_grad()
     def first_step(self) -> None:
@@ -171,10 +174,16 @@ class SSESAM(GroupedSAM):
         }
 
     def _load_stage_state(self, state):
-        count = state["epoch_count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"state_dict epoch_count must be an int >= 0, got {count!r}")
-        rhos = [check_rho("rho_is[0]", state["rho_is"][0]), check_rho("rho_is[1]", state["rho_is"][1])]
+        # head_rho, tail_rho, gamma and total_epochs may be absent (older saves); all
+        # present values are checked before any is assigned
+        need_keys("state_dict['stage']", state, ["epoch_count", "rho_is"])
+        count = check_count("epoch_count", state["epoch_count"], 0)
+        rho_is = state["rho_is"]
+        if not isinstance(rho_is, (list, tuple)) or len(rho_is) != 2:
+            raise ValueError(f"rho_is must be a list of two radii (head, tail), got {rho_is!r:.60}")
+        rhos = [check_rho("rho_is[0]", rho_is[0]), check_rho("rho_is[1]", rho_is[1])]
+        if "tail_rho" in state:
+            check_rho("tail_rho", state["tail_rho"])
         head_rho = check_rho("head_rho", state.get("head_rho", self.head_rho))
         gamma, total = check_schedule(
             state.get("gamma", self.gamma), state.get("total_epochs", self.total_epochs)

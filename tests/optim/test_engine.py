@@ -2,7 +2,9 @@
 schedulers, zero_grad."""
 
 import copy
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,12 +163,10 @@ def test_state_dict_carries_the_stage_and_validates():
     other = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
     other.load_state_dict(sd)
     assert other.rho_is == [0.0, 0.1] and other.stage == 2
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ValueError, match="lacks 'stage'"):
         other.load_state_dict({"base": sd["base"]})
     with pytest.raises(ValueError, match="epoch_count"):
         other.load_state_dict({"base": sd["base"], "stage": {**sd["stage"], "epoch_count": -1}})
-    # a base optimizer's own state_dict (what published-code scripts save) loads into the base
-    other.load_state_dict(opt.optimizer.state_dict())
 
 
 # ---- optimizer manners -----------------------------------------------------------
@@ -283,3 +283,190 @@ def test_stage_state_round_trips_completely():
     for _ in range(2):
         other.update_rho()
     assert other.stage == 2
+
+
+# ---- real numbers from argparse, YAML, NumPy (issue 11, item 11) ---------------------
+def test_real_numbers_of_any_kind_are_accepted_as_the_published_code_does():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, np.float32(0.05), torch.tensor(0.1), gamma=np.float64(0.5), total_epochs=4.0)
+    assert (opt.head_rho, opt.rho_is[1], opt.gamma, opt.total_epochs) == (
+        float(np.float32(0.05)), float(torch.tensor(0.1)), 0.5, 4,
+    )  # fmt: skip
+    assert all(type(x) is float for x in (opt.head_rho, *opt.rho_is, opt.gamma))
+    assert type(opt.total_epochs) is int
+    for total in (np.int64(4), torch.tensor(4), np.float32(4.0), torch.tensor(4.0), Fraction(8, 2)):
+        assert SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=total).total_epochs == 4
+    assert SAM(sgd(m), m, torch.tensor(0.05, dtype=torch.float64)).rho == 0.05
+    imb = ImbSAM(sgd(m), m, np.float16(0.5), tail_weight=np.int32(3))
+    assert (imb.rho, imb.tail_weight) == (0.5, 3.0) and type(imb.tail_weight) is float
+    assert SAM(sgd(m), m, 0).rho == 0.0  # an int radius, as before
+    # and they train like the Python floats they stand for
+    results = []
+    for kind in (float, np.float32):
+        model = mlp()
+        o = SSESAM(sgd(model), model, float(kind(0.05)), kind(0.1), gamma=kind(0.5), total_epochs=kind(2))
+        x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+        o.step(lambda: F.cross_entropy(model(x), y, reduction="none"), y == 2)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        ({"head_rho": float("nan")}, ValueError, "head_rho"),
+        ({"head_rho": float("inf")}, ValueError, "head_rho"),
+        ({"head_rho": np.float32("nan")}, ValueError, "head_rho"),
+        ({"head_rho": torch.tensor(float("inf"))}, ValueError, "head_rho"),
+        ({"tail_rho": -0.1}, ValueError, "tail_rho"),
+        ({"tail_rho": np.float64(-1)}, ValueError, "tail_rho"),
+        ({"tail_rho": torch.tensor(-0.1)}, ValueError, "tail_rho"),
+        ({"head_rho": True}, TypeError, "head_rho"),
+        ({"head_rho": np.bool_(True)}, TypeError, "head_rho"),
+        ({"head_rho": torch.tensor(True)}, TypeError, "head_rho"),
+        ({"head_rho": "0.05"}, TypeError, "head_rho"),
+        ({"head_rho": 0.05j}, TypeError, "head_rho"),
+        ({"head_rho": torch.tensor([0.05])}, TypeError, "head_rho"),
+        ({"head_rho": None}, TypeError, "head_rho"),
+        ({"head_rho": 10**400}, ValueError, "head_rho"),
+        ({"gamma": float("nan")}, ValueError, "gamma"),
+        ({"gamma": np.float32(1.5)}, ValueError, "gamma"),
+        ({"gamma": "0.7"}, TypeError, "gamma"),
+        ({"gamma": True}, TypeError, "gamma"),
+        ({"total_epochs": 200.5}, ValueError, "total_epochs"),
+        ({"total_epochs": float("inf")}, ValueError, "total_epochs"),
+        ({"total_epochs": float("nan")}, ValueError, "total_epochs"),
+        ({"total_epochs": 0.0}, ValueError, "total_epochs"),
+        ({"total_epochs": np.int64(-3)}, ValueError, "total_epochs"),
+        ({"total_epochs": torch.tensor(2.5)}, ValueError, "total_epochs"),
+        ({"total_epochs": True}, TypeError, "total_epochs"),
+        ({"total_epochs": "200"}, TypeError, "total_epochs"),
+    ],
+)
+def test_non_real_non_finite_and_negative_values_are_refused_naming_the_argument(kwargs, error, words):
+    m = mlp()
+    args = {"head_rho": 0.05, "tail_rho": 0.1, "gamma": 0.5, "total_epochs": 4, **kwargs}
+    with pytest.raises(error, match=words):
+        SSESAM(sgd(m), m, **args)
+
+
+def test_load_state_dict_takes_integral_floats_for_counts():
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=4)
+    sd = opt.state_dict()
+    sd = {
+        **sd,
+        "nonfinite_steps": 2.0,
+        "stage": {**sd["stage"], "epoch_count": np.float64(3.0), "total_epochs": 4.0},
+    }
+    opt.load_state_dict(sd)
+    assert (opt.epoch_count, opt.total_epochs, opt.nonfinite_steps, opt.stage) == (3, 4, 2, 2)
+    assert all(type(x) is int for x in (opt.epoch_count, opt.total_epochs, opt.nonfinite_steps))
+    for bad in (2.5, float("nan"), -1, "2", True):
+        with pytest.raises((ValueError, TypeError), match="nonfinite_steps"):
+            opt.load_state_dict({**sd, "nonfinite_steps": bad})
+        with pytest.raises((ValueError, TypeError), match="epoch_count"):
+            opt.load_state_dict({**sd, "stage": {**sd["stage"], "epoch_count": bad}})
+
+
+# ---- load_state_dict: all or nothing (issue 11, items 8 and 9) ---------------------------
+def _trained(method="ssesam", backend="torch"):
+    m = mlp()
+    opt = {
+        "sam": lambda: SAM(sgd(m), m, 0.05, backend=backend),
+        "imbsam": lambda: ImbSAM(sgd(m), m, 0.05, backend=backend),
+        "ssesam": lambda: SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=4, backend=backend),
+    }[method]()
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+    return m, opt
+
+
+def _whole_state(opt):
+    sd = copy.deepcopy(opt.state_dict())
+    return sd, [opt.optimizer.state[p]["momentum_buffer"].clone() for p in opt.model.parameters()]
+
+
+def _assert_unchanged(opt, before):
+    sd, momentum = _whole_state(opt)
+    assert sd["stage"] == before[0]["stage"] and sd["nonfinite_steps"] == before[0]["nonfinite_steps"]
+    assert sd["base"]["param_groups"] == before[0]["base"]["param_groups"]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, before[1]))
+    assert opt.param_groups is opt.optimizer.param_groups
+
+
+def _other_state(method):
+    """A valid state of the same method with a different stage and momentum."""
+    m, opt = _trained(method)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)  # other momentum
+    opt.param_groups[0]["lr"] = 0.05
+    if method == "ssesam":
+        for _ in range(3):
+            opt.update_rho()
+    opt.nonfinite_steps = 5
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "method,edit,words",
+    [
+        ("imbsam", lambda sd: sd["stage"].update(rho=0.3, tail_weight=-1), "tail_weight"),
+        ("imbsam", lambda sd: sd["stage"].pop("tail_weight"), "lacks 'tail_weight'"),
+        ("sam", lambda sd: sd["stage"].update(tail_weight=2.0), "saved from another method"),
+        ("ssesam", lambda sd: sd.update(nonfinite_steps=-1), "nonfinite_steps"),
+        ("ssesam", lambda sd: sd.update(nonfinite_steps="3"), "nonfinite_steps"),
+        ("ssesam", lambda sd: sd["stage"].update(rho_is=[0.1]), "rho_is"),
+        ("ssesam", lambda sd: sd["stage"].update(total_epochs=0), "total_epochs"),
+        ("ssesam", lambda sd: sd["stage"].update(gamma=float("nan")), "gamma"),
+        ("ssesam", lambda sd: sd["base"]["param_groups"][0]["params"].pop(), "param groups of sizes"),
+        ("ssesam", lambda sd: sd["base"].pop("state"), "lacks 'state'"),
+        ("ssesam", lambda sd: sd.update(extra=1), "unknown keys"),
+        ("ssesam", lambda sd: sd.update(stage=[1, 2]), "must be a dict"),
+    ],
+)
+def test_a_refused_state_dict_changes_nothing(method, edit, words):
+    _, opt = _trained(method)
+    before = _whole_state(opt)
+    sd = _other_state(method)
+    edit(sd)
+    with pytest.raises((ValueError, TypeError), match=words):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, before)
+
+
+def test_a_base_load_failing_late_rolls_the_stage_and_the_base_back():
+    _, opt = _trained("ssesam")
+    before = _whole_state(opt)
+
+    def fail(_optimizer):
+        raise RuntimeError("post hook")
+
+    opt.optimizer.register_load_state_dict_post_hook(fail)  # runs after torch replaced the state
+    with pytest.raises(RuntimeError, match="post hook"):
+        opt.load_state_dict(_other_state("ssesam"))
+    _assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
+def test_a_base_optimizers_own_state_dict_is_refused_naming_the_stage(method):
+    _, opt = _trained(method)
+    before = _whole_state(opt)
+    stage_keys = list(opt.state_dict()["stage"])
+    with pytest.raises(ValueError, match="lacks 'base' and 'stage'") as exc:
+        opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
+    for key in stage_keys:
+        assert key in str(exc.value)
+    assert "base optimizer's own state_dict" in str(exc.value)
+    _assert_unchanged(opt, before)
+
+
+# ---- float64 with the triton backend (issue 11, item 10) ---------------------------------
+def test_triton_refuses_float64_at_construction_and_leaves_the_parameters_alone():
+    pytest.importorskip("triton")
+    m = mlp().double()
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    with pytest.raises(ValueError, match=r"torch\.float64.*backend='torch'"):
+        SSESAM(sgd(m), m, 0.05, 0.1, backend="triton")
+    assert [p.data_ptr() for p in m.parameters()] == ptrs  # not moved into a flat buffer
+    SSESAM(sgd(m), m, 0.05, 0.1, backend="torch")  # the suggested way works
