@@ -89,6 +89,28 @@ def _check_shift(term, g: torch.Tensor, name: str):
     return g[row], sumsq, rho
 
 
+def _check_momentum_buf(buf, w: torch.Tensor) -> None:
+    """buf: contiguous, w's shape and device, w's dtype or fp32."""
+    if not isinstance(buf, torch.Tensor) or buf.shape != w.shape:
+        raise ValueError(
+            f"momentum_buf must be a tensor of shape ({w.shape[0]},) when momentum != 0, got {_describe(buf)}"
+        )
+    if buf.dtype not in (w.dtype, torch.float32):
+        raise ValueError(f"momentum_buf must be {w.dtype} or float32, got {buf.dtype}")
+    if buf.device != w.device:
+        raise ValueError(f"momentum_buf must be on w's device {w.device}, got {buf.device}")
+    if not buf.is_contiguous():
+        raise ValueError("momentum_buf must be contiguous")
+
+
+def _check_ok(ok, w: torch.Tensor) -> None:
+    """ok: a one-element bool tensor on w's device."""
+    if not isinstance(ok, torch.Tensor) or ok.numel() != 1 or ok.dtype != torch.bool:
+        raise ValueError(f"ok must be a one-element bool tensor, got {_describe(ok)}")
+    if ok.device != w.device:
+        raise ValueError(f"ok must be on w's device {w.device}, got {ok.device}")
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)} ({x.dtype})"

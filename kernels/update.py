@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import _check_bucket, _check_row, _check_snapshot, _describe
+from ._checks import _check_bucket, _check_momentum_buf, _check_ok, _check_row, _check_snapshot
 
 BLOCK_SIZE = 1024
 
@@ -55,6 +55,7 @@ def _restore_sgd_kernel(
     grad_ptr,
     extra_ptr,
     buf_ptr,
+    ok_ptr,
     lr,
     momentum,
     dampening,
@@ -66,6 +67,7 @@ def _restore_sgd_kernel(
     HAS_MOMENTUM: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
+    HAS_OK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """Restore w from w0, then one SGD step with d = grad + extra (see module doc).
@@ -80,9 +82,10 @@ def _restore_sgd_kernel(
     # The perturbed w is never read when the snapshot is given: the update
     # starts from the pre-perturbation weights bit for bit.
     if HAS_W0:
-        w = tl.load(w0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        w_base = tl.load(w0_ptr + offsets, mask=mask, other=0.0)
     else:
-        w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        w_base = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    w = w_base.to(tl.float32)
     d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_EXTRA:
         d = d + tl.load(extra_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -95,19 +98,28 @@ def _restore_sgd_kernel(
         if FIRST_STEP:
             buf = d
         else:
-            buf = tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            buf = momentum * buf + (1.0 - dampening) * d
+            buf_old = tl.load(buf_ptr + offsets, mask=mask, other=0.0)
+            buf = momentum * buf_old.to(tl.float32) + (1.0 - dampening) * d
         # The update reads the buffer as stored, like torch's, so the next step
         # continues from exactly the state this one used.
         buf = buf.to(buf_ptr.dtype.element_ty)
-        tl.store(buf_ptr + offsets, buf, mask=mask)
+        if HAS_OK:
+            # a non-finite step keeps the old buffer bit for bit (FIRST_STEP is
+            # excluded by the launcher: a buffer that did not exist cannot be kept)
+            tl.store(buf_ptr + offsets, tl.where(tl.load(ok_ptr) != 0, buf, buf_old), mask=mask)
+        else:
+            tl.store(buf_ptr + offsets, buf, mask=mask)
         buf = buf.to(tl.float32)
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
-    w = w - lr * d
-    tl.store(w_ptr + offsets, w.to(w_ptr.dtype.element_ty), mask=mask)
+    w = (w - lr * d).to(w_ptr.dtype.element_ty)
+    if HAS_OK:
+        # the device's verdict on the step: where it failed, the weights are the
+        # restored ones, as stored (no round trip through fp32)
+        w = tl.where(tl.load(ok_ptr) != 0, w, w_base)
+    tl.store(w_ptr + offsets, w, mask=mask)
 
 
 def restore_sgd_(
@@ -125,6 +137,7 @@ def restore_sgd_(
     first_step: bool,
     start: int = 0,
     end: int | None = None,
+    ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place over ``[start, end)``: restore ``w``, then one ``torch.optim.SGD`` step.
 
@@ -144,6 +157,10 @@ def restore_sgd_(
         first_step: the buffer does not exist yet in torch's terms; it is set to
             the gradient instead of being decayed (``dampening`` is not applied).
         start, end: element range of one parameter group; ``end`` defaults to N.
+        ok: a one-element bool tensor on ``w``'s device, or None. Where it holds
+            False the step does not take effect: ``w`` gets the restored weights
+            and the momentum buffer keeps its bits (not allowed with
+            ``first_step``, whose buffer has no old value to keep).
 
     Returns ``w``.  Elements outside ``[start, end)`` are not touched.
     """
@@ -163,17 +180,11 @@ def restore_sgd_(
         )
     has_momentum = momentum != 0
     if has_momentum:
-        if not isinstance(momentum_buf, torch.Tensor) or momentum_buf.shape != w.shape:
-            raise ValueError(
-                f"momentum_buf must be a tensor of shape ({n_total},) when "
-                f"momentum != 0, got {_describe(momentum_buf)}"
-            )
-        if momentum_buf.dtype not in (w.dtype, torch.float32):
-            raise ValueError(f"momentum_buf must be {w.dtype} or float32, got {momentum_buf.dtype}")
-        if momentum_buf.device != w.device:
-            raise ValueError(f"momentum_buf must be on w's device {w.device}, got {momentum_buf.device}")
-        if not momentum_buf.is_contiguous():
-            raise ValueError("momentum_buf must be contiguous")
+        _check_momentum_buf(momentum_buf, w)
+    if ok is not None:
+        _check_ok(ok, w)
+        if first_step and has_momentum:
+            raise ValueError("ok cannot guard a first step: the momentum buffer has no old value to keep")
     n_elements = end - start
     if n_elements == 0:
         return w
@@ -191,6 +202,7 @@ def restore_sgd_(
         grad,
         extra,
         buf,
+        ok if ok is not None else grad,
         float(lr),
         float(momentum),
         float(dampening),
@@ -202,6 +214,7 @@ def restore_sgd_(
         HAS_MOMENTUM=has_momentum,
         FIRST_STEP=bool(first_step),
         NESTEROV=bool(nesterov),
+        HAS_OK=ok is not None,
         BLOCK_SIZE=BLOCK_SIZE,
     )
     return w

@@ -54,6 +54,11 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def sgd_has_momentum(optimizer: torch.optim.SGD, params: Sequence[Tensor]) -> bool:
+    """Whether every one of ``params`` already has its momentum buffer."""
+    return all(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params)
+
+
 def sgd_momentum_buffers(
     optimizer: torch.optim.SGD, params: Sequence[Tensor], view_of: Callable[[Tensor], Tensor]
 ) -> bool | None:

@@ -65,6 +65,12 @@ class Backend(abc.ABC):
         self.params = list(params)
         self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
 
+    def extend(self, params: Sequence[Tensor]) -> None:
+        """Parameters the base optimizer holds from now on (``add_param_group``)."""
+        if self.holding:
+            raise RuntimeError("parameters were added to the optimizer in the middle of a SAM step")
+        self.params.extend(params)
+
     # ---- starting -------------------------------------------------------------------
     @abc.abstractmethod
     def begin(self) -> None:
@@ -119,11 +125,15 @@ class Backend(abc.ABC):
 
     # ---- ending --------------------------------------------------------------------------
     @abc.abstractmethod
-    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
+    def finish(
+        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+    ) -> None:
         """Restore ``w``, add the slots ``add`` to the live gradients, and step the
         base optimizer on them (or on slot ``grads`` instead of the live ones;
-        through ``scaler.step`` under AMP). Leaves every gradient zero and every
-        slot empty, also when the base step raises."""
+        through ``scaler.step`` under AMP). With ``ok`` (a device bool), the step
+        takes effect only where ``ok`` is true: weights and optimizer state are
+        otherwise left bit-identical, decided on the device. Leaves every gradient
+        zero and every slot empty, also when the base step raises."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -141,3 +151,48 @@ def base_step(optimizer: torch.optim.Optimizer, scaler) -> None:
         optimizer.step()
     else:
         scaler.step(optimizer)
+
+
+def _state_of(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict[int, dict]:
+    return {id(p): dict(optimizer.state[p]) for p in params if p in optimizer.state}
+
+
+@torch.no_grad()
+def guarded_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    ok: Tensor,
+    weights: Sequence[tuple[Tensor, Tensor]],
+) -> None:
+    """``optimizer.step()``, taken back on the device where ``ok`` is false.
+
+    ``weights``: ``(w, w_before)`` pairs covering the parameters. The optimizer
+    state is copied before the step and selected after it. A step that creates
+    state (the first one) or replaces a state tensor cannot be taken back on the
+    device: that step reads ``ok`` on the host instead.
+    """
+    before = _state_of(optimizer, params)
+    saved = [(t, t.clone()) for st in before.values() for t in st.values() if isinstance(t, Tensor)]
+    optimizer.step()
+    after = _state_of(optimizer, params)
+    same = after.keys() == before.keys() and all(
+        after[i].keys() == st.keys()
+        and all(after[i][k] is v or (not isinstance(v, Tensor) and v == after[i][k]) for k, v in st.items())
+        for i, st in before.items()
+    )
+    if not same and not ok.item():
+        for p in params:  # the host knows: put everything back as it was
+            if id(p) in before:
+                optimizer.state[p] = before[id(p)]
+            else:
+                optimizer.state.pop(p, None)
+        for t, old in saved:
+            t.copy_(old)
+        for w, w_before in weights:
+            w.copy_(w_before)
+        return
+    if same:
+        for t, old in saved:
+            torch.where(ok, t, old, out=t)
+        for w, w_before in weights:
+            torch.where(ok.to(w.device), w, w_before, out=w)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, Perturbation, Slot, base_step
+from .base import EPS, Backend, Perturbation, Slot, base_step, guarded_step
 
 ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 
@@ -137,21 +137,47 @@ class TorchBackend(Backend):
         if all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs)):
             return
         if self.slots:
+            self._abandon()
             raise RuntimeError(
                 "model parameters were re-bound (e.g. model.to() or p.data = ...) in the middle "
-                "of a SAM step; finish or restart the step first"
+                "of a SAM step; the step was abandoned and the weights restored: run the backward "
+                "again and start the step anew"
             )
-        # the gradients of a backward the user already ran (official methods) move along
+        self._relayout()
+
+    def _relayout(self) -> None:
+        """New flat buffers for the parameters as they are now; the gradients of a
+        backward the user already ran (official methods) move along."""
         old = [
             None if g is None or (g is v and not seen) else g
             for g, v, seen in zip((p.grad for p in self.params), self._views[self.live], self.seen)
         ]
+        old += [p.grad for p in self.params[len(old) :]]  # parameters added since
         self._flatten(self.rows)
         with torch.no_grad():
             for i, (g, v) in enumerate(zip(old, self._views[self.live])):
                 if g is not None:
                     v.copy_(g)
                     self.seen[i] = True
+
+    @torch.no_grad()
+    def _abandon(self) -> None:
+        """Undo a perturbation that re-bound parameters carried away: they get the
+        unperturbed weights (converted as ``copy_`` does); then a fresh layout."""
+        self.restore()
+        for b in self.buckets:
+            for p, off in zip(b.params, b.offsets):
+                if p.data_ptr() != b.w[off:].data_ptr():
+                    p.data.copy_(b.w[off : off + p.numel()].view_as(p))
+        self.slots.clear()
+        for p in self.params:
+            p.grad = None
+        self._flatten(self.rows)
+
+    def extend(self, params: Sequence[Tensor]) -> None:
+        super().extend(params)
+        self._relayout()
+        self._hook_new()
 
     def _bind(self, row: int) -> None:
         for p, v in zip(self.params, self._views[row]):
@@ -307,11 +333,18 @@ class TorchBackend(Backend):
                 p.grad = None
 
     @torch.no_grad()
-    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
+    def finish(
+        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+    ) -> None:
+        if ok is not None and not self._saved:
+            self._rows_op(lambda b: b.w0.copy_(b.w))  # the weights a skipped step falls back to
         self.restore()
         self._final_gradient(add, grads)
         try:
-            base_step(self.optimizer, scaler)
+            if ok is None:
+                base_step(self.optimizer, scaler)
+            else:
+                guarded_step(self.optimizer, self.params, ok, [(b.w, b.w0) for b in self.buckets])
         finally:
             self._reset()
 

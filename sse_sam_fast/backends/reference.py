@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, Perturbation, Slot, base_step
+from .base import EPS, Backend, Perturbation, Slot, base_step, guarded_step
 
 
 class ReferenceBackend(Backend):
@@ -118,7 +118,9 @@ class ReferenceBackend(Backend):
         self._applied = None
 
     @torch.no_grad()
-    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
+    def finish(
+        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+    ) -> None:
         self.restore()
         for slot in add:
             for p, g in self.slots[slot].items():
@@ -131,7 +133,11 @@ class ReferenceBackend(Backend):
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
         try:
-            base_step(self.optimizer, scaler)
+            if ok is None:
+                base_step(self.optimizer, scaler)
+            else:
+                weights = [(p, p.detach().clone()) for p in self.params]
+                guarded_step(self.optimizer, self.params, ok, weights)
         finally:
             self.optimizer.zero_grad()
             self.slots.clear()

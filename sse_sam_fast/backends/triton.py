@@ -36,6 +36,14 @@ class TritonBackend(TorchBackend):
         from .. import kernels  # Triton is imported only when this backend is asked for
 
         self._k = kernels
+        # checked before the parameters move into flat buffers: a refusal changes nothing
+        supported = (torch.float32, torch.bfloat16, torch.float16)
+        unsupported = sorted({str(p.dtype) for p in params if p.dtype not in supported})
+        if unsupported:
+            raise ValueError(
+                f"backend='triton' computes on float32, bfloat16 and float16 parameters, got "
+                f"{', '.join(unsupported)}; use backend='torch' for them"
+            )
         super().__init__(optimizer, params)
         if any(b.w.device.type != "cuda" for b in self.buckets) and not interpreting():
             raise ValueError(
@@ -72,10 +80,12 @@ class TritonBackend(TorchBackend):
         self._saved = True
 
     @torch.no_grad()
-    def finish(self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None) -> None:
-        first = None if scaler is not None else self._fusable_sgd(add, grads)
+    def finish(
+        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+    ) -> None:
+        first = None if scaler is not None else self._fusable_sgd(add, grads, ok)
         if first is None:
-            super().finish(add, grads, scaler)
+            super().finish(add, grads, scaler, ok)
             return
         extra = [self.slots[slot][0] for slot in add]
         group_of = self._group_of()
@@ -87,14 +97,14 @@ class TritonBackend(TorchBackend):
                         b.w, b.g, self.live, b.w0 if self._saved else None, extra,
                         self._momentum_buffer(i) if momentum else None,
                         group["lr"], momentum, group["dampening"], group["weight_decay"],
-                        group["nesterov"], first, start, end,
+                        group["nesterov"], first, start, end, ok,
                     )  # fmt: skip
             self._saved = False
             _torch_private.mark_stepped(self.optimizer)
         finally:
             self._reset()
 
-    def _fusable_sgd(self, add: Sequence[Slot], grads: Slot | None) -> bool | None:
+    def _fusable_sgd(self, add: Sequence[Slot], grads: Slot | None, ok: Tensor | None) -> bool | None:
         """None if the fused SGD update cannot reproduce ``optimizer.step()``
         here; else whether it is the momentum buffers' first step."""
         if grads is not None or len(add) > 1 or not _torch_private.plain_sgd(self.optimizer):
@@ -106,6 +116,8 @@ class TritonBackend(TorchBackend):
             return None
         group_of = self._group_of()
         with_momentum = [p for p in self.params if group_of[id(p)]["momentum"] != 0]
+        if ok is not None and not _torch_private.sgd_has_momentum(self.optimizer, with_momentum):
+            return None  # a guarded first step creates state: the generic path decides it on the host
         return _torch_private.sgd_momentum_buffers(self.optimizer, with_momentum, self._momentum_view)
 
     def _group_of(self) -> dict[int, dict]:

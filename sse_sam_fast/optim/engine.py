@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import BACKENDS, Perturbation, Slot, make_backend
-from .checks import micro_batches, takes_index
+from .checks import check_base_state, check_count, micro_batches, need_keys, takes_index
 from .passes import StepRun
 from .plan import SCHEDULES, Group, StepPlan
 
@@ -67,7 +67,9 @@ class GroupedSAM(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.model = model
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
-        self.nonfinite_steps = 0
+        self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
+        self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
+        self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         # found once, like the parameters: their training flags are read at each step
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -102,7 +104,22 @@ class GroupedSAM(torch.optim.Optimizer):
                 f"model has {len(missing)} trainable parameters that the optimizer does not hold "
                 f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
             )
-        return [p for p in model.parameters() if id(p) in held]
+        ours = [p for p in model.parameters() if id(p) in held]
+        return ours + GroupedSAM._beyond(optimizer, ours)
+
+    @staticmethod
+    def _beyond(optimizer: torch.optim.Optimizer, known: Sequence[Tensor]) -> list[Tensor]:
+        """The parameters the base optimizer holds beyond ``known`` (a learnable loss
+        temperature, a head added with ``add_param_group``): they take part in the
+        step like the model's own."""
+        seen = {id(p) for p in known}
+        extra = []
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    extra.append(p)
+        return extra
 
     # param_groups and state are the base optimizer's, read through each time: its
     # load_state_dict() replaces both objects, and a scheduler attached to this
@@ -129,6 +146,41 @@ class GroupedSAM(torch.optim.Optimizer):
     @property
     def backend(self) -> str:
         return self._backend.name
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped for a non-finite value. Sync-free steps count on the
+        device; reading this property reads that count (one synchronisation)."""
+        if self._skipped_device is not None:
+            self._skipped_host += int(self._skipped_device.item())
+            self._skipped_device.zero_()
+        return self._skipped_host
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._skipped_host = int(value)
+        if self._skipped_device is not None:
+            self._skipped_device.zero_()
+
+    def _count_skipped(self, n: int | Tensor) -> None:
+        if isinstance(n, Tensor):
+            if self._skipped_device is None:
+                self._skipped_device = torch.zeros((), dtype=torch.int64, device=n.device)
+            self._skipped_device += n
+        else:
+            self._skipped_host += n
+
+    def _sync_free(self) -> bool:
+        """Whether steps leave the verdict on the device: the flat backends on CUDA,
+        where a host synchronisation stalls the launch queue."""
+        if self._force_sync_free is not None:
+            return self._force_sync_free
+        return self._backend.name != "reference" and self._backend.params[0].device.type == "cuda"
+
+    def _track_params(self) -> None:
+        """Parameters added to the base optimizer since the last step join the backend."""
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) > len(self._backend.params):
+            self._backend.extend(self._beyond(self.optimizer, self._backend.params))
 
     # ---- the configuration each method supplies --------------------------------
     def _groups(self) -> list[Group]:
@@ -186,6 +238,7 @@ class GroupedSAM(torch.optim.Optimizer):
         if self._backend.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
         closures, masks = micro_batches(closure, tail_mask)
+        self._track_params()
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scaler is not None and not scaler.is_enabled():
@@ -213,7 +266,12 @@ class GroupedSAM(torch.optim.Optimizer):
         if self._open_method != after:
             where = f"after {after}()" if after else "first"
             raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
-        self._backend.adopt()
+        try:
+            self._track_params()
+            self._backend.adopt()
+        except BaseException:
+            self._open_method = None  # the backend abandoned the step: a new one can start
+            raise
 
     def _perturb(self, slot: Slot, rho: float, method: str) -> None:
         """Move the weights along the gradient held in ``slot``; ``method`` stays open."""
@@ -235,24 +293,52 @@ class GroupedSAM(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` saved: everything is checked first (the
+        keys, ``nonfinite_steps``, the stage, the base state's param groups
+        against the base optimizer), and a refused state changes nothing."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if "base" not in state_dict and "param_groups" in state_dict:
-            # a base optimizer's own state_dict, as saved by scripts for the published code
-            self.optimizer.load_state_dict(state_dict)
-            return
-        if not {"base", "stage"} <= set(state_dict) <= {"base", "stage", "nonfinite_steps"}:
+        stage_keys = list(self._stage_state())
+        missing = [k for k in ("base", "stage") if k not in state_dict]
+        if missing:
+            hint = ""
+            if "param_groups" in state_dict:
+                # what scripts for the published code save: loading it would restart the stage
+                hint = (
+                    "; this is a base optimizer's own state_dict, which has no stage: resume from "
+                    "opt.state_dict(), or load it with opt.optimizer.load_state_dict() to start "
+                    "the stage over"
+                )
             raise ValueError(
-                f"state_dict must have keys 'base', 'stage' (and 'nonfinite_steps'), got {sorted(state_dict)}"
+                f"state_dict lacks {' and '.join(map(repr, missing))}: {type(self).__name__}.state_dict() "
+                f"has 'base' (the base optimizer's state_dict), 'stage' ({', '.join(stage_keys)}) "
+                f"and 'nonfinite_steps'{hint}"
             )
+        unknown = sorted(map(str, set(state_dict) - {"base", "stage", "nonfinite_steps"}))
+        if unknown:
+            raise ValueError(f"state_dict has unknown keys {unknown}; known: base, stage, nonfinite_steps")
+        stage, base = state_dict["stage"], state_dict["base"]
+        need_keys("state_dict['stage']", stage, [])
+        unknown = sorted(map(str, set(stage) - set(stage_keys)))
+        if unknown:
+            raise ValueError(
+                f"state_dict['stage'] has keys {unknown} that a {type(self).__name__} stage does not "
+                f"have ({', '.join(stage_keys)}): saved from another method?"
+            )
+        nonfinite_steps = check_count("nonfinite_steps", state_dict.get("nonfinite_steps", 0), 0)
+        check_base_state(base, self.optimizer)
         before = self._stage_state()
-        self._load_stage_state(state_dict["stage"])  # validates everything before assigning
+        self._load_stage_state(stage)  # checks every value before assigning any
+        # torch's load_state_dict replaces state and param_groups by new objects
+        # at its end; holding the old ones undoes a failure past its own checks
+        old = {"state": self.optimizer.state, "param_groups": self.optimizer.param_groups}
         try:
-            self.optimizer.load_state_dict(state_dict["base"])
+            self.optimizer.load_state_dict(base)
         except BaseException:
-            self._load_stage_state(before)  # all or nothing
+            self._load_stage_state(before)
+            self.optimizer.__dict__.update(old)
             raise
-        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+        self.nonfinite_steps = nonfinite_steps
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._stage_state().items())

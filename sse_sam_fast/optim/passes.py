@@ -1,20 +1,36 @@
 """The pass runners: one call of ``step()`` carrying out a :class:`StepPlan`
-over one or more micro-batches."""
+over one or more micro-batches.
+
+Two ways to end a step, chosen per step:
+
+- host verdict: every finiteness flag is read at once after the passes (one
+  synchronisation) and a non-finite step is abandoned before the base step;
+- device verdict (sync-free, the flat backends on CUDA): the flags reduce to a
+  device bool ``ok``, the base step runs, and weights, optimizer state and
+  BatchNorm statistics are selected back on the device where ``ok`` is false.
+  Empty groups are not dropped from the plan (that needs counts on the host):
+  they run with a zero gradient, and the ``1e-16`` in the norm makes their
+  perturbation exactly zero.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _torch_private
 from ..backends import Perturbation
+from . import batchnorm
 from .checks import check_losses, check_mask
 from .plan import Group, StepPlan
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
@@ -27,28 +43,6 @@ class MicroBatch:
     counts: dict[str, int] = field(default_factory=dict)  # samples of each group's members
 
 
-@contextlib.contextmanager
-def bn_frozen(batchnorms: Sequence[nn.Module], policy: str):
-    """With ``bn_stats="clean"``, BatchNorm running statistics are put back
-    after the forwards at perturbed weights."""
-    if policy == "all":
-        yield
-        return
-    saved = [
-        (buf, buf.clone())
-        for m in batchnorms
-        if m.training and m.track_running_stats
-        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buf is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, old in saved:
-                buf.copy_(old)
-
-
 class StepRun:
     """One ``step()``: the clean passes, the perturbed passes, the non-finite
     verdict and the base step, through the optimizer's backend."""
@@ -56,10 +50,11 @@ class StepRun:
     def __init__(self, opt, plan: StepPlan, closures: Sequence[Callable], masks: Sequence, scaler):
         self.opt, self.be, self.ddp, self.scaler = opt, opt._backend, opt._ddp, scaler
         self.split = plan.split
+        # split needs the sample indices on the host anyway, a scaler reads its own
+        # verdict, and nonfinite="raise" must know before it returns
+        self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
         self.checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
-        self.batches = [self._prepare(plan, c, m) for c, m in zip(closures, masks)]
-        self.total = sum(mb.size for mb in self.batches)
-        self.plan = plan.without(self._empty(plan))
+        self.plan, self.closures, self.masks = plan, closures, masks
 
     # ---- before any backward -------------------------------------------------------
     def _call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
@@ -86,7 +81,10 @@ class StepRun:
         for mb in self.batches:
             mb.counts["all"] = mb.size
         if plan.masked:
-            tails = torch.stack([mb.mask.sum() for mb in self.batches]).tolist()
+            if self.split:  # nonzero() already brought the sizes to the host
+                tails = [mb.index["tail"].numel() for mb in self.batches]
+            else:
+                tails = torch.stack([mb.mask.sum() for mb in self.batches]).tolist()
             for mb, t in zip(self.batches, tails):
                 mb.counts.update(tail=t, head=mb.size - t)
         keys = sorted(self.batches[0].counts)
@@ -100,10 +98,12 @@ class StepRun:
     def _runs(self, g: Group, mb: MicroBatch) -> bool:
         # a micro-batch without samples of the group skips its pass, but under DDP
         # the forwards must match across processes (buffer broadcasts)
-        return mb.counts[g.members] > 0 or self.ddp is not None
+        return self.sync_free or self.ddp is not None or mb.counts[g.members] > 0
 
     def _check(self, name: str, value: Tensor) -> None:
-        self.checks.append((name, torch.isfinite(value)))
+        # isfinite(...).all(), not isfinite(sum): fp16 losses that are each finite
+        # can sum past 65504
+        self.checks.append((name, torch.isfinite(value).all()))
 
     def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
         with torch.enable_grad():
@@ -114,28 +114,41 @@ class StepRun:
             out = torch.dot(losses, w)
             (out if self.scaler is None else self.scaler.scale(out)).backward(retain_graph=retain)
 
-    # ---- the passes --------------------------------------------------------------------
+    # ---- the step ------------------------------------------------------------------------
     def run(self) -> Tensor:
         """The step; returns the mean loss at ``w``. Any exception leaves the
-        weights bit-identical and the gradients zero."""
+        weights and BatchNorm statistics bit-identical and the gradients zero."""
         be = self.be
-        be.begin()
+        stats = batchnorm.RunningStats(self.opt._batchnorms)  # before the first forward
         try:
-            loss = self._clean_passes()
-            moves = self._perturbations()
-            for g in self.plan.perturbed:
-                self._perturbed_pass(g, moves[g])
-            self._reduce_final()
-            skipped = self.scaler is None and self._verdict()
+            plan = self.plan
+            self.batches = [self._prepare(plan, c, m) for c, m in zip(self.closures, self.masks)]
+            self.total = sum(mb.size for mb in self.batches)
+            self.plan = plan if self.sync_free else plan.without(self._empty(plan))
+            be.begin()
+            loss = self._passes()
+            ok = self._finite()
+            if ok is not None and not self.sync_free:
+                if self._verdict(ok, stats):
+                    return loss
+                ok = None
         except BaseException:
             be.abort()
+            stats.restore()
             raise
-        if not skipped:
-            be.finish(add=[g.slot for g in self.plan.unperturbed], scaler=self.scaler)
+        self._finish(ok, stats)
+        return loss
+
+    def _passes(self) -> Tensor:
+        loss = self._clean_passes()
+        moves = self._perturbations()
+        for g in self.plan.perturbed:
+            self._perturbed_pass(g, moves[g])
+        self._reduce_final()
         return loss
 
     def _clean_passes(self) -> Tensor:
-        loss_sum = 0.0
+        loss_sum, dtype = 0.0, None
         for mb in self.batches:
             mine = [g for g in self.plan.groups if self._runs(g, mb)]
             if self.split:
@@ -144,16 +157,18 @@ class StepRun:
                     losses = self._call(mb, idx, idx.numel())
                     self._backward(g, mb, losses)
                     self.be.accumulate(g.slot)
-                    loss_sum = loss_sum + losses.detach().sum()
-                    self._check(f"clean {g.members}", losses.detach().sum())
+                    loss_sum = loss_sum + losses.detach().sum(dtype=_accumulation(losses.dtype))
+                    dtype = losses.dtype
+                    self._check(f"clean {g.members}", losses.detach())
             else:
                 for i, g in enumerate(mine):
                     self._backward(g, mb, mb.losses, retain=i + 1 < len(mine))
                     self.be.accumulate(g.slot)
-                loss_sum = loss_sum + mb.losses.detach().sum()
-                self._check("clean forward", mb.losses.detach().sum())
-                mb.losses = None  # frees the graph of a micro-batch no group used
-        return loss_sum / self.total
+                loss_sum = loss_sum + mb.losses.detach().sum(dtype=_accumulation(mb.losses.dtype))
+                self._check("clean forward", mb.losses.detach())
+                dtype, mb.losses = mb.losses.dtype, None  # frees the graph of a micro-batch no group used
+        # a fp16 sum of finite losses can overflow: summed in fp32, returned in the losses' dtype
+        return (loss_sum / self.total).to(dtype)
 
     def _perturbations(self) -> dict[Group, Perturbation]:
         """Every group's norm (checked for finiteness) and the moves of the perturbed ones."""
@@ -164,20 +179,22 @@ class StepRun:
             be.all_reduce([g.slot for g in plan.groups], False, self.ddp.process_group)
         moves = be.perturbations([(g.slot, g.rho) for g in plan.groups])
         for g, move in zip(plan.groups, moves):
-            if move.norm is not None:
+            # under a scaler an inf gradient is the scaler's to handle (skip and back off)
+            if move.norm is not None and self.scaler is None:
                 self._check(f"clean {g.members} gradient", move.norm)
         return dict(zip(plan.groups, moves))
 
     def _perturbed_pass(self, g: Group, move: Perturbation) -> None:
         self.be.perturb(move)
-        with bn_frozen(self.opt._batchnorms, self.opt.bn_stats):
+        with batchnorm.frozen(self.opt._batchnorms, self.opt.bn_stats):
             for mb in self.batches:
                 if not self._runs(g, mb):
                     continue
                 idx = mb.index[g.members] if self.split else None
                 losses = self._call(mb, idx, mb.size if idx is None else idx.numel())
                 self._backward(g, mb, losses)
-                self._check(f"perturbed {g.members}", losses.detach().sum())
+                if self.scaler is None:  # else an overflowed scaled gradient moved w: the scaler's case
+                    self._check(f"perturbed {g.members}", losses.detach())
         norm = self.be.live_norm() if self.scaler is None else None
         if norm is not None:
             self._check(f"perturbed {g.members} gradient", norm)
@@ -191,24 +208,32 @@ class StepRun:
         local = [g.slot for g in self.plan.unperturbed] if self.opt.local_perturbation else []
         self.be.all_reduce(local, True, self.ddp.process_group)
 
-    def _verdict(self) -> bool:
-        """Read every finiteness flag of the step at once (the step's one late
-        host synchronisation); on a failure abandon the step per ``nonfinite``.
-        Returns whether the step is skipped."""
+    # ---- the verdict and the base step ---------------------------------------------------
+    def _finite(self) -> Tensor | None:
+        """Whether every pass was finite, as one device bool (None: nothing checked)."""
         if not self.checks:
+            return None
+        dev = self.checks[0][1].device
+        return torch.stack([c.to(dev) for _, c in self.checks]).all()
+
+    def _verdict(self, ok: Tensor, stats: batchnorm.RunningStats) -> bool:
+        """Read the verdict on the host (the step's late synchronisation); on a
+        failure abandon the step per ``nonfinite``. Returns whether it was skipped."""
+        if ok.item():
             return False
-        flags = torch.stack([c.to(self.checks[0][1].device) for _, c in self.checks]).tolist()
-        if all(flags):
-            return False
+        flags = torch.stack([c.to(ok.device) for _, c in self.checks]).tolist()
         first = self.checks[flags.index(False)][0]
         self.be.abort()
+        stats.restore()
+        if self.scaler is not None:
+            self._report_inf_to_scaler()
         opt = self.opt
         if opt.nonfinite == "raise":
             raise FloatingPointError(f"non-finite value in the {first} pass; the step was not applied")
-        opt.nonfinite_steps += 1
-        # a fixed text, so the default filter shows it once per call site; the count
-        # lives in nonfinite_steps. stacklevel 5: _verdict, run, step, torch.optim's
-        # step wrapper, then the caller
+        opt._count_skipped(1)
+        # a fixed text, so the default filter shows it once per call site; the count lives
+        # in nonfinite_steps. stacklevel 5: _verdict, run, step, torch.optim's step
+        # wrapper, then the caller
         warnings.warn(
             f"{type(opt).__name__}: non-finite value in the {first} pass; step skipped, weights unchanged "
             "(see nonfinite_steps)",
@@ -216,3 +241,23 @@ class StepRun:
             stacklevel=5,
         )
         return True
+
+    def _report_inf_to_scaler(self) -> None:
+        """One policy with and without a scaler: a non-finite loss must make the
+        scaler back off as an inf gradient does. Stepping it on a gradient holding
+        an inf records exactly that (public calls only); the step is skipped."""
+        p = self.be.params[0]
+        kept = p.grad
+        p.grad = torch.full_like(p, float("inf"))
+        try:
+            self.scaler.step(self.opt.optimizer)
+        finally:
+            p.grad = kept
+
+    def _finish(self, ok: Tensor | None, stats: batchnorm.RunningStats) -> None:
+        """The base step; with a device verdict ``ok``, everything it changed is
+        selected back on the device where ``ok`` is false."""
+        self.be.finish(add=[g.slot for g in self.plan.unperturbed], scaler=self.scaler, ok=ok)
+        if ok is not None:
+            stats.keep_if(ok)
+            self.opt._count_skipped(~ok)

@@ -276,6 +276,40 @@ def test_restore_sgd_fused_equals_unfused(dtype, device):
     assert torch.equal(w0, w0_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("use_w0", [True, False], ids=["from_w0", "in_place"])
+def test_restore_sgd_guarded_by_ok(dtype, use_w0, device):
+    """ok=True is the unguarded step bit for bit; ok=False leaves w restored and
+    the momentum buffer's bits as they were, NaN gradients included."""
+    n = 4097
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False)
+    w0 = make(n, dtype, device, seed=80) if use_w0 else None
+    g = make((2, n), dtype, device, seed=81, scale=0.1)
+    buf = make(n, dtype, device, seed=82, scale=0.1)
+    w = make(n, dtype, device, seed=83)
+    runs = {}
+    for name, ok in (("none", None), ("true", True), ("false", False)):
+        wk, bk = w.clone(), buf.clone()
+        flag = None if ok is None else torch.tensor(ok, device=device)
+        gk = g.clone()
+        if ok is False:
+            gk[0, ::7] = float("nan")  # what a failed step leaves behind
+        restore_sgd_(wk, gk, 0, w0, [1], bk, first_step=False, ok=flag, **hp)
+        runs[name] = wk, bk
+    assert_same_bits(runs["true"][0], runs["none"][0], "w, ok=True")
+    assert_same_bits(runs["true"][1], runs["none"][1], "buf, ok=True")
+    assert_same_bits(runs["false"][0], w0 if use_w0 else w, "w, ok=False")
+    assert_same_bits(runs["false"][1], buf, "buf, ok=False")
+
+
+def test_restore_sgd_refuses_to_guard_a_first_step():
+    w, g, buf = torch.zeros(8), torch.zeros(2, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match="first step"):
+        restore_sgd_(w, g, 0, None, [], buf, 0.1, 0.9, 0.0, 0.0, False, True, ok=torch.tensor(True))
+    with pytest.raises(ValueError, match="ok must be a one-element bool"):
+        restore_sgd_(w, g, 0, None, [], buf, 0.1, 0.9, 0.0, 0.0, False, False, ok=torch.tensor(1.0))
+
+
 def test_restore_sgd_only_touches_its_range(device):
     n, start, end = 4097, 1024, 3000
     w = make(n, torch.float32, device, seed=50)

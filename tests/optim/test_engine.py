@@ -470,3 +470,59 @@ def test_triton_refuses_float64_at_construction_and_leaves_the_parameters_alone(
         SSESAM(sgd(m), m, 0.05, 0.1, backend="triton")
     assert [p.data_ptr() for p in m.parameters()] == ptrs  # not moved into a flat buffer
     SSESAM(sgd(m), m, 0.05, 0.1, backend="torch")  # the suggested way works
+
+
+# ---- parameters beyond the model's; a re-bind in the middle of official methods ----
+def _temperature_setup(backend, late=False):
+    torch.manual_seed(0)
+    m = mlp()
+    temp = nn.Parameter(torch.tensor(1.5))
+    params = list(m.parameters()) if late else [*m.parameters(), temp]
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    opt = SSESAM(base, m, 0.05, 0.1, backend=backend)
+    if late:
+        opt.add_param_group({"params": [temp], "lr": 0.05})
+    return m, temp, opt
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["with-model", "add_param_group"])
+def test_parameters_the_base_holds_beyond_the_model_step_alike_on_every_backend(late):
+    """A learnable loss temperature takes part in the step like a model parameter:
+    perturbed, restored, updated once, its gradient zeroed between steps."""
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    results = {}
+    for backend in ("reference", "torch", "triton"):
+        m, temp, opt = _temperature_setup(backend, late)
+        for _ in range(3):
+            opt.step(lambda: F.cross_entropy(m(x) * temp, y, reduction="none"), y == 2)
+        results[backend] = [t.detach().clone() for t in [*m.parameters(), temp]]
+    assert not torch.equal(results["reference"][-1], torch.tensor(1.5))
+    for backend in ("torch", "triton"):
+        for a, b in zip(results[backend], results["reference"]):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_rebind_between_official_methods_leaves_a_usable_optimizer(backend):
+    m = mlp()
+    opt = SAM(sgd(m), m, 0.5, backend=backend)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    before = [p.detach().clone() for p in m.parameters()]
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    for p in m.parameters():
+        p.data = p.data.clone()  # what model.to() does to every parameter
+    F.cross_entropy(m(x), y).backward()
+    if backend == "reference":  # per-parameter state follows the parameter: nothing to refuse
+        opt.second_step()
+        return
+    with pytest.raises(RuntimeError, match="abandoned and the weights restored"):
+        opt.second_step()
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+    # the documented way on: a new backward and a new sequence
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    F.cross_entropy(m(x), y).backward()
+    opt.second_step()
+    assert not any(torch.equal(p, b) for p, b in zip(m.parameters(), before))

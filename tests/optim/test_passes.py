@@ -329,6 +329,10 @@ def _ddp_worker(rank, world, init, local, stage, out):
         torch.save([p.detach() for p in model.parameters()], out)
     dist.barrier()  # gloo aborts a process whose peer tears the group down first
     dist.destroy_process_group()
+    # gloo's threads may still be winding down when the interpreter exits, which
+    # now and then aborts the process ("terminate called without an active
+    # exception"); the result is saved, so leave without the C++ teardown
+    os._exit(0)
 
 
 def _ddp_batches():
