@@ -111,6 +111,31 @@ def _check_ok(ok, w: torch.Tensor) -> None:
         raise ValueError(f"ok must be on w's device {w.device}, got {ok.device}")
 
 
+def _check_extra_rows(rows, k: int) -> list[int]:
+    """At most one extra row index in ``[0, k)``."""
+    rows = list(rows)
+    if len(rows) > 1:
+        raise ValueError(f"extra_rows: at most one extra row is supported, got {rows}")
+    return [_check_row(r, k, "extra_rows") for r in rows]
+
+
+def _check_range(start, end, n_total: int) -> int:
+    """Ints with ``0 <= start <= end <= n_total``; returns ``end``."""
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_total):
+        raise ValueError(
+            f"start, end must satisfy 0 <= start <= end <= {n_total}, got start={start!r}, end={end!r}"
+        )
+    return end
+
+
+def _check_hyper(hyper, w: torch.Tensor) -> None:
+    """hyper: float32 [lr, momentum, dampening, weight_decay] on w's device."""
+    if not isinstance(hyper, torch.Tensor) or hyper.shape != (4,) or hyper.dtype != torch.float32:
+        raise ValueError(f"hyper must be a float32 tensor of shape (4,), got {_describe(hyper)}")
+    if hyper.device != w.device:
+        raise ValueError(f"hyper must be on w's device {w.device}, got {hyper.device}")
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)} ({x.dtype})"

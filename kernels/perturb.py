@@ -100,4 +100,3 @@ def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _perturb_kernel[grid](w, w0, g_row, sumsq, rho, n_elements, SAVE=save, EPS=EPS, BLOCK_SIZE=BLOCK_SIZE)
     return w
-

@@ -43,7 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import _check_bucket, _check_momentum_buf, _check_ok, _check_row, _check_snapshot
+from ._checks import (
+    _check_bucket,
+    _check_extra_rows,
+    _check_hyper,
+    _check_momentum_buf,
+    _check_ok,
+    _check_range,
+    _check_row,
+    _check_snapshot,
+)
 
 BLOCK_SIZE = 1024
 
@@ -56,6 +65,7 @@ def _restore_sgd_kernel(
     extra_ptr,
     buf_ptr,
     ok_ptr,
+    hyper_ptr,
     lr,
     momentum,
     dampening,
@@ -68,6 +78,7 @@ def _restore_sgd_kernel(
     FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_OK: tl.constexpr,
+    HYPER_ON_DEVICE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """Restore w from w0, then one SGD step with d = grad + extra (see module doc).
@@ -79,6 +90,13 @@ def _restore_sgd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
+    if HYPER_ON_DEVICE:
+        # a replayed CUDA graph keeps its arguments: values an LR scheduler
+        # changes between replays are read from memory instead
+        lr = tl.load(hyper_ptr)
+        momentum = tl.load(hyper_ptr + 1)
+        dampening = tl.load(hyper_ptr + 2)
+        weight_decay = tl.load(hyper_ptr + 3)
     # The perturbed w is never read when the snapshot is given: the update
     # starts from the pre-perturbation weights bit for bit.
     if HAS_W0:
@@ -138,6 +156,7 @@ def restore_sgd_(
     start: int = 0,
     end: int | None = None,
     ok: torch.Tensor | None = None,
+    hyper: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place over ``[start, end)``: restore ``w``, then one ``torch.optim.SGD`` step.
 
@@ -161,6 +180,10 @@ def restore_sgd_(
             False the step does not take effect: ``w`` gets the restored weights
             and the momentum buffer keeps its bits (not allowed with
             ``first_step``, whose buffer has no old value to keep).
+        hyper: a float32 tensor ``[lr, momentum, dampening, weight_decay]`` on
+            ``w``'s device, or None. The kernel reads those values from it (for a
+            CUDA graph whose learning rate changes between replays); the float
+            arguments still choose the code path (``momentum != 0``, ...).
 
     Returns ``w``.  Elements outside ``[start, end)`` are not touched.
     """
@@ -169,18 +192,13 @@ def restore_sgd_(
     grad_row = _check_row(grad_row, g.shape[0], "grad_row")
     if w0 is not None:
         _check_snapshot(w0, w, g)
-    extra_rows = list(extra_rows)
-    if len(extra_rows) > 1:
-        raise ValueError(f"extra_rows: at most one extra row is supported, got {extra_rows}")
-    extra_rows = [_check_row(r, g.shape[0], "extra_rows") for r in extra_rows]
-    end = n_total if end is None else end
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_total):
-        raise ValueError(
-            f"start, end must satisfy 0 <= start <= end <= {n_total}, got start={start!r}, end={end!r}"
-        )
+    extra_rows = _check_extra_rows(extra_rows, g.shape[0])
+    end = _check_range(start, n_total if end is None else end, n_total)
     has_momentum = momentum != 0
     if has_momentum:
         _check_momentum_buf(momentum_buf, w)
+    if hyper is not None:
+        _check_hyper(hyper, w)
     if ok is not None:
         _check_ok(ok, w)
         if first_step and has_momentum:
@@ -203,6 +221,7 @@ def restore_sgd_(
         extra,
         buf,
         ok if ok is not None else grad,
+        hyper if hyper is not None else grad,
         float(lr),
         float(momentum),
         float(dampening),
@@ -215,6 +234,7 @@ def restore_sgd_(
         FIRST_STEP=bool(first_step),
         NESTEROV=bool(nesterov),
         HAS_OK=ok is not None,
+        HYPER_ON_DEVICE=hyper is not None,
         BLOCK_SIZE=BLOCK_SIZE,
     )
     return w

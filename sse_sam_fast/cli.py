@@ -314,6 +314,11 @@ def _add_verify(commands) -> None:
     verify.add_argument(
         "--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["float32", "bfloat16"]
     )
+    verify.add_argument(
+        "--capture",
+        action="store_true",
+        help="also verify opt.capture() (CUDA graphs on CUDA with the triton backend, eager elsewhere)",
+    )
     verify.set_defaults(func=functools.partial(_cmd_verify, parser=verify))
 
 
@@ -345,7 +350,8 @@ def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         f"verify backend={backend} on {device} ({name}), {args.steps} steps per case; "
         f"torch {torch.__version__}"
     )
-    results = verify(backend, str(device), args.steps, dtypes)
+    apis = ("step", "official", "capture") if args.capture else ("step", "official")
+    results = verify(backend, str(device), args.steps, dtypes, apis)
     print(format_results(results))
     failed = sum(not r.diff.ok for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")

@@ -289,14 +289,18 @@ def published_step(opt, model: nn.Module, x: Tensor, y: Tensor, tail: Tensor, me
 
 
 def run(case: Case, backend: str = "reference", api: str = "official", device="cpu") -> list[Tensor]:
-    """Train ``case`` with ``backend`` through ``api`` ("official" or "step") on
-    ``device``; returns the final trainable parameters, on the CPU."""
+    """Train ``case`` with ``backend`` through ``api`` ("official", "step" or
+    "capture": ``opt.capture``, CUDA graphs where they apply) on ``device``;
+    returns the final trainable parameters, on the CPU."""
     model, opt = case.build(backend, device)
     model.train()
+    captured = opt.capture(lambda x, y: per_sample_losses(model, x, y)) if api == "capture" else None
     for step, batch in enumerate(case.batches()):
         x, y, tail = (t.to(device) for t in batch)
         if api == "official":
             published_step(opt, model, x, y, tail, case.method)
+        elif captured is not None:
+            captured(x, y, tail_mask=tail)
         else:
             opt.step(lambda: per_sample_losses(model, x, y), tail)
         if case.method == "ssesam" and step % 2 == 1:

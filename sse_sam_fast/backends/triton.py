@@ -19,6 +19,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TritonBackend(TorchBackend):
     """The torch backend's buffers with the Triton kernels: the norms of several
     gradient sets in one launch per bucket, perturbation, restore and the
@@ -50,6 +54,35 @@ class TritonBackend(TorchBackend):
                 "backend='triton' needs CUDA parameters (or TRITON_INTERPRET=1 to run the kernels "
                 "through Triton's interpreter on the CPU); use backend='torch' or 'auto'"
             )
+
+    # ---- hyperparameters in device memory (for CUDA graphs) --------------------------
+    _hyper: dict[int, Tensor] | None = None  # id(param group) -> [lr, momentum, dampening, wd]
+    fused_last = False  # whether the last finish() ran the fused restore+SGD kernel
+
+    def hyperparameters_on_device(self) -> None:
+        """From now on the fused SGD kernel reads each param group's hyperparameters
+        from device memory, refreshed by :meth:`load_hyperparameters`."""
+        if self._hyper is None:
+            self._hyper = {}
+        self.load_hyperparameters()
+
+    def load_hyperparameters(self) -> None:
+        """Copy the param groups' current values to device memory (four small
+        fills per group, no host synchronisation)."""
+        dev = self.buckets[0].w.device
+        for group in self.optimizer.param_groups:
+            t = self._hyper.get(id(group))
+            if t is None:
+                t = self._hyper[id(group)] = torch.zeros(4, dtype=torch.float32, device=dev)
+            for i, key in enumerate(("lr", "momentum", "dampening", "weight_decay")):
+                t[i].fill_(float(group[key]))
+
+    def _hyper_of(self, group: dict) -> Tensor | None:
+        if self._hyper is None:
+            return None
+        if id(group) not in self._hyper:  # a group added since
+            self.load_hyperparameters()
+        return self._hyper[id(group)]
 
     def _flatten(self, rows: int) -> None:
         super()._flatten(rows)
@@ -84,9 +117,12 @@ class TritonBackend(TorchBackend):
         self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
     ) -> None:
         first = None if scaler is not None else self._fusable_sgd(add, grads, ok)
+        self.fused_last = first is not None
         if first is None:
             super().finish(add, grads, scaler, ok)
             return
+        if self._hyper is not None and not _capturing():
+            self.load_hyperparameters()  # an eager step reads the values of now
         extra = [self.slots[slot][0] for slot in add]
         group_of = self._group_of()
         try:
@@ -98,6 +134,7 @@ class TritonBackend(TorchBackend):
                         self._momentum_buffer(i) if momentum else None,
                         group["lr"], momentum, group["dampening"], group["weight_decay"],
                         group["nesterov"], first, start, end, ok,
+                        self._hyper_of(group),
                     )  # fmt: skip
             self._saved = False
             _torch_private.mark_stepped(self.optimizer)

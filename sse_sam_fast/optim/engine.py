@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import BACKENDS, Perturbation, Slot, make_backend
+from .capture import CapturedStep
 from .checks import check_base_state, check_count, micro_batches, need_keys, takes_index
 from .passes import StepRun
 from .plan import SCHEDULES, Group, StepPlan
@@ -248,6 +249,28 @@ class GroupedSAM(torch.optim.Optimizer):
         sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
         with sync:  # the engine averages gradients itself (see StepRun)
             return StepRun(self, plan, closures, masks, scaler).run()
+
+    def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:
+        """A step function replayed as one CUDA graph per input shape and stage::
+
+            captured = opt.capture(loss_fn)       # loss_fn(*inputs) -> per-sample losses (B,)
+            for x, y in loader:
+                loss = captured(x, y, tail_mask=mask)   # a device tensor, no host synchronisation
+
+        Each call gives the update of ``opt.step(lambda: loss_fn(*inputs),
+        tail_mask, schedule)``. A graph is captured after a short eager warm-up
+        per input shapes and dtypes, stage and parameter layout, checked once
+        against the eager step, and then replayed (``captured.graphed``). Where a
+        graph cannot give the same update (a CPU; another backend than triton or
+        another base optimizer than a plain ``torch.optim.SGD``; DDP;
+        ``nonfinite="raise"``; dropout; a failed check) the call runs the same
+        step eagerly, with a one-time warning on CUDA saying why. The learning
+        rate and the other SGD hyperparameters are read from device memory at
+        every replay, so schedulers keep working.
+        """
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be 'exact', 'split' or 'auto', got {schedule!r}")
+        return CapturedStep(self, loss_fn, schedule)
 
     def _split(self, schedule: str, closure, groups: Sequence[Group]) -> bool:
         if schedule not in SCHEDULES:

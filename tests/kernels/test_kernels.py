@@ -302,6 +302,23 @@ def test_restore_sgd_guarded_by_ok(dtype, use_w0, device):
     assert_same_bits(runs["false"][1], buf, "buf, ok=False")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_restore_sgd_reads_hyperparameters_from_memory(dtype, device):
+    """With ``hyper`` the kernel uses the values in memory, not its float arguments
+    (what a CUDA graph replayed after an LR scheduler step needs)."""
+    n = 4097
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False)
+    g = make((2, n), dtype, device, seed=91, scale=0.1)
+    w, buf = make(n, dtype, device, seed=92), make(n, dtype, device, seed=93, scale=0.1)
+    expected_w, expected_buf = w.clone(), buf.clone()
+    restore_sgd_(expected_w, g, 0, None, [1], expected_buf, first_step=False, **hp)
+    stale = dict(hp, lr=1.0, momentum=0.5, dampening=0.0, weight_decay=0.5)  # what the graph was built with
+    hyper = torch.tensor([0.05, 0.9, 0.1, 1e-3], dtype=torch.float32, device=device)
+    restore_sgd_(w, g, 0, None, [1], buf, first_step=False, hyper=hyper, **stale)
+    assert_same_bits(w, expected_w, "w")
+    assert_same_bits(buf, expected_buf, "buf")
+
+
 def test_restore_sgd_refuses_to_guard_a_first_step():
     w, g, buf = torch.zeros(8), torch.zeros(2, 8), torch.zeros(8)
     with pytest.raises(ValueError, match="first step"):

@@ -1,0 +1,190 @@
+"""Whole-step capture: ``opt.capture(loss_fn)`` replays one CUDA graph per step.
+
+At the sizes SAM is trained at, a step on a GPU is bound by the host: each of
+its thousands of kernels is launched from Python. A CUDA graph records the
+launches of one step (the clean forward, every backward, the perturbations,
+the restore and the update) once and replays them with one call.
+
+What a graph cannot do is decided on the host: so a graph is only built where
+the step is sync-free and every decision it takes is fixed by things the key
+of the graph names (input shapes and dtypes, the stage's radii, the schedule,
+the parameter layout). Everything else runs the same step eagerly, with a
+one-time warning saying why. A new graph is checked once against the eager
+step on the same batch before it is used; a graph that disagrees is dropped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisation, compilation)
+
+
+class _Graph:
+    """One captured step: its static inputs, the graph, and its static loss."""
+
+    def __init__(self, inputs: tuple, mask: Tensor | None):
+        self.inputs = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs)
+        self.mask = None if mask is None else mask.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.loss: Tensor | None = None
+
+    def load(self, inputs: tuple, mask: Tensor | None) -> None:
+        for static, x in zip(self.inputs, inputs):
+            if isinstance(static, Tensor):
+                static.copy_(x, non_blocking=True)
+        if mask is not None:
+            self.mask.copy_(mask, non_blocking=True)
+
+
+class CapturedStep:
+    """``captured(*inputs, tail_mask=None)`` is ``opt.step(lambda: loss_fn(*inputs),
+    tail_mask)``, replayed as a CUDA graph where that gives the same update.
+
+    ``graphed`` tells whether the last call replayed a graph.
+    """
+
+    def __init__(self, opt, loss_fn: Callable[..., Tensor], schedule: str = "exact"):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.opt, self.loss_fn, self.schedule = opt, loss_fn, schedule
+        self.graphed = False
+        self._graphs: dict[tuple, _Graph | None] = {}  # None: this key runs eagerly
+        self._calls: dict[tuple, int] = {}
+        self._warned: set[str] = set()
+
+    def __call__(self, *inputs, tail_mask: Tensor | None = None) -> Tensor:
+        why = self._refusal(inputs)
+        if why is not None:
+            return self._eager(inputs, tail_mask, why)
+        key = self._key(inputs, tail_mask)
+        if key not in self._graphs:
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if self._calls[key] <= WARMUP:
+                return self._eager(inputs, tail_mask, side_stream=self._calls[key] == WARMUP)
+            return self._capture(key, inputs, tail_mask)
+        graph = self._graphs[key]
+        if graph is None:
+            return self._eager(inputs, tail_mask)
+        return self._replay(graph, inputs, tail_mask)
+
+    # ---- when a graph gives the same update ---------------------------------------
+    def _refusal(self, inputs: tuple) -> str | None:
+        """Why this call cannot replay a graph (None: it can). CPU: silently eager."""
+        opt, be = self.opt, self.opt._backend
+        if not torch.cuda.is_available() or be.params[0].device.type != "cuda":
+            return ""
+        from .._torch_private import plain_sgd
+
+        reasons = [
+            (be.name != "triton", "the triton backend is needed"),
+            (not plain_sgd(opt.optimizer), "the base optimizer is not a plain torch.optim.SGD"),
+            (opt._ddp is not None, "DistributedDataParallel steps are not captured"),
+            (opt.nonfinite != "skip", "nonfinite='raise' reads the verdict on the host"),
+            (self.schedule != "exact", "only the exact schedule is captured"),
+            (any(isinstance(x, Tensor) and not x.is_cuda for x in inputs), "inputs are not on CUDA"),
+            (_random(opt.model), "dropout draws differ between a graph and the eager step"),
+        ]
+        return next((why for bad, why in reasons if bad), None)
+
+    def _key(self, inputs: tuple, mask: Tensor | None) -> tuple:
+        be = self.opt._backend
+        be._check_layout()  # a re-bound parameter gets new buffers, hence a new key
+        shapes = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else ("value", x) for x in inputs)
+        layout = tuple(id(b.w) for b in be.buckets)
+        return shapes, None if mask is None else mask.shape, tuple(self.opt._groups()), layout
+
+    # ---- the three ways to run a call ---------------------------------------------------
+    def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:
+        if why and why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=3)
+        self.graphed = False
+        step = lambda: self.opt.step(lambda: self.loss_fn(*inputs), mask, schedule=self.schedule)
+        if not side_stream:
+            return step()
+        # the last warm-up runs on a side stream, as torch.cuda.graph requires
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            loss = step()
+        torch.cuda.current_stream().wait_stream(stream)
+        return loss
+
+    def _replay(self, graph: _Graph, inputs: tuple, mask) -> Tensor:
+        self.opt._backend._check_layout()
+        graph.load(inputs, mask)
+        self.opt._backend.load_hyperparameters()
+        graph.graph.replay()
+        self.graphed = True
+        return graph.loss.clone()  # the static loss is overwritten by the next replay
+
+    def _capture(self, key: tuple, inputs: tuple, mask) -> Tensor:
+        opt, be = self.opt, self.opt._backend
+        be.hyperparameters_on_device()
+        graph = _Graph(inputs, mask)
+        step = lambda: opt.step(lambda: self.loss_fn(*graph.inputs), graph.mask, schedule=self.schedule)
+        try:
+            with torch.cuda.graph(graph.graph):
+                graph.loss = step()
+            fused = be.fused_last
+        except Exception as err:  # nothing ran: the recorded kernels are dropped with the graph
+            self._graphs[key] = None
+            return self._eager(inputs, mask, f"capture failed ({type(err).__name__}: {err})")
+        if not fused:
+            self._graphs[key] = None
+            return self._eager(inputs, mask, "the step did not take the fused SGD update")
+        return self._first_replay(key, graph, inputs, mask)
+
+    def _first_replay(self, key: tuple, graph: _Graph, inputs: tuple, mask) -> Tensor:
+        """Replay once and compare with the eager step from the same state; keep
+        the eager result either way, and the graph only if they agree."""
+        state = _State(self.opt)
+        self._replay(graph, inputs, mask)
+        replayed = state.now()
+        state.restore()
+        loss = self._eager(inputs, mask)
+        from ..verify import compare  # the verify tables; only a GPU ever gets here
+
+        diff = compare(replayed, state.now(), torch.float32)
+        if diff.ok:
+            self._graphs[key] = graph
+        else:
+            self._graphs[key] = None
+            self._eager_warning(f"the captured step differed from the eager step ({diff})")
+        return loss
+
+    def _eager_warning(self, why: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=4)
+
+
+def _random(model: nn.Module) -> bool:
+    dropouts = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+    return any(m.training and m.p > 0 for m in dropouts)
+
+
+class _State:
+    """Everything a step writes (weights, momentum, BatchNorm buffers, the
+    skipped-step counter), copied so that a trial step can be taken back."""
+
+    def __init__(self, opt):
+        self.tensors = [b.w for b in opt._backend.buckets]
+        state = opt.optimizer.state.values()
+        self.tensors += [t for st in state for t in st.values() if isinstance(t, Tensor)]
+        self.tensors += list(opt.model.buffers())
+        if opt._skipped_device is not None:
+            self.tensors.append(opt._skipped_device)
+        self.saved = [t.clone() for t in self.tensors]
+
+    def now(self) -> list[Tensor]:
+        return [t.clone() for t in self.tensors]
+
+    def restore(self) -> None:
+        for t, s in zip(self.tensors, self.saved):
+            t.copy_(s)

@@ -1,0 +1,123 @@
+"""opt.capture(loss_fn): the same update as opt.step, graphed on CUDA where it can be."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sse_sam_fast import SAM, SSESAM, ImbSAM
+from sse_sam_fast.verify import Case, assert_close, per_sample_losses, run
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def build(method="ssesam", backend="torch", device="cpu", base="sgd", dropout=0.0):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)]
+    model = nn.Sequential(*layers).to(device)
+    if base == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cls, args = {"sam": (SAM, (0.1,)), "imbsam": (ImbSAM, (0.1,)), "ssesam": (SSESAM, (0.05, 0.1, 0.5, 4))}[
+        method
+    ]
+    return model, cls(opt, model, *args, backend=backend)
+
+
+def batches(n=10, device="cpu", sizes=(12,)):
+    g = torch.Generator().manual_seed(3)
+    for i in range(n):
+        b = sizes[i % len(sizes)]
+        x, y = torch.randn(b, 6, generator=g), torch.randint(0, 3, (b,), generator=g)
+        tail = y == 2
+        if i == 2:
+            tail[:] = False  # an empty tail group
+        yield x.to(device), y.to(device), tail.to(device)
+
+
+def train(method, backend, device, api, sched=None, sizes=(12,), base="sgd"):
+    model, opt = build(method, backend, device, base)
+    loss_fn = lambda x, y: F.cross_entropy(model(x), y, reduction="none")
+    captured = opt.capture(loss_fn)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10) if sched else None
+    graphed = []
+    for i, (x, y, tail) in enumerate(batches(device=device, sizes=sizes)):
+        if api == "capture":
+            captured(x, y, tail_mask=tail)
+            graphed.append(captured.graphed)
+        else:
+            opt.step(lambda: loss_fn(x, y), tail)
+        if scheduler is not None:
+            scheduler.step()
+        if method == "ssesam" and i % 4 == 3:
+            opt.update_rho()
+    return [t.detach().cpu().clone() for t in [*model.parameters(), *model.buffers()]], graphed
+
+
+@pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
+def test_on_cpu_the_captured_step_is_the_eager_step(method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CPU runs eagerly without complaint
+        captured, graphed = train(method, "torch", "cpu", "capture", sched=True)
+    eager, _ = train(method, "torch", "cpu", "step", sched=True)
+    assert not any(graphed)
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+
+def test_capture_returns_the_loss_and_checks_its_arguments():
+    model, opt = build()
+    with pytest.raises(TypeError, match="loss_fn"):
+        opt.capture("not callable")
+    with pytest.raises(ValueError, match="schedule"):
+        opt.capture(lambda x: x, schedule="fast")
+    x, y, tail = next(batches())
+    captured = opt.capture(lambda x, y: F.cross_entropy(model(x), y, reduction="none"))
+    expected = F.cross_entropy(copy.deepcopy(model)(x), y)
+    loss = captured(x, y, tail_mask=tail)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="tail_mask"):
+        captured(x, y, tail_mask=tail[:5])
+
+
+def test_verify_capture_api_on_cpu():
+    case = Case(method="ssesam", model="bn_cnn", steps=5)
+    expected = run(case, "reference", "official")
+    assert_close(run(case, "torch", "capture"), expected, torch.float32, "capture on cpu")
+
+
+# ---- CUDA: graphs -------------------------------------------------------------------------
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
+def test_cuda_graphs_give_the_eager_update(method):
+    captured, graphed = train(method, "triton", "cuda", "capture", sched=True)
+    eager, _ = train(method, "triton", "cuda", "step", sched=True)
+    assert any(graphed), "no call replayed a graph"
+    assert_close(captured, eager, torch.float32, f"graphed {method}")
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_a_last_batch_of_another_shape_gets_its_own_graph_or_runs_eagerly():
+    captured, _ = train("ssesam", "triton", "cuda", "capture", sizes=(12, 12, 12, 12, 7))
+    eager, _ = train("ssesam", "triton", "cuda", "step", sizes=(12, 12, 12, 12, 7))
+    assert_close(captured, eager, torch.float32, "two shapes")
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize(
+    "base,backend,dropout", [("adam", "triton", 0.0), ("sgd", "torch", 0.0), ("sgd", "triton", 0.2)]
+)
+def test_cuda_what_cannot_be_graphed_runs_eagerly_with_a_warning(base, backend, dropout):
+    model, opt = build("ssesam", backend, "cuda", base, dropout)
+    captured = opt.capture(lambda x, y: per_sample_losses(model, x, y))
+    with pytest.warns(RuntimeWarning, match="capture: running eagerly"):
+        for x, y, tail in batches(6, "cuda"):
+            captured(x, y, tail_mask=tail)
+    assert not captured.graphed
