@@ -69,7 +69,7 @@ def _check_row(row, k: int, name: str) -> int:
 
 
 def _check_shift(term, g: torch.Tensor, name: str):
-    """Validate ``(row, sumsq, rho)``; returns ``(g[row], sumsq, float(rho))``."""
+    """Validate ``(row, sumsq, rho)``; returns ``(row, sumsq, float(rho))``."""
     if not isinstance(term, tuple) or len(term) != 3:
         raise ValueError(f"{name} must be a tuple (row, sumsq, rho), got {term!r}")
     row, sumsq, rho = term
@@ -86,7 +86,7 @@ def _check_shift(term, g: torch.Tensor, name: str):
         rho = float(rho)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: rho must be a float, got {rho!r}") from None
-    return g[row], sumsq, rho
+    return row, sumsq, rho
 
 
 def _check_momentum_buf(buf, w: torch.Tensor) -> None:
@@ -111,21 +111,38 @@ def _check_ok(ok, w: torch.Tensor) -> None:
         raise ValueError(f"ok must be on w's device {w.device}, got {ok.device}")
 
 
-def _check_extra_rows(rows, k: int) -> list[int]:
+def _check_restore_sgd(
+    w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok
+):
+    """Every argument of :func:`.update.restore_sgd_` but the hyperparameters."""
+    _check_bucket(w, g)
+    _check_row(grad_row, g.shape[0], "grad_row")
+    if w0 is not None:
+        _check_snapshot(w0, w, g)
+    _check_extra_rows(extra_rows, g.shape[0])
+    _check_range(start, end, w.shape[0])
+    if has_momentum:
+        _check_momentum_buf(momentum_buf, w)
+    if ok is not None:
+        _check_ok(ok, w)
+        if first_step and has_momentum:
+            raise ValueError("ok cannot guard a first step: the momentum buffer has no old value to keep")
+
+
+def _check_extra_rows(rows: list, k: int) -> None:
     """At most one extra row index in ``[0, k)``."""
-    rows = list(rows)
     if len(rows) > 1:
         raise ValueError(f"extra_rows: at most one extra row is supported, got {rows}")
-    return [_check_row(r, k, "extra_rows") for r in rows]
+    for r in rows:
+        _check_row(r, k, "extra_rows")
 
 
-def _check_range(start, end, n_total: int) -> int:
-    """Ints with ``0 <= start <= end <= n_total``; returns ``end``."""
+def _check_range(start, end, n_total: int) -> None:
+    """Ints with ``0 <= start <= end <= n_total``."""
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_total):
         raise ValueError(
             f"start, end must satisfy 0 <= start <= end <= {n_total}, got start={start!r}, end={end!r}"
         )
-    return end
 
 
 def _check_hyper(hyper, w: torch.Tensor) -> None:

@@ -71,7 +71,9 @@ def _perturb_kernel(
     tl.store(w_ptr + offsets, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool) -> torch.Tensor:
+def perturb_(
+    w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool, check: bool = True
+) -> torch.Tensor:
     """In place: ``w <- base + s * g[row]``, ``base = w`` (saved to ``w0``) or ``w0``; returns ``w``.
 
     Args:
@@ -85,15 +87,20 @@ def perturb_(w: torch.Tensor, w0: torch.Tensor, g: torch.Tensor, add, save: bool
         save: ``True`` for the first perturbation of a step: ``w0 <- w``, then
             ``w <- w + s * g[row]``.  ``False`` for a later one: ``w <- w0 + s *
             g[row]``, so the previous perturbation leaves no trace.
+        check: validate the arguments (``False``: the caller validated this
+            buffer layout once already).
 
     Restoring is ``w.copy_(w0)`` (bit-identical) or the ``w0`` argument of
     :func:`.update.restore_sgd_`.
     """
-    _check_bucket(w, g)
-    _check_snapshot(w0, w, g)
-    g_row, sumsq, rho = _check_shift(add, g, "add")
-    if not isinstance(save, bool):
-        raise ValueError(f"save must be a bool, got {save!r}")
+    if check:
+        _check_bucket(w, g)
+        _check_snapshot(w0, w, g)
+        add = _check_shift(add, g, "add")
+        if not isinstance(save, bool):
+            raise ValueError(f"save must be a bool, got {save!r}")
+    row, sumsq, rho = add
+    g_row = g[row]
     n_elements = w.numel()
     if n_elements == 0:
         return w

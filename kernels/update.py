@@ -43,16 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    _check_bucket,
-    _check_extra_rows,
-    _check_hyper,
-    _check_momentum_buf,
-    _check_ok,
-    _check_range,
-    _check_row,
-    _check_snapshot,
-)
+from ._checks import _check_hyper, _check_restore_sgd
 
 BLOCK_SIZE = 1024
 
@@ -157,6 +148,7 @@ def restore_sgd_(
     end: int | None = None,
     ok: torch.Tensor | None = None,
     hyper: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """In place over ``[start, end)``: restore ``w``, then one ``torch.optim.SGD`` step.
 
@@ -184,25 +176,21 @@ def restore_sgd_(
             ``w``'s device, or None. The kernel reads those values from it (for a
             CUDA graph whose learning rate changes between replays); the float
             arguments still choose the code path (``momentum != 0``, ...).
+        check: validate the arguments (``False``: the caller validated this
+            buffer layout once already; a launch then costs no Python checks).
 
     Returns ``w``.  Elements outside ``[start, end)`` are not touched.
     """
-    _check_bucket(w, g)
     n_total = w.shape[0]
-    grad_row = _check_row(grad_row, g.shape[0], "grad_row")
-    if w0 is not None:
-        _check_snapshot(w0, w, g)
-    extra_rows = _check_extra_rows(extra_rows, g.shape[0])
-    end = _check_range(start, n_total if end is None else end, n_total)
+    end = n_total if end is None else end
+    extra_rows = list(extra_rows)
     has_momentum = momentum != 0
-    if has_momentum:
-        _check_momentum_buf(momentum_buf, w)
-    if hyper is not None:
-        _check_hyper(hyper, w)
-    if ok is not None:
-        _check_ok(ok, w)
-        if first_step and has_momentum:
-            raise ValueError("ok cannot guard a first step: the momentum buffer has no old value to keep")
+    if check:
+        _check_restore_sgd(
+            w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok
+        )
+        if hyper is not None:
+            _check_hyper(hyper, w)
     n_elements = end - start
     if n_elements == 0:
         return w

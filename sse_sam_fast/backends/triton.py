@@ -84,6 +84,17 @@ class TritonBackend(TorchBackend):
             self.load_hyperparameters()
         return self._hyper[id(group)]
 
+    def _index_views(self) -> None:
+        # a new layout (or a grown gradient buffer): the launchers check their
+        # arguments on its first launch, and trust it after (host time per step)
+        self._validated: set[str] = set()
+        super()._index_views()
+
+    def _check_once(self, kernel: str) -> bool:
+        first = kernel not in self._validated
+        self._validated.add(kernel)
+        return first
+
     def _flatten(self, rows: int) -> None:
         super()._flatten(rows)
         self._momentum: list[Tensor | None] = [None] * len(self.buckets)
@@ -108,8 +119,9 @@ class TritonBackend(TorchBackend):
     def perturb(self, move: Perturbation) -> None:
         sumsq, rho = move.scale
         row = self.slots[move.slot][0]
+        check = self._check_once("perturb")
         for b in self.buckets:
-            self._k.perturb_(b.w, b.w0, b.g, (row, sumsq.to(b.w.device), rho), save=not self._saved)
+            self._k.perturb_(b.w, b.w0, b.g, (row, sumsq.to(b.w.device), rho), not self._saved, check)
         self._saved = True
 
     @torch.no_grad()
@@ -125,6 +137,7 @@ class TritonBackend(TorchBackend):
             self.load_hyperparameters()  # an eager step reads the values of now
         extra = [self.slots[slot][0] for slot in add]
         group_of = self._group_of()
+        check = self._check_once(f"restore_sgd {first} {ok is None}")
         try:
             for i, b in enumerate(self.buckets):
                 for group, start, end in self._group_runs(b, group_of):
@@ -133,8 +146,8 @@ class TritonBackend(TorchBackend):
                         b.w, b.g, self.live, b.w0 if self._saved else None, extra,
                         self._momentum_buffer(i) if momentum else None,
                         group["lr"], momentum, group["dampening"], group["weight_decay"],
-                        group["nesterov"], first, start, end, ok,
-                        self._hyper_of(group),
+                        group["nesterov"], first, start, end, None if ok is None else ok.to(b.w.device),
+                        self._hyper_of(group), check,
                     )  # fmt: skip
             self._saved = False
             _torch_private.mark_stepped(self.optimizer)

@@ -42,10 +42,14 @@ class GroupedSAM(torch.optim.Optimizer):
       the unperturbed weights update BatchNorm running statistics; ``"all"``:
       every forward does, as in the published code.
     - ``nonfinite``: ``"skip"`` (default): a NaN or inf in the loss or gradient of
-      any pass of :meth:`step` skips the step, leaves weights and optimizer state
-      bit-identical, counts it in ``nonfinite_steps`` and warns naming the pass;
-      ``"raise"``: raises ``FloatingPointError`` instead (weights restored first).
-      Reading the verdict is one host synchronisation per step.
+      any pass of :meth:`step` skips the step, leaves weights, optimizer state and
+      BatchNorm statistics bit-identical and counts it in ``nonfinite_steps``.
+      On a CPU, and with the reference backend, the verdict is read on the host
+      and a warning names the pass; with the flat backends on CUDA it stays on
+      the device (the step is taken back by device-side selects, no warning per
+      step; reading ``nonfinite_steps`` reads the count). ``"raise"``: raises
+      ``FloatingPointError`` instead (weights restored first); it reads the
+      verdict on the host, one synchronisation per step.
     - ``local_perturbation`` (DistributedDataParallel models): ``False`` (default)
       perturbs with the gradient averaged over all processes, so N processes on N
       shards follow one process on the whole batch; ``True`` perturbs each replica
@@ -231,8 +235,11 @@ class GroupedSAM(torch.optim.Optimizer):
         optimizer steps through ``scaler.step``, which skips a step with an inf
         or NaN (weights bit-identical); call ``scaler.update()`` after ``step``.
 
-        Deciding which passes run reads the tail counts on the host: one
-        synchronisation per step, before the first backward.
+        Host synchronisations: none with the flat backends on CUDA (an empty
+        group then runs its passes with a zero gradient instead of being
+        skipped; ``split``, a ``scaler`` and ``nonfinite="raise"`` still read on
+        the host). Elsewhere the tail counts are read once before the first
+        backward, and the non-finite verdict once after the last.
         """
         if self._open_method is not None:
             raise RuntimeError(f"step() called while {self._open_method} was left open; finish it first")

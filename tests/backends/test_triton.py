@@ -118,3 +118,31 @@ def test_momentum_restarts_after_the_base_state_is_emptied():
         assert all("momentum_buffer" in opt.optimizer.state[p] for p in model.parameters())
         results.append([p.detach().clone() for p in model.parameters()])
     assert_close(results[1], results[0], torch.float32, "after emptied state")
+
+
+def test_launch_arguments_are_checked_once_per_layout(monkeypatch):
+    """Per-step host work: the launchers validate a buffer layout on its first
+    launch and trust it afterwards; a new layout is validated again."""
+    import sse_sam_fast.kernels._checks as checks
+    import sse_sam_fast.kernels.perturb as perturb
+    import sse_sam_fast.kernels.update as update
+
+    calls = []
+    real = checks._check_bucket
+    for module in (perturb, checks):
+        monkeypatch.setattr(module, "_check_bucket", lambda w, g: (calls.append(1), real(w, g))[1])
+    case = Case(method="ssesam", steps=6)
+    model, opt = case.build("triton")
+    x, y, tail = next(iter(case.batches()))
+    step = lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    step()  # first step: the generic update path creates the momentum buffers
+    step()  # first fused step: perturb and restore_sgd check their arguments
+    first = len(calls)
+    assert first > 0
+    for _ in range(3):
+        step()
+    assert len(calls) == first
+    next(model.parameters()).data = next(model.parameters()).data.clone()  # a new layout
+    step()
+    assert len(calls) > first
+    assert update._check_restore_sgd is checks._check_restore_sgd
