@@ -193,6 +193,14 @@ def _add_train(commands) -> None:
         "--seed", type=_non_negative_int, help="seed of the init, shuffling, augmentation (and digits split)"
     )
     _add_run_options(train)
+    train.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drive the optimizer through opt.capture (one CUDA graph per step; on a CPU the same step "
+        "runs eagerly). Default: on for sam/imbsam/ssesam on CUDA with the triton backend and the exact "
+        "schedule, off otherwise; may change on --resume",
+    )
     out = train.add_argument_group("outputs")
     out.add_argument("--out", metavar="DIR", help="output directory (default runs/<dataset>-<opt>-seed<k>)")
     out.add_argument("--overwrite", action="store_true", help="start over in an --out with an unfinished run")
@@ -200,7 +208,7 @@ def _add_train(commands) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run saved in DIR with its saved configuration (options given must agree, "
-        "except --device, --backend, --threads, --data-dir)",
+        "except --device, --backend, --threads, --data-dir, --capture)",
     )
     # stop as if killed after this epoch (tests of --resume)
     out.add_argument("--stop-after", type=_positive_int, help=argparse.SUPPRESS)

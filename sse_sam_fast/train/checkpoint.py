@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .config import FIELDS, RUNTIME_FIELDS, OptionError, TrainConfig, option_name
+from .config import ADDED_FIELDS, FIELDS, RUNTIME_FIELDS, OptionError, TrainConfig, option_name
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -126,8 +126,11 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not keys <= set(ckpt):
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise OptionError("--resume", f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (found {found!r})")
-    if not isinstance(ckpt["config"], dict) or set(ckpt["config"]) != set(FIELDS):
+    config = ckpt["config"]
+    # a checkpoint written before a field was added lacks it: it takes the default
+    if not isinstance(config, dict) or not set(FIELDS) - set(ADDED_FIELDS) <= set(config) <= set(FIELDS):
         raise OptionError("--resume", f"{path} holds a configuration this version cannot read")
+    ckpt["config"] = {**ADDED_FIELDS, **config}
     return ckpt
 
 

@@ -78,13 +78,17 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     schedule: str = "exact"
+    capture: bool | None = None  # None: auto (see capture_choice in sse_sam_fast.train.loop)
     device: str | None = None
     threads: int | None = None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # may differ when a run is resumed (the data moved, another machine); the rest may not
-RUNTIME_FIELDS = ("data_dir", "backend", "device", "threads")
+RUNTIME_FIELDS = ("data_dir", "backend", "device", "threads", "capture")
+# fields added after the first checkpoints were written: a saved configuration
+# without them takes these values
+ADDED_FIELDS = {"capture": None}
 
 
 def option_name(field: str) -> str:
@@ -128,6 +132,21 @@ def _check_names(cfg: TrainConfig) -> None:
         raise OptionError("--model", f"unknown model {cfg.model!r}; choose from {', '.join(MODELS)}")
 
 
+def _check_capture(cfg: TrainConfig) -> None:
+    """``--capture`` asked for explicitly must be something ``opt.capture`` does."""
+    if cfg.capture is None or cfg.capture is False:
+        return
+    if cfg.capture is not True:
+        raise OptionError("--capture", f"expected True, False or None (auto), got {cfg.capture!r}")
+    if cfg.opt == "sgd":
+        raise OptionError("--capture", "captures a SAM step (sam, imbsam, ssesam); --opt sgd has none")
+    if cfg.schedule != "exact":
+        raise OptionError(
+            "--capture",
+            f"captures the exact schedule only; got --schedule {cfg.schedule} (use --no-capture)",
+        )
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill in the defaults that do not need the data and check the combination."""
     _check_names(cfg)
@@ -157,6 +176,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.drw_epoch = int(DRW_FRACTION * cfg.epochs)
     if cfg.drw_epoch is not None and not 0 <= cfg.drw_epoch <= cfg.epochs:
         raise OptionError("--drw-epoch", f"must lie in [0, --epochs={cfg.epochs}], got {cfg.drw_epoch}")
+    _check_capture(cfg)
     if cfg.device is None:
         cfg.device = default_device()
     if cfg.threads is None and cfg.model == "mlp":

@@ -7,8 +7,9 @@ to the end, writing into its output directory after every epoch:
                    (:mod:`sse_sam_fast.train.checkpoint`): a resumed run ends with
                    the weights of one that never stopped.
 ``results.json``   configuration, class counts and groups, per-epoch metrics,
-                   final per-class and group accuracies, wall time, versions
-                   (``"finished": false`` until the last epoch).
+                   final per-class and group accuracies, wall time, versions,
+                   whether steps were captured (``"capture"``; see
+                   :func:`capture_choice`) (``"finished": false`` until the last epoch).
 ``results.png``    per-class accuracy against training-class frequency, and
                    accuracy by group over the epochs (at the end of the run).
 """
@@ -156,6 +157,10 @@ class _Run:
     loss_fn: PerSampleLoss
     tails: Tensor
     data_gen: torch.Generator  # shuffling and augmentation
+    capture: bool = False  # steps go through opt.capture (see capture_choice)
+    capture_why: str = ""
+    graphed: bool | None = None  # whether the last captured step replayed a CUDA graph
+    graphed_steps: int = 0  # ... and how many of this epoch's did
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     elapsed: float = 0.0
@@ -249,6 +254,7 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
     tails = torch.tensor(groups["tail"], device=device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     run = _Run(cfg, out, device, data, counts, groups, model, base, opt, schedule, loss_fn, tails, data_gen)
+    run.capture, run.capture_why = capture_choice(cfg, opt, device)
 
     try:  # only now: a run that fails its checks leaves no directory behind
         out.mkdir(parents=True, exist_ok=True)
@@ -264,10 +270,32 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
     return run
 
 
+def capture_choice(cfg: TrainConfig, opt, device: torch.device) -> tuple[bool, str]:
+    """Whether the loop drives ``opt`` through ``opt.capture(loss_fn)`` rather than
+    ``opt.step(closure, mask)``, and why. ``--capture`` / ``--no-capture`` decide;
+    by default (``cfg.capture is None``) it is on where the step is graphed as a
+    whole: a SAM method on CUDA with the triton backend, the exact schedule and a
+    plain SGD base (the CLI builds one; no DDP). Elsewhere ``opt.capture`` would
+    run the same step eagerly, which gains nothing."""
+    if cfg.capture is not None:
+        return cfg.capture, "--capture" if cfg.capture else "--no-capture"
+    reasons = [
+        (opt is None, "auto: --opt sgd has no SAM step"),
+        (device.type != "cuda", f"auto: CUDA graphs need a CUDA device, not {device.type}"),
+        (cfg.schedule != "exact", f"auto: only the exact schedule is captured, not {cfg.schedule}"),
+        (opt is not None and opt.backend != "triton", f"auto: the backend is {getattr(opt, 'backend', '')}"),
+        (type(getattr(opt, "optimizer", None)) is not torch.optim.SGD, "auto: the base is not SGD"),
+    ]
+    why = next((why for bad, why in reasons if bad), None)
+    return (False, why) if why else (True, "auto: CUDA, triton backend, exact schedule, plain SGD")
+
+
 def _step_function(run: _Run) -> Callable[[Tensor, Tensor], Tensor]:
     """One optimizer step on a batch; returns the mean loss, a device tensor."""
     model, base, opt, loss_fn, tails = run.model, run.base, run.opt, run.loss_fn, run.tails
     schedule = run.cfg.schedule
+    if run.capture:
+        return _captured_step_function(run)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         if opt is None:
@@ -282,6 +310,30 @@ def _step_function(run: _Run) -> Callable[[Tensor, Tensor], Tensor]:
             return loss_fn(model(x), y) if idx is None else loss_fn(model(x[idx]), y[idx])
 
         return opt.step(closure, tail_mask(y, tails), schedule=schedule)
+
+    return step
+
+
+def _captured_step_function(run: _Run) -> Callable[[Tensor, Tensor], Tensor]:
+    """The step of :func:`_step_function` through ``opt.capture``: the same update
+    (bitwise on a CPU, where it runs eagerly), one CUDA graph per input shape and
+    stage on a GPU. A graph records the branches the loss takes on the host, so
+    there is one captured step per :meth:`~PerSampleLoss.host_state` (LDAM-DRW
+    before and after its switch)."""
+    model, opt, loss_fn, tails = run.model, run.opt, run.loss_fn, run.tails
+    captured: dict[tuple, object] = {}
+
+    def losses(x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(model(x), y)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        key = loss_fn.host_state()
+        if key not in captured:
+            captured[key] = opt.capture(losses)
+        loss = captured[key](x, y, tail_mask=tail_mask(y, tails))
+        run.graphed = captured[key].graphed
+        run.graphed_steps += run.graphed
+        return loss
 
     return step
 
@@ -309,6 +361,8 @@ def _log_setup(run: _Run, resuming: bool, log: Callable[[str], None]) -> None:
         f"model: {cfg.model}, {describe(run.model)}; loss: {loss_name}; optimizer: {opt_name}; "
         f"device: {run.device}"
     )
+    if opt is not None:
+        log(f"captured step: {'on' if run.capture else 'off'} ({run.capture_why})")
     if resuming:
         log(f"resuming {run.out} after epoch {run.start_epoch} of {cfg.epochs}")
 
@@ -323,7 +377,9 @@ def _epoch(run: _Run, epoch: int, step, show_bar: bool, quiet: bool, log: Callab
     skipped_before = getattr(opt, "nonfinite_steps", 0)
     run.loss_fn.set_epoch(epoch)
     run.model.train()
+    run.graphed_steps = 0
     total = _train_batches(run, epoch, step, show_bar)
+    steps = math.ceil(len(run.data.y_train) / cfg.batch_size)
     if isinstance(opt, SSESAM):
         opt.update_rho()
     run.schedule.step()
@@ -341,6 +397,8 @@ def _epoch(run: _Run, epoch: int, step, show_bar: bool, quiet: bool, log: Callab
             "lr": lr,
             "stage": stage,
             "skipped_steps": skipped,
+            # steps that replayed a CUDA graph (None: --no-capture); a fact of the session
+            "graphed_steps": run.graphed_steps if run.capture else None,
             "acc": {k: json_float(v) for k, v in acc.items()},
             "time_s": round(seconds, 4),
         }
@@ -353,6 +411,7 @@ def _epoch(run: _Run, epoch: int, step, show_bar: bool, quiet: bool, log: Callab
             f"head {acc['head']:.3f}  tail {acc['tail']:.3f}  {seconds:.1f}s"
             + (f"  stage {stage}" if stage is not None else "")
             + (f"  ({skipped} steps skipped: non-finite)" if skipped else "")
+            + (f"  graphed {run.graphed_steps}/{steps}" if run.capture else "")
         )
     return per_class
 
@@ -407,6 +466,13 @@ def _write_results(run: _Run, final: dict | None) -> dict:
         "final": final,
         "wall_time_s": round(run.elapsed, 4),
         "sessions": run.sessions,
+        # this session's choice; graphed: whether its last step replayed a CUDA graph
+        "capture": {
+            "option": {None: "auto", True: "on", False: "off"}[cfg.capture],
+            "on": run.capture,
+            "why": run.capture_why,
+            "graphed": run.graphed,
+        },
     }
     atomic_write(run.out / RESULTS, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
     return results
@@ -427,6 +493,8 @@ def _finish(run: _Run, per_class: Tensor | None, plot: bool, log, session_start:
         try_plot(lambda: plot_run(run.out / PLOT, results), log)
     print_table(results, log)
     epochs, sessions = run.cfg.epochs, run.sessions
+    if run.capture and run.graphed is not None:
+        log(f"captured step: the last step {'replayed a CUDA graph' if run.graphed else 'ran eagerly'}")
     log(
         f"wall time {run.elapsed:.2f} s for {epochs} epoch{'s' if epochs > 1 else ''} "
         "(training and evaluation"

@@ -84,6 +84,12 @@ class PerSampleLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         pass
 
+    def host_state(self) -> tuple:
+        """What :meth:`forward` decides on the host (a branch, not a tensor's value).
+        A CUDA graph records one branch, so the loop keeps one captured step per
+        value (``sse-sam-fast train --capture``)."""
+        return ()
+
     def _check(self, logits: Tensor, target: Tensor, num_classes: int | None = None) -> None:
         if logits.dim() != 2 or target.shape != logits.shape[:1]:
             shapes = f"{tuple(logits.shape)} and {tuple(target.shape)}"
@@ -125,6 +131,9 @@ class LDAMLoss(PerSampleLoss):
 
     def set_epoch(self, epoch: int) -> None:
         self.reweight = self.drw_epoch is not None and epoch >= self.drw_epoch
+
+    def host_state(self) -> tuple:
+        return (self.reweight,)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target, self.margins.numel())
