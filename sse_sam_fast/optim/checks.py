@@ -156,3 +156,33 @@ def check_base_state(base, optimizer: torch.optim.Optimizer) -> None:
     held = [len(g["params"]) for g in optimizer.param_groups]
     if saved != held:
         raise ValueError(f"state_dict['base'] has param groups of sizes {saved}; the base optimizer {held}")
+
+
+class SampleIndex(Tensor):
+    """The sample indices a ``split`` closure gets. A split closure never shows
+    the batch it indexes, so a tail mask of the wrong length would silently
+    train on part of the batch (or index past its end). Indexing a tensor with
+    these indices first checks that tensor's length against the mask's, and
+    raises the exact schedule's error before anything is read out of range.
+    Everything else the closure does with them gives plain tensors."""
+
+    batch: int
+
+    @staticmethod
+    def of(idx: Tensor, batch: int) -> SampleIndex:
+        out = idx.as_subclass(SampleIndex)
+        out.batch = batch
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.__getitem__ and isinstance(args[0], Tensor) and args[0].dim() > 0:
+            key = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+            if isinstance(key, SampleIndex) and args[0].shape[0] != key.batch:
+                raise ValueError(
+                    f"tail_mask must have shape ({args[0].shape[0]},) (one flag per sample), "
+                    f"got ({key.batch},)"
+                )
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)

@@ -175,3 +175,28 @@ def test_split_on_batchnorm_is_a_documented_variant():
         )
         results[schedule] = net[0].weight.detach().clone()
     assert not torch.allclose(results["exact"], results["split"], atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["split", "auto"])
+@pytest.mark.parametrize("length", [8, 14], ids=["short", "long"])
+def test_split_refuses_a_mask_of_another_length_before_any_forward(schedule, length):
+    """A split closure never shows its batch: indexing with the sample indices
+    checks the indexed tensor's length against the mask's, before reading."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = SSESAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, 0.05, 0.1)
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    mask = (torch.arange(length) % 3) == 2
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"tail_mask must have shape \(12,\)"):
+        opt.step(
+            lambda idx: F.cross_entropy(model(x[idx]), y[idx], reduction="none"), mask, schedule=schedule
+        )
+    assert forwards == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # the closure may still do anything else with the indices
+    opt.step(
+        lambda idx: F.cross_entropy(model(x[idx.tolist()]), y[idx + 0], reduction="none"), y == 2, schedule
+    )
