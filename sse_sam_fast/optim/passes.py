@@ -65,9 +65,8 @@ class StepRun:
         """exact: the clean forward runs here; split: the mask gives each group's samples."""
         if plan.split:
             mask = check_mask(mask)
-            b = mask.shape[0]
             index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
-            index = {k: SampleIndex.of(v, b) for k, v in index.items()}
+            index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
             return MicroBatch(closure, mask, mask.shape[0], index=index)
         mb = MicroBatch(closure, None, 0)
         mb.losses = self._call(mb, None, None)
