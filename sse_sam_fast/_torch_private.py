@@ -95,3 +95,14 @@ def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor:
     """``1 / scale`` of a GradScaler as a device tensor (``get_scale()`` would
     read it on the host); fp64 reciprocal as the scaler's own unscale does."""
     return scaler._scale.double().reciprocal().float()
+
+
+def scaler_skipped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.step(optimizer)`` just skipped the step for an inf or NaN
+    gradient (the scaler has read that on the host already). False if torch no
+    longer says where: then only the BatchNorm statistics of such a step stay."""
+    try:
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    except (AttributeError, KeyError):
+        return False
+    return any(bool(v.item()) for v in found.values())

@@ -109,3 +109,18 @@ def test_inverse_scale_is_the_device_reciprocal_of_the_scale():
     inv = _torch_private.inverse_scale(scaler)
     assert isinstance(inv, torch.Tensor) and inv.dtype == torch.float32
     assert inv.item() == 1 / 1024
+
+
+def test_scaler_skipped_reads_the_scalers_verdict():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    scaler.step(opt)
+    assert not _torch_private.scaler_skipped(scaler, opt)
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    assert _torch_private.scaler_skipped(scaler, opt)

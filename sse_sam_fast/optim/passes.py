@@ -259,6 +259,8 @@ class StepRun:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""
         self.be.finish(add=[g.slot for g in self.plan.unperturbed], scaler=self.scaler, ok=ok)
+        if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
+            stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
         if ok is not None:
             stats.keep_if(ok)
             self.opt._count_skipped(~ok)
