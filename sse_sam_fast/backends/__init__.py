@@ -32,12 +32,15 @@ def triton_available() -> bool:
 
 
 def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
-    """``auto``: ``triton`` when the parameters are on CUDA and Triton imports, else ``torch``."""
+    """``auto``: ``triton`` when the parameters are CUDA tensors of a dtype the
+    kernels compute and Triton imports, else ``torch``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         on_cuda = all(p.device.type == "cuda" for p in params)
-        return "triton" if on_cuda and triton_available() else "torch"
+        # the kernels compute float32, bfloat16 and float16 parameters only
+        kernel_dtypes = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        return "triton" if on_cuda and kernel_dtypes and triton_available() else "torch"
     if name == "triton" and not triton_available():
         raise ValueError("backend='triton' needs Triton: pip install 'sse_sam_fast[triton]' (or use 'torch')")
     return name

@@ -146,3 +146,15 @@ def test_launch_arguments_are_checked_once_per_layout(monkeypatch):
     step()
     assert len(calls) > first
     assert update._check_restore_sgd is checks._check_restore_sgd
+
+
+def test_auto_never_picks_triton_for_float64(monkeypatch):
+    """float64 is refused by the triton backend at construction; auto must not pick it."""
+
+    class FakeCuda:
+        device = torch.device("cuda")
+
+    fp64, fp32 = FakeCuda(), FakeCuda()
+    fp64.dtype, fp32.dtype = torch.float64, torch.float32
+    assert resolve_backend("auto", [fp32]) == "triton"
+    assert resolve_backend("auto", [fp32, fp64]) == "torch"
