@@ -1,28 +1,32 @@
-"""Whole-step timing: plain SGD vs the published schedule vs this library.
+"""Whole-step timing: plain SGD (eager, and captured as one CUDA graph) vs the
+published schedule vs this library's ``opt.step`` and ``opt.capture``.
 
-Each schedule trains its own copy of the same model on the same batch; the
-schedules take turns step by step, in rotating order, so that drift in the
-machine's speed (other processes, thermal state) is spread over all of them,
-and ratios are medians of the ratios within each round. Reported: median seconds
-per step with p20/p80, and ratios to SGD and to the published schedule.
+Each row trains its own copy of the same model on the same batch; the rows take
+turns step by step, in rotating order, so that drift in the machine's speed
+(other processes, thermal state) is spread over all of them, and ratios are
+medians of the ratios within each round. Reported: median seconds per step with
+p20/p80, ratios to eager SGD, to captured SGD (CUDA) and to the published
+schedule, and for ``opt.capture`` whether the timed steps replayed graphs (a
+fallback to the eager step shows as ``graphed: no``; on a CPU it always does).
+Tables: SSE-SAM in stage 1 and stage 2, SAM and ImbSAM, per model.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import SSESAM
+from . import SAM, SSESAM, ImbSAM
 from .backends import triton_available
 from .train.models import MODELS
-from .train.report import agg_figure
-from .verify import published_step
+from .train.report import agg_figure, try_plot
+from .verify import per_sample_losses, published_step
 
 
 def _sync(device: torch.device) -> None:
@@ -44,6 +48,97 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+# the cases of a whole-step table: (key suffix, method, SSE-SAM stage)
+CASES = {"ssesam": [("stage 1", "ssesam", 1), ("stage 2", "ssesam", 2)], "sam": [("sam", "sam", 1)]}
+CASES["imbsam"] = [("imbsam", "imbsam", 1)]
+PRIME = 8  # calls that may go to a captured step's eager warm-up, capture and check
+
+
+def _wrap(method: str, base: torch.optim.Optimizer, model: nn.Module, backend: str, stage: int):
+    if method == "sam":
+        return SAM(base, model, 0.05, backend=backend)
+    if method == "imbsam":
+        return ImbSAM(base, model, 0.05, backend=backend)
+    opt = SSESAM(base, model, 0.05, 0.10, gamma=0.5, total_epochs=2, backend=backend)
+    if stage == 2:
+        opt.update_rho()
+    return opt
+
+
+def _graphed_sgd(model: nn.Module, base: torch.optim.Optimizer, x, y) -> Callable[[], None]:
+    """Forward, backward and SGD step of ``model`` as one CUDA graph, torch's
+    whole-network recipe: static inputs, warm-up on a side stream, gradients set
+    to None before capture so that backward allocates them in the graph's pool."""
+    static_x, static_y = x.clone(), y.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            base.zero_grad(set_to_none=True)
+            per_sample_losses(model, static_x, static_y).mean().backward()
+            base.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    base.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        per_sample_losses(model, static_x, static_y).mean().backward()
+        base.step()
+
+    def step() -> None:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+
+    return step
+
+
+def _runners(model, x, y, tail, method, stage, schedules, sgd_graph) -> tuple[dict, dict]:
+    """``(name -> one step, name -> captured step)`` for every row, each on its own
+    copy of ``model``; captured steps already primed (their graphs replayed)."""
+    device = x.device
+
+    def make(backend=None):
+        m = copy.deepcopy(model).to(device).train()
+        base = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+        return m, base if backend is None else _wrap(method, base, m, backend, stage)
+
+    m_sgd, o_sgd = make()
+
+    def sgd_step():
+        o_sgd.zero_grad()
+        per_sample_losses(m_sgd, x, y).mean().backward()
+        o_sgd.step()
+
+    runners: dict[str, Callable[[], None]] = {"sgd": sgd_step}
+    if sgd_graph:
+        runners["sgd-graph"] = _graphed_sgd(*make(), x, y)
+    m_pub, o_pub = make("reference")
+    runners["published"] = lambda: published_step(o_pub, m_pub, x, y, tail, method)
+    captured = {}
+    for name in schedules:
+        schedule, backend = name.split("/")
+        m, o = make(backend)
+        if schedule == "captured":
+            captured[name] = o.capture(lambda xs, ys, m=m: per_sample_losses(m, xs, ys))
+            runners[name] = lambda c=captured[name]: c(x, y, tail_mask=tail)
+            for _ in range(PRIME if device.type == "cuda" else 0):
+                runners[name]()
+                if captured[name].graphed:
+                    break
+        else:
+            runners[name] = lambda m=m, o=o, s=schedule: o.step(_closure(m, x, y), tail, schedule=s)
+    return runners, captured
+
+
+def _closure(model: nn.Module, x, y):
+    """``opt.step``'s closure; ``closure(idx)`` for the split schedule."""
+
+    def closure(idx=None):
+        return per_sample_losses(model, x, y) if idx is None else per_sample_losses(model, x[idx], y[idx])
+
+    return closure
+
+
 def whole_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -53,49 +148,24 @@ def whole_step(
     steps: int = 5,
     warmup: int = 1,
     schedules: tuple[str, ...] = ("exact/torch",),
+    method: str = "ssesam",
+    sgd_graph: bool | None = None,
 ) -> dict[str, dict]:
-    """Seconds per step (and peak memory on CUDA) for ``sgd``, ``published``
-    (the reference backend driven through the official methods as the
-    published training loop does: 4F+4B) and each of ``schedules``
-    (``"exact/<backend>"`` or ``"split/<backend>"``: the one-call step), SSE-SAM
-    in ``stage`` 1 or 2."""
+    """Seconds per step (and peak memory on CUDA) of ``method`` (``"ssesam"`` in
+    ``stage`` 1 or 2, ``"sam"``, ``"imbsam"``) against plain SGD. Rows: ``sgd``
+    (eager), ``sgd-graph`` (forward, backward and SGD step as one CUDA graph;
+    ``None`` values where not CUDA, or ``sgd_graph=False``), ``published`` (the
+    reference backend driven through the official methods as the published
+    training loop does) and each of ``schedules``: ``"exact/<backend>"`` or
+    ``"split/<backend>"`` (``opt.step``), ``"captured/<backend>"``
+    (``opt.capture``; ``graphed`` tells whether every timed step replayed a CUDA
+    graph: on a CPU they run eagerly). Ratios are medians of per-round ratios."""
     device = x.device
-
-    def losses(m, idx=None):
-        if idx is None:
-            return F.cross_entropy(m(x), y, reduction="none")
-        return F.cross_entropy(m(x[idx]), y[idx], reduction="none")
-
-    def make(backend):
-        m = copy.deepcopy(model).to(device).train()
-        base = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
-        if backend is None:
-            return m, base
-        opt = SSESAM(base, m, 0.05, 0.10, gamma=0.5, total_epochs=2, backend=backend)
-        if stage == 2:
-            opt.update_rho()
-        return m, opt
-
-    runners: dict[str, Callable[[], None]] = {}
-    m_sgd, o_sgd = make(None)
-
-    def sgd_step():
-        o_sgd.zero_grad()
-        losses(m_sgd).mean().backward()
-        o_sgd.step()
-
-    runners["sgd"] = sgd_step
-    m_pub, o_pub = make("reference")
-    runners["published"] = lambda: published_step(o_pub, m_pub, x, y, tail, "ssesam")
-    for name in schedules:
-        schedule, backend = name.split("/")
-        m_b, o_b = make(backend)
-        runners[name] = lambda m=m_b, o=o_b, s=schedule: o.step(
-            lambda idx=None: losses(m, idx), tail, schedule=s
-        )
-
+    graphable = device.type == "cuda" and sgd_graph is not False
+    runners, captured = _runners(model, x, y, tail, method, stage, schedules, graphable)
     times: dict[str, list[float]] = {k: [] for k in runners}
     peak: dict[str, int] = dict.fromkeys(runners, 0)
+    replays = dict.fromkeys(captured, 0)
     order = list(runners.items())
     for i in range(warmup + steps):
         # rotate who goes first: a schedule that always follows the biggest one
@@ -106,21 +176,32 @@ def whole_step(
             seconds = _timed(fn, device)
             if i >= warmup:
                 times[name].append(seconds)
+                if name in captured:
+                    replays[name] += captured[name].graphed
                 if device.type == "cuda":
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
-    # ratios are medians of per-round ratios: pairing steps timed seconds apart
-    # cancels the slow drift of a shared machine's speed
-    return {
+
+    def ratio(v: list[float], to: str) -> float | None:
+        # pairing steps timed seconds apart cancels the slow drift of a shared machine's speed
+        return statistics.median(a / b for a, b in zip(v, times[to])) if to in times else None
+
+    res = {
         k: {
             "median_s": statistics.median(v),
             "p20_s": _quantile(v, 0.2),
             "p80_s": _quantile(v, 0.8),
-            "x_sgd": statistics.median(a / b for a, b in zip(v, times["sgd"])),
-            "x_published": statistics.median(a / b for a, b in zip(v, times["published"])),
+            "x_sgd": ratio(v, "sgd"),
+            "x_sgd_graph": ratio(v, "sgd-graph"),
+            "x_published": ratio(v, "published"),
             "peak_bytes": peak[k] or None,
+            "graphed": replays[k] == len(v) if k in captured else None,
         }
         for k, v in times.items()
     }
+    if "sgd-graph" not in res:  # n/a: a row of None, so that every table has the same rows
+        sgd = res.pop("sgd")
+        res = {"sgd": sgd, "sgd-graph": dict.fromkeys(sgd), **res}
+    return res
 
 
 # Buffer passes of one SSE-SAM stage-1 step driven through the official methods
@@ -214,41 +295,99 @@ def copy_bandwidth(n: int, device: torch.device, dtype=torch.float32, reps: int 
     return 2 * n * src.element_size() / statistics.median(ts) / 1e9
 
 
+def _x(value: float | None, width: int) -> str:
+    return f"{value:>{width}.2f}" if value is not None else f"{'n/a':>{width}}"
+
+
 def report(res: dict[str, dict], gpu: bool) -> str:
-    head = f"{'schedule':<16}{'× SGD':>8}{'× published':>13}"
+    head = f"{'schedule':<17}{'× SGD':>7}{'× SGD graph':>13}{'× published':>13}{'graphed':>9}"
     if gpu:
         head += f"{'median ms (p20–p80)':>26}{'peak MB':>10}"
     rows = [head]
     for name, r in res.items():
-        row = f"{name:<16}{r['x_sgd']:>8.2f}{r['x_published']:>13.2f}"
+        if r["median_s"] is None:
+            rows.append(f"{name:<17}{'n/a':>7}   (CUDA only)")
+            continue
+        graphed = {None: "", True: "yes", False: "no"}[r["graphed"]]
+        row = f"{name:<17}{_x(r['x_sgd'], 7)}{_x(r['x_sgd_graph'], 13)}{_x(r['x_published'], 13)}{graphed:>9}"
         if gpu:
             spread = f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f})"
             row += f"{spread:>26}{(r['peak_bytes'] or 0) / 2**20:>10.0f}"
         rows.append(row)
+    if not gpu and any(r["graphed"] is False for r in res.values()):
+        rows.append("captured/* ran eagerly: opt.capture replays CUDA graphs on a CUDA device only")
     return "\n".join(rows)
 
 
 def _chart(results: dict, path: str) -> None:
-    cases = [(key, res) for key, res in results["whole_step"].items()]
-    fig = agg_figure((4.2 * max(1, len(cases)), 3.6), layout=None)
-    axes = fig.subplots(1, max(1, len(cases)), squeeze=False)
-    for ax, (key, res) in zip(axes[0], cases):
-        names = list(res)
-        ax.barh(names, [res[n]["x_sgd"] for n in names], color="tab:blue")
+    cases = list(results["whole_step"].items())
+    cols = min(4, max(1, len(cases)))
+    nrows = max(1, -(-len(cases) // cols))
+    fig = agg_figure((4.2 * cols, 3.0 * nrows), layout=None)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (key, res) in zip(axes, cases):
+        names = [n for n in res if res[n].get("x_sgd") is not None]  # n/a rows are left out
+        labels = [n + (" (eager)" if res[n].get("graphed") is False else "") for n in names]
+        ax.barh(labels, [res[n]["x_sgd"] for n in names], color="tab:blue")
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("time per step, × SGD")
         ax.invert_yaxis()
+    for ax in axes[len(cases) :]:
+        ax.set_axis_off()
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def run_bench(args) -> int:
-    """The ``sse-sam-fast bench`` command: print tables, write bench.json and bench.png."""
+def _whole_steps(args, models: list[str], backends: list[str], device: torch.device, done) -> None:
+    """The whole-step tables of ``run_bench``: per model, SSE-SAM in both stages,
+    SAM and ImbSAM (``args.methods``), each printed and passed to ``done(key, rows)``
+    as it finishes."""
+    gpu = device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 100, (args.batch,), generator=g).to(device)
+    tail = torch.zeros(args.batch, dtype=torch.bool)
+    tail[torch.randperm(args.batch, generator=g)[: round(args.tail_frac * args.batch)]] = True
+    tail = tail.to(device)
+    # captured where a graph can be replayed: triton on a GPU; elsewhere it runs eagerly
+    captured = ["captured/triton" if "triton" in backends and gpu else "captured/torch"]
+    methods = getattr(args, "methods", None) or (["ssesam"] if args.quick else list(CASES))
+    for model_name in models:
+        torch.manual_seed(0)
+        model = MODELS[model_name](100)
+        batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        for suffix, method, stage in (case for m in methods for case in CASES[m]):
+            schedules = [f"exact/{b}" for b in backends] + captured
+            if not batchnorm and method != "sam":  # split changes BatchNorm's batch statistics
+                schedules += [f"split/{b}" for b in backends]
+            res = whole_step(
+                model, x, y, tail, stage, args.steps, args.warmup, tuple(schedules), method=method
+            )
+            key = f"{model_name} {suffix}"
+            print(
+                f"\nWhole step, {key}: batch {args.batch}, {int(tail.sum())} tail samples, "
+                f"median of {args.steps} after {args.warmup} warm-up\n" + report(res, gpu)
+            )
+            done(key, res)
+
+
+def _save(results: dict, out: str) -> None:
+    """``out/bench.json``, replaced whole: rewritten after every table, so that a
+    run cut short (a time limit) keeps the tables it finished."""
     import json
     import os
 
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_bench(args) -> int:
+    """The ``sse-sam-fast bench`` command: print tables, write bench.json and bench.png."""
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
@@ -263,27 +402,13 @@ def run_bench(args) -> int:
     if args.quick:
         models = models[:1]
     if args.part in ("whole", "all"):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
-        y = torch.randint(0, 100, (args.batch,), generator=g).to(device)
-        tail = torch.zeros(args.batch, dtype=torch.bool)
-        tail[torch.randperm(args.batch, generator=g)[: round(args.tail_frac * args.batch)]] = True
-        tail = tail.to(device)
-        for model_name in models:
-            torch.manual_seed(0)
-            model = MODELS[model_name](100)
-            # split changes BatchNorm's batch statistics: only timed where it is exact
-            schedules = [f"exact/{b}" for b in backends]
-            if "resnet32" != model_name and model_name != "resnet34":
-                schedules += [f"split/{b}" for b in backends]
-            for stage in (1, 2):
-                res = whole_step(model, x, y, tail, stage, args.steps, args.warmup, tuple(schedules))
-                key = f"{model_name} stage {stage}"
-                results["whole_step"][key] = res
-                print(
-                    f"\nWhole SSE-SAM step, {key}: batch {args.batch}, {int(tail.sum())} tail samples, "
-                    f"median of {args.steps} after {args.warmup} warm-up\n" + report(res, gpu)
-                )
+
+        def done(key: str, rows: dict) -> None:
+            results["whole_step"][key] = rows
+            if args.out:
+                _save(results, args.out)
+
+        _whole_steps(args, models, backends, device, done)
     if args.part in ("optimizer", "all"):
         for model_name in [m for m in models if m in ("resnet32", "resnet34")] or ["resnet32"]:
             model = MODELS[model_name](100)
@@ -312,10 +437,9 @@ def run_bench(args) -> int:
                     )
                 print(row)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        _save(results, args.out)
+        chart = f"{args.out}/bench.png"
         if results["whole_step"]:
-            _chart(results, os.path.join(args.out, "bench.png"))
-        print(f"\nwrote {args.out}/bench.json" + (" and bench.png" if results["whole_step"] else ""))
+            try_plot(lambda: _chart(results, chart), print)
+        print(f"\nwrote {args.out}/bench.json" + (f" and {chart}" if os.path.exists(chart) else ""))
     return 0

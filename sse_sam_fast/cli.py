@@ -370,9 +370,10 @@ def _add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench",
         help="time SSE-SAM steps: SGD vs the published schedule vs this library",
-        description="Whole-step timing (CIFAR-100 shapes) as ratios to SGD and to the published "
-        "4F+4B schedule, and the optimizer side alone with bytes moved; absolute times, "
-        "bandwidth and peak memory on a GPU only.",
+        description="Whole-step timing (CIFAR-100 shapes) of SSE-SAM (both stages), SAM and ImbSAM "
+        "as ratios to an eager SGD step, to SGD captured as one CUDA graph (GPU) and to the published "
+        "schedule: opt.step (exact, split) and opt.capture (graphed on CUDA, eager elsewhere); and the "
+        "optimizer side alone with bytes moved. Absolute times, bandwidth and peak memory on a GPU only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench.add_argument("--device", default=default_device(), help="torch device")
@@ -393,7 +394,14 @@ def _add_bench(commands) -> None:
         default=None,
         help="models (default: resnet32, resnet32-gn, vit; and resnet34 on a GPU)",
     )
-    bench.add_argument("--quick", action="store_true", help="the first model only")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("ssesam", "sam", "imbsam"),
+        default=None,
+        help="whole-step tables: ssesam (stages 1 and 2), sam, imbsam (default: all; ssesam with --quick)",
+    )
+    bench.add_argument("--quick", action="store_true", help="the first model only, ssesam only")
     bench.add_argument(
         "--out", default="runs/bench", help="directory for bench.json and bench.png ('' for none)"
     )

@@ -65,3 +65,78 @@ def test_planted_step_is_seen_as_a_real_backward(backend):
         assert all(p.grad is None or not p.grad.any() for p in params), "update() leaves zero grads"
     key = tolerance_key(torch.float32, backend)
     assert_close(params, ref_params, key, f"{backend} after 3 planted steps")
+
+
+# ---- whole steps -----------------------------------------------------------------------------
+def tiny_bn(num_classes=5):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 32 * 32, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, num_classes),
+    )
+
+
+def inputs(device="cpu", b=12):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 5, (b,), generator=g)
+    tail = torch.arange(b) % 4 == 0
+    return x.to(device), y.to(device), tail.to(device)
+
+
+@pytest.mark.parametrize("method, stage", [("ssesam", 1), ("ssesam", 2), ("sam", 1), ("imbsam", 1)])
+def test_whole_step_rows_on_cpu(method, stage):
+    schedules = ("exact/torch", "captured/torch")
+    res = bench.whole_step(tiny_bn(), *inputs(), stage, 2, 1, schedules, method=method)
+    assert list(res) == ["sgd", "sgd-graph", "published", *schedules]
+    assert set(res["sgd-graph"].values()) == {None}  # n/a: CUDA graphs need a GPU
+    for name in ["sgd", "published", *schedules]:
+        r = res[name]
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["x_sgd"] > 0 and r["x_published"] > 0
+        assert r["x_sgd_graph"] is None
+    assert res["sgd"]["x_sgd"] == 1.0 and res["published"]["x_published"] == 1.0
+    assert res["captured/torch"]["graphed"] is False  # a CPU runs the captured step eagerly
+    assert res["exact/torch"]["graphed"] is None
+    text = bench.report(res, gpu=False)
+    assert "(CUDA only)" in text and "captured/* ran eagerly" in text
+
+
+def test_whole_step_times_each_method_through_its_own_step(monkeypatch):
+    """The published row drives the method it names: SAM's official loop, not SSE-SAM's."""
+    seen = []
+    original = bench.published_step
+    monkeypatch.setattr(bench, "published_step", lambda *a: seen.append(a[-1]) or original(*a))
+    bench.whole_step(tiny_bn(), *inputs(), 1, 1, 0, ("exact/torch",), method="sam")
+    assert seen == ["sam"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_sgd_is_the_eager_sgd_step():
+    """The captured-SGD row times what an eager SGD step does: same weights after
+    the warm-up and three replays as after six eager steps."""
+    x, y, _ = inputs("cuda")
+    graphed, eager = tiny_bn().cuda(), tiny_bn().cuda()
+    hp = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    step = bench._graphed_sgd(graphed, torch.optim.SGD(graphed.parameters(), **hp), x, y)
+    for _ in range(3):
+        step()
+    sgd = torch.optim.SGD(eager.parameters(), **hp)
+    for _ in range(6):
+        sgd.zero_grad()
+        bench.per_sample_losses(eager, x, y).mean().backward()
+        sgd.step()
+    assert_close(list(graphed.state_dict().values()), list(eager.state_dict().values()), torch.float32, "sgd")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_whole_step_rows_replay_graphs():
+    if not triton_available():
+        pytest.skip("graphs are captured with the triton backend")
+    schedules = ("exact/triton", "captured/triton")
+    res = bench.whole_step(tiny_bn().cuda(), *inputs("cuda"), 1, 3, 1, schedules)
+    assert res["sgd-graph"]["median_s"] > 0 and res["exact/triton"]["x_sgd_graph"] > 0
+    assert res["captured/triton"]["graphed"] is True

@@ -42,8 +42,9 @@ def test_bench_runs_and_writes_json_and_chart(capsys, monkeypatch, tmp_path):
     import sse_sam_fast.bench as bench
 
     tiny = lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, n))  # noqa: E731
+    with_bn = lambda n: torch.nn.Sequential(tiny(n), torch.nn.BatchNorm1d(n))  # noqa: E731
     monkeypatch.setitem(bench.MODELS, "vit", tiny)
-    monkeypatch.setitem(bench.MODELS, "resnet32", tiny)
+    monkeypatch.setitem(bench.MODELS, "resnet32", with_bn)
     out_dir = tmp_path / "bench"
     args = [
         "bench",
@@ -58,6 +59,9 @@ def test_bench_runs_and_writes_json_and_chart(capsys, monkeypatch, tmp_path):
         "--models",
         "vit",
         "resnet32",
+        "--methods",
+        "ssesam",
+        "sam",
         "--out",
         str(out_dir),
     ]
@@ -68,6 +72,8 @@ def test_bench_runs_and_writes_json_and_chart(capsys, monkeypatch, tmp_path):
     import json
 
     saved = json.loads((out_dir / "bench.json").read_text())
-    assert set(saved["whole_step"]) == {"vit stage 1", "vit stage 2", "resnet32 stage 1", "resnet32 stage 2"}
+    cases = {f"{m} {c}" for m in ("vit", "resnet32") for c in ("stage 1", "stage 2", "sam")}
+    assert set(saved["whole_step"]) == cases
     assert "split/torch" not in saved["whole_step"]["resnet32 stage 1"]  # BatchNorm: split is not exact
+    assert saved["whole_step"]["vit stage 1"]["captured/torch"]["graphed"] is False  # eager on a CPU
     assert (out_dir / "bench.png").stat().st_size > 1000
