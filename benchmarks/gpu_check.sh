@@ -1,35 +1,76 @@
 #!/usr/bin/env bash
-# The GPU check, one script for a machine with torch and Triton preinstalled
-# and no network (the lent H100/H200 has torch 2.11 and Triton 3.6). Writes
-# everything under $OUT (default ./gpu_out). Budget: under 8 minutes.
+# The GPU check: one prepared run of at most 10 minutes on a machine with torch
+# and Triton preinstalled and no network (the lent H100/H200: torch 2.11,
+# Triton 3.6). Each step has its own time limit, in seconds; together 585:
+#   env 15 | install 60 | cuda_tests 150 | verify 100 | bench 200 | profile 60
+# A step that fails or runs out of time is recorded and the next one runs.
+# Everything goes under $OUT (default ./gpu_out), 8 files at most:
+#   summary.txt   environment, each step's command, exit status, time and last line
+#   install.txt cuda_tests.txt verify.txt bench.txt profile.txt   each step's output
+#   bench.json bench.png                                           the bench's tables
+#
 #   bash benchmarks/gpu_check.sh
+#
+# GPU_CHECK_DEVICE=cpu rehearses the script on a CPU: the same commands with small
+# sizes, the CUDA-only steps (install, CUDA tests) skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
 status=0
+start=$SECONDS
+
 step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.txt, remember failures
     local name=$1 limit=$2
     shift 2
-    echo "== $name: $*" | tee -a "$OUT/summary.txt"
+    echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/summary.txt"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
-    echo "   rc=$rc in $((SECONDS - t0)) s; $(tail -n 1 "$OUT/$name.txt")" | tee -a "$OUT/summary.txt"
+    local note=""
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" (time limit)"
+    echo "   rc=$rc$note in $((SECONDS - t0)) s; $(tail -n 1 "$OUT/$name.txt")" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
 }
+skip() {
+    echo "== $1: skipped ($2)" | tee -a "$OUT/summary.txt"
+}
+
 {
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-step install 120 $PY -m pip install -e . --no-deps --no-build-isolation
-# compiled kernels on the GPU, then the library's CUDA tests
-step cuda_tests 150 env TRITON_INTERPRET=0 $PY -m pytest -m cuda -q -p no:cacheprovider tests
-step verify_triton 90 $PY -m sse_sam_fast verify --device cuda --backend triton
-step verify_torch 60 $PY -m sse_sam_fast verify --device cuda --backend torch --dtypes float32
-step bench 150 $PY -m sse_sam_fast bench --device cuda --steps 20 --warmup 5
+    echo "gpu_check on $DEVICE, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null)"
+    timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    timeout 15 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1
+} >"$OUT/summary.txt"
+cat "$OUT/summary.txt"
+
+if [ "$DEVICE" = cuda ]; then
+    step install 60 $PY -m pip install -e . --no-deps --no-build-isolation
+    # without the install, sse_sam_fast.kernels (the top-level kernels/ folder) does not import
+    if ! $PY -c "import sse_sam_fast.kernels" >/dev/null 2>&1; then
+        ln -sfn ../kernels sse_sam_fast/kernels
+        echo "   sse_sam_fast.kernels did not import: linked sse_sam_fast/kernels -> ../kernels" | tee -a "$OUT/summary.txt"
+    fi
+    # the compiled kernels, capture and the loop's --capture on the GPU
+    step cuda_tests 150 env TRITON_INTERPRET=0 $PY -m pytest -m cuda -q -p no:cacheprovider tests
+    VERIFY=(--backend triton --device cuda --capture --dtypes float32)
+    BENCH=(--device cuda --models resnet32 resnet34 --steps 20 --warmup 3)
+    PROFILE=(--device cuda --model resnet32 --steps 3)
+else
+    skip install "not on $DEVICE"
+    skip cuda_tests "not on $DEVICE"
+    VERIFY=(--backend torch --device cpu --capture --dtypes float32 --steps 2)
+    BENCH=(--device cpu --models resnet32 --methods ssesam sam --batch 16 --steps 1 --warmup 0)
+    PROFILE=(--device cpu --model resnet32 --batch 8 --steps 1)
+fi
+# every method through opt.step, the official methods and opt.capture against the published loop
+step verify 100 $PY -m sse_sam_fast verify "${VERIFY[@]}"
+# eager SGD, captured SGD, published, exact eager and captured: SSE-SAM stages 1 and 2, SAM, ImbSAM
+step bench 200 $PY -m sse_sam_fast bench --part whole --out "$OUT" "${BENCH[@]}"
+# kernels, launches, copies and host synchronisations per step, eager against captured
+step profile 60 $PY benchmarks/profile_step.py "${PROFILE[@]}"
+
+echo "gpu_check: total $((SECONDS - start)) s, status $status" | tee -a "$OUT/summary.txt"
 exit $status
