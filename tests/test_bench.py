@@ -140,3 +140,21 @@ def test_cuda_whole_step_rows_replay_graphs():
     res = bench.whole_step(tiny_bn().cuda(), *inputs("cuda"), 1, 3, 1, schedules)
     assert res["sgd-graph"]["median_s"] > 0 and res["exact/triton"]["x_sgd_graph"] > 0
     assert res["captured/triton"]["graphed"] is True
+
+
+# ---- the GPU check script -------------------------------------------------------------------
+def test_gpu_check_fits_ten_minutes_and_eight_files():
+    """One device run of at most 10 minutes: the steps' limits add up to less, and
+    what it leaves under $OUT is at most 8 files, none in a folder."""
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    limits = [int(n) for n in re.findall(r"^\s*step \w+ (\d+) ", text, re.M)]
+    env = [int(n) for n in re.findall(r"timeout (\d+) ", text)]
+    grace = 5 * len(limits)  # timeout -k 5: a step that ignores SIGTERM is killed 5 s later
+    assert len(limits) == 5 and sum(limits) + sum(env) + grace <= 600, (limits, env)
+    logs = set(re.findall(r"^\s*step (\w+) ", text, re.M)) | {"summary"}
+    assert len(logs) + len({"bench.json", "bench.png"}) <= 8
