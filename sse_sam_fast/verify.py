@@ -199,6 +199,8 @@ class Case:
     @property
     def name(self) -> str:
         extra = [k for k in ("frozen", "unused") if getattr(self, k)]
+        if self.hparams.get("normalization", "batch") != "batch":
+            extra.append(f"{self.hparams['normalization']}-norm")
         dt = str(self.dtype).replace("torch.", "")
         return "-".join([self.method, self.model, self.base, self.masks, dt, *extra])
 
@@ -227,7 +229,13 @@ class Case:
         if self.method == "sam":
             opt = SAM(base, model, self.hparams.get("rho", 0.07), backend=backend)
         elif self.method == "imbsam":
-            opt = ImbSAM(base, model, self.hparams.get("rho", 0.06), backend=backend)
+            opt = ImbSAM(
+                base,
+                model,
+                self.hparams.get("rho", 0.06),
+                normalization=self.hparams.get("normalization", "batch"),
+                backend=backend,
+            )
         else:
             # the switch falls in the middle of the run: update_rho() runs every 2 steps
             opt = SSESAM(
@@ -272,12 +280,17 @@ def published_step(opt, model: nn.Module, x: Tensor, y: Tensor, tail: Tensor, me
         per_sample_losses(model, x, y).mean().backward()
         opt.second_step()
     elif method == "imbsam":
+        # normalization="group": the ImbSAM baseline of the SSE-SAM repository, each
+        # group's loss over its own count (max(n, 1): the published code divides by 0)
+        group = opt.normalization == "group"
+        n_head = max(int(head.sum()), 1) if group else b
+        n_tail = max(int(tail.sum()), 1) if group else b
         loss = per_sample_losses(model, x, y)
-        (loss[head].sum() / b).backward(retain_graph=True)
+        (loss[head].sum() / n_head).backward(retain_graph=True)
         opt.first_step()
-        (opt.tail_weight * loss[tail].sum() / b).backward()
+        (opt.tail_weight * loss[tail].sum() / n_tail).backward()
         opt.second_step()
-        (opt.tail_weight * per_sample_losses(model, x, y)[tail].sum() / b).backward()
+        (opt.tail_weight * per_sample_losses(model, x, y)[tail].sum() / n_tail).backward()
         opt.third_step()
     else:
         for n_i, members in ((0, head), (1, tail)):
@@ -328,6 +341,8 @@ def default_cases(dtypes=(torch.float32,)) -> list[Case]:
         Case(method="imbsam", base="adam", unused=True),
         Case(method="sam", base="groups", frozen=True),
         Case(method="ssesam", model="bn_cnn", base="adam", masks="alternate"),
+        Case(method="imbsam", masks="alternate", hparams={"normalization": "group"}),
+        Case(method="imbsam", model="bn_cnn", hparams={"normalization": "group"}),
     ]
     return cases
 

@@ -30,6 +30,12 @@ _ALL, _HEAD, _TAIL = Group("all", 1.0, 0.0).slot, Group("head", 1.0, 0.0).slot, 
 _CLEAN, _SUM = Slot(8), Slot(9)
 
 
+def _check_normalization(value) -> str:
+    if value not in ("batch", "group"):
+        raise ValueError(f"normalization must be 'batch' or 'group', got {value!r:.60}")
+    return value
+
+
 def _cut_epoch(gamma: float, total_epochs: int) -> float | None:
     # the official code switches only for 0 < gamma < 1
     return total_epochs * gamma if 0 < gamma < 1 else None
@@ -75,29 +81,53 @@ class SAM(GroupedSAM):
 class ImbSAM(GroupedSAM):
     """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail classes only.
 
-    ``L_H = Σ_H l_i / B``, ``L_T = tail_weight·Σ_T l_i / B`` (``tail_weight = 2``
-    in the official training code, used by :meth:`step`); base step with
-    ``∇L_H(w) + ∇L_T(w + e_T)``. Official methods: ``first_step()`` after the head
+    ``normalization="batch"`` (default, the ImbSAM repository's training code):
+    ``L_H = Σ_H l_i / B``, ``L_T = tail_weight·Σ_T l_i / B``, ``tail_weight = 2``.
+    ``normalization="group"`` (the ImbSAM baseline of the SSE-SAM repository,
+    ``forbackward`` in ``utils/trainval.py``): each group's mean over its own
+    samples, ``L_H = mean_H l_i``, ``L_T = tail_weight·mean_T l_i``, with
+    ``tail_weight = 1`` by default as there; an empty group contributes nothing
+    (its count is taken as ``max(n, 1)``). Under micro-batch lists the counts are
+    over the whole step. Base step with ``∇L_H(w) + ∇L_T(w + e_T)``.
+
+    ``normalization`` and ``tail_weight`` are used by :meth:`step` (and
+    :meth:`capture`). The official methods: ``first_step()`` after the head
     backward, ``second_step()`` after the tail backward, ``third_step()`` after the
-    perturbed tail backward.
+    perturbed tail backward; they take the gradients the caller computed, so the
+    caller's losses set the normalisation and these options do not affect them.
     """
 
-    def __init__(self, optimizer, model, rho: float = 0.05, *, tail_weight: float = 2.0, **options):
+    def __init__(
+        self,
+        optimizer,
+        model,
+        rho: float = 0.05,
+        *,
+        tail_weight: float | None = None,
+        normalization: str = "batch",
+        **options,
+    ):
         self.rho = check_rho("rho", rho)
+        self.normalization = _check_normalization(normalization)
+        if tail_weight is None:
+            tail_weight = 2.0 if normalization == "batch" else 1.0
         self.tail_weight = check_rho("tail_weight", tail_weight)
         super().__init__(optimizer, model, **options)
 
     def _groups(self):
-        return [Group("head", 1.0, 0.0), Group("tail", self.tail_weight, self.rho)]
+        per_group = self.normalization == "group"
+        return [Group("head", 1.0, 0.0, per_group), Group("tail", self.tail_weight, self.rho, per_group)]
 
     def _stage_state(self):
-        return {"rho": self.rho, "tail_weight": self.tail_weight}
+        return {"rho": self.rho, "tail_weight": self.tail_weight, "normalization": self.normalization}
 
     def _load_stage_state(self, state):
         need_keys("state_dict['stage']", state, ["rho", "tail_weight"])
-        # both checked before either is assigned: a refused state changes nothing
+        # all checked before any is assigned: a refused state changes nothing. A
+        # state saved before the option existed has the default normalisation.
         rho, tail_weight = check_rho("rho", state["rho"]), check_rho("tail_weight", state["tail_weight"])
-        self.rho, self.tail_weight = rho, tail_weight
+        normalization = _check_normalization(state.get("normalization", "batch"))
+        self.rho, self.tail_weight, self.normalization = rho, tail_weight, normalization
 
     @torch.no_grad()
     def first_step(self) -> None:

@@ -54,6 +54,7 @@ class StepRun:
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
         self.checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
+        self.counts: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
 
     # ---- before any backward -------------------------------------------------------
@@ -106,10 +107,44 @@ class StepRun:
         # can sum past 65504
         self.checks.append((name, torch.isfinite(value).all()))
 
+    def _count(self, g: Group) -> int | Tensor:
+        """The normaliser of group ``g``'s loss: ``B``, or with ``per_group`` the
+        group's samples over every micro-batch of the step, ``max(n_k, 1)`` (an
+        empty group then weighs nothing). ``exact`` counts on the device, without
+        a synchronisation; ``split`` has the counts on the host already. Under DDP
+        the global count divided by the world size, so that the averaged gradient
+        is the mean over the group's samples of every process."""
+        if not g.per_group:
+            return self.total
+        if g.members not in self.counts:
+            if g.members == "all":
+                n = self.total
+            elif self.split:
+                n = sum(mb.index[g.members].numel() for mb in self.batches)
+            else:
+                tail = torch.stack([mb.mask.sum() for mb in self.batches]).sum()
+                n = tail if g.members == "tail" else self.total - tail
+            if self.ddp is not None:
+                dev = next(self.ddp.parameters()).device
+                n = torch.as_tensor(n, dtype=torch.float32, device=dev)
+                torch.distributed.all_reduce(n, group=self.ddp.process_group)
+                n = n.clamp_min(1) / torch.distributed.get_world_size(self.ddp.process_group)
+            elif isinstance(n, Tensor):
+                n = n.clamp_min(1).float()
+            else:
+                n = max(n, 1)
+            self.counts[g.members] = n
+        return self.counts[g.members]
+
     def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
         with torch.enable_grad():
-            # d L_k / d l_i = c_k / B for the samples of group k, 0 for the others
-            w = torch.full_like(losses, g.weight / self.total, requires_grad=False)
+            # d L_k / d l_i = c_k / n_k for the samples of group k (n_k = B, or the
+            # group's count), 0 for the others
+            n = self._count(g)
+            if isinstance(n, Tensor):
+                w = torch.ones_like(losses, requires_grad=False).mul_((g.weight / n).to(losses))
+            else:
+                w = torch.full_like(losses, g.weight / n, requires_grad=False)
             if not self.split and g.members != "all":
                 w = torch.where(mb.mask if g.members == "tail" else ~mb.mask, w, 0.0)
             out = torch.dot(losses, w)

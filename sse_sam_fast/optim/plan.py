@@ -35,11 +35,14 @@ _SLOTS = {members: Slot(i) for i, members in enumerate(MEMBERS)}
 
 class Group(NamedTuple):
     """Group ``k`` of a method: the loss ``L_k = weight · Σ_{i∈members} l_i / B``
-    is perturbed with radius ``rho`` (not at all when ``rho = 0``)."""
+    is perturbed with radius ``rho`` (not at all when ``rho = 0``). With
+    ``per_group`` the sum is divided by the group's own sample count over the
+    step, ``max(n_k, 1)``, instead of ``B``: an empty group contributes nothing."""
 
     members: str  # "all" | "head" | "tail"
     weight: float
     rho: float
+    per_group: bool = False
 
     @property
     def slot(self) -> Slot:
