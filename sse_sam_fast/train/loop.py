@@ -8,8 +8,9 @@ to the end, writing into its output directory after every epoch:
                    the weights of one that never stopped.
 ``results.json``   configuration, class counts and groups, per-epoch metrics,
                    final per-class and group accuracies, wall time, versions,
-                   whether steps were captured (``"capture"``; see
-                   :func:`capture_choice`) (``"finished": false`` until the last epoch).
+                   whether this session's steps went through ``opt.capture``
+                   (see :func:`capture_choice`); ``"finished": false`` until the
+                   last epoch.
 ``results.png``    per-class accuracy against training-class frequency, and
                    accuracy by group over the epochs (at the end of the run).
 """
@@ -494,7 +495,12 @@ def _finish(run: _Run, per_class: Tensor | None, plot: bool, log, session_start:
     print_table(results, log)
     epochs, sessions = run.cfg.epochs, run.sessions
     if run.capture and run.graphed is not None:
-        log(f"captured step: the last step {'replayed a CUDA graph' if run.graphed else 'ran eagerly'}")
+        last = run.history[-1]["graphed_steps"]
+        steps = math.ceil(len(run.data.y_train) / run.cfg.batch_size)
+        log(
+            f"captured step: the last step {'replayed a CUDA graph' if run.graphed else 'ran eagerly'}; "
+            f"{last} of the last epoch's {steps} steps replayed one"
+        )
     log(
         f"wall time {run.elapsed:.2f} s for {epochs} epoch{'s' if epochs > 1 else ''} "
         "(training and evaluation"

@@ -143,7 +143,7 @@ def test_cli_capture_flags_and_log(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "a"), "--capture"]) == 0
     out = capsys.readouterr().out
     assert "captured step: on (--capture)" in out and "graphed 0/8" in out
-    assert "captured step: the last step ran eagerly" in out
+    assert "captured step: the last step ran eagerly; 0 of the last epoch's 8 steps replayed one" in out
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     assert "captured step: off (auto: CUDA graphs need a CUDA device, not cpu)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
