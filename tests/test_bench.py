@@ -112,6 +112,25 @@ def test_whole_step_times_each_method_through_its_own_step(monkeypatch):
     assert seen == ["sam"]
 
 
+@pytest.mark.parametrize(
+    "quick, methods, cases",
+    [
+        (True, None, ["m stage 1", "m stage 2"]),
+        (False, None, ["m stage 1", "m stage 2", "m sam", "m imbsam"]),
+        (True, ["imbsam"], ["m imbsam"]),
+    ],
+)
+def test_whole_step_tables_follow_quick_and_methods(monkeypatch, quick, methods, cases):
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(bench.MODELS, "m", tiny_bn)
+    monkeypatch.setattr(bench, "whole_step", lambda *a, **kw: {})  # the tables, not the timing
+    args = SimpleNamespace(batch=4, tail_frac=0.25, steps=1, warmup=0, quick=quick, methods=methods)
+    done = []
+    bench._whole_steps(args, ["m"], ["torch"], CPU, lambda key, rows: done.append(key))
+    assert done == cases
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphed_sgd_is_the_eager_sgd_step():
