@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the checkout first on the path, installed or not (benchmarks/profile_step.py runs as a script)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 status=0
@@ -73,5 +75,6 @@ step bench 180 $PY -m sse_sam_fast bench --part whole --out "$OUT" "${BENCH[@]}"
 # kernels, launches, copies and host synchronisations per step, eager against captured
 step profile 60 $PY benchmarks/profile_step.py "${PROFILE[@]}"
 
+rm -f "$OUT"/*.tmp  # a bench.json being rewritten when its step ran out of time
 echo "gpu_check: total $((SECONDS - start)) s, status $status" | tee -a "$OUT/summary.txt"
 exit $status
