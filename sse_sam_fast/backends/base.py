@@ -68,7 +68,11 @@ class Backend(abc.ABC):
     def extend(self, params: Sequence[Tensor]) -> None:
         """Parameters the base optimizer holds from now on (``add_param_group``)."""
         if self.holding:
-            raise RuntimeError("parameters were added to the optimizer in the middle of a SAM step")
+            self.abort()  # the weights may be perturbed: a refused step must not leave them so
+            raise RuntimeError(
+                "parameters were added to the optimizer in the middle of a SAM step; the step was "
+                "abandoned and the weights restored: run the backward again and start the step anew"
+            )
         self.params.extend(params)
 
     # ---- starting -------------------------------------------------------------------

@@ -526,3 +526,31 @@ def test_a_rebind_between_official_methods_leaves_a_usable_optimizer(backend):
     F.cross_entropy(m(x), y).backward()
     opt.second_step()
     assert not any(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_add_param_group_between_official_methods_restores_the_weights(backend):
+    """The refusal abandons the step: no perturbed weights left behind, and the
+    next sequence (with the new parameter) runs."""
+    m = mlp()
+    opt = SAM(sgd(m), m, 0.5, backend=backend)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    before = [p.detach().clone() for p in m.parameters()]
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    temp = nn.Parameter(torch.tensor(1.5))
+    opt.add_param_group({"params": [temp], "lr": 0.05})
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="abandoned and the weights restored"):
+        opt.second_step()
+    for p, b in zip(m.parameters(), before):
+        if backend == "reference":  # its official methods subtract the move
+            torch.testing.assert_close(p, b, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(p, b)
+    opt.zero_grad()
+    (F.cross_entropy(m(x), y) * temp).backward()
+    opt.first_step()
+    (F.cross_entropy(m(x), y) * temp).backward()
+    opt.second_step()
+    assert not torch.equal(temp.detach(), torch.tensor(1.5))
