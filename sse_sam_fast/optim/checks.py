@@ -162,7 +162,8 @@ class SampleIndex(Tensor):
     """The sample indices a ``split`` closure gets. A split closure never shows
     the batch it indexes, so a tail mask of the wrong length would silently
     train on part of the batch (or index past its end). Indexing a tensor with
-    these indices first checks that tensor's length against the mask's, and
+    these indices (``x[idx]``, ``index_select`` along dim 0, also after
+    ``idx.to(device)``) first checks that tensor's length against the mask's, and
     raises the exact schedule's error before anything is read out of range.
     Everything else the closure does with them gives plain tensors."""
 
@@ -179,10 +180,24 @@ class SampleIndex(Tensor):
         kwargs = kwargs or {}
         if func is Tensor.__getitem__ and isinstance(args[0], Tensor) and args[0].dim() > 0:
             key = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
-            if isinstance(key, SampleIndex) and args[0].shape[0] != key.batch:
-                raise ValueError(
-                    f"tail_mask must have shape ({args[0].shape[0]},) (one flag per sample), "
-                    f"got ({key.batch},)"
-                )
+            cls._check(args[0], key)
+        elif func in (Tensor.index_select, torch.index_select):
+            source = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            key = args[2] if len(args) > 2 else kwargs.get("index")
+            if isinstance(source, Tensor) and source.dim() > 0 and dim in (0, -source.dim()):
+                cls._check(source, key)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if func in (Tensor.to, Tensor.cuda, Tensor.cpu) and isinstance(args[0], SampleIndex):
+            # idx.to(device): still the indices of the same batch
+            if isinstance(out, Tensor) and not isinstance(out, SampleIndex):
+                out = SampleIndex.of(out, args[0].batch)
+        return out
+
+    @staticmethod
+    def _check(source: Tensor, key) -> None:
+        if isinstance(key, SampleIndex) and source.shape[0] != key.batch:
+            raise ValueError(
+                f"tail_mask must have shape ({source.shape[0]},) (one flag per sample), got ({key.batch},)"
+            )

@@ -200,3 +200,29 @@ def test_split_refuses_a_mask_of_another_length_before_any_forward(schedule, len
     opt.step(
         lambda idx: F.cross_entropy(model(x[idx.tolist()]), y[idx + 0], reduction="none"), y == 2, schedule
     )
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        lambda t, idx: t.index_select(0, idx),
+        lambda t, idx: torch.index_select(t, 0, idx),
+        lambda t, idx: t.index_select(dim=0, index=idx),
+        lambda t, idx: t[idx.to(t.device, copy=True)],
+    ],
+    ids=["Tensor.index_select", "torch.index_select", "keywords", "idx.to"],
+)
+def test_split_refuses_a_short_mask_whichever_way_the_closure_indexes(index):
+    """index_select and a moved copy of the indices are checked as x[idx] is:
+    a mask of 8 flags for 12 samples would otherwise train on part of the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = SSESAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, 0.05, 0.1)
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    before = [p.detach().clone() for p in model.parameters()]
+    closure = lambda idx: F.cross_entropy(model(index(x, idx)), index(y, idx), reduction="none")
+    with pytest.raises(ValueError, match=r"tail_mask must have shape \(12,\)"):
+        opt.step(closure, (torch.arange(8) % 3) == 2, schedule="split")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.step(closure, y == 2, schedule="split")  # the right mask trains
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
