@@ -96,7 +96,13 @@ class CapturedStep:
         be._check_layout()  # a re-bound parameter gets new buffers, hence a new key
         shapes = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else ("value", x) for x in inputs)
         layout = tuple(id(b.w) for b in be.buckets)
-        return shapes, None if mask is None else mask.shape, tuple(self.opt._groups()), layout
+        # the fused SGD kernel reads the values from memory, but these choose its
+        # code path, which a graph bakes in (a weight decay switched on later
+        # would otherwise be silently ignored by the replays)
+        branches = tuple(
+            (g["momentum"] != 0, g["weight_decay"] != 0, bool(g["nesterov"])) for g in self.opt.param_groups
+        )
+        return shapes, None if mask is None else mask.shape, tuple(self.opt._groups()), layout, branches
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:

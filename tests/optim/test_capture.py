@@ -121,3 +121,21 @@ def test_cuda_what_cannot_be_graphed_runs_eagerly_with_a_warning(base, backend, 
         for x, y, tail in batches(6, "cuda"):
             captured(x, y, tail_mask=tail)
     assert not captured.graphed
+
+
+def test_the_graph_key_names_the_sgd_branches_a_graph_bakes_in():
+    """lr, momentum, dampening and weight decay are read from device memory at
+    replay, but whether momentum and weight decay are on (and nesterov) choose
+    the fused kernel's code path: changing them must not replay an old graph."""
+    model, opt = build("sam", "torch")
+    captured = opt.capture(lambda x, y: F.cross_entropy(model(x), y, reduction="none"))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    group = opt.param_groups[0]
+    key = captured._key((x, y), None)
+    group["lr"], group["momentum"] = 0.05, 0.5  # values only: the same graph
+    assert captured._key((x, y), None) == key
+    for name, value in (("weight_decay", 0.0), ("momentum", 0.0), ("nesterov", False)):
+        old = group[name]
+        group[name] = value
+        assert captured._key((x, y), None) != key, name
+        group[name] = old
