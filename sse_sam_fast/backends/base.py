@@ -197,6 +197,8 @@ def guarded_step(
         return
     if same:
         for t, old in saved:
-            torch.where(ok, t, old, out=t)
+            # a state tensor kept on the CPU (Adam's step count unless capturable)
+            # needs the verdict there: that one copy synchronises
+            torch.where(ok.to(t.device), t, old, out=t)
         for w, w_before in weights:
             torch.where(ok.to(w.device), w, w_before, out=w)

@@ -137,7 +137,7 @@ class TritonBackend(TorchBackend):
             self.load_hyperparameters()  # an eager step reads the values of now
         extra = [self.slots[slot][0] for slot in add]
         group_of = self._group_of()
-        check = self._check_once(f"restore_sgd {first} {ok is None}")
+        check = self._check_once(f"restore_sgd {first} {ok is None} {self._hyper is None}")
         try:
             for i, b in enumerate(self.buckets):
                 for group, start, end in self._group_runs(b, group_of):

@@ -36,9 +36,11 @@ class RunningStats:
     bit-identical (a NaN batch would otherwise poison every later evaluation)."""
 
     def __init__(self, batchnorms: Sequence[nn.Module]):
+        # every tracking layer, in training mode or not: a closure may switch it
         self.buffers: list[Tensor] = [
             buf
-            for m in _tracking(batchnorms)
+            for m in batchnorms
+            if m.track_running_stats
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
             if buf is not None
         ]

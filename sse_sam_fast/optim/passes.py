@@ -172,7 +172,11 @@ class StepRun:
             be.abort()
             stats.restore()
             raise
-        self._finish(ok, stats)
+        try:
+            self._finish(ok, stats)
+        except BaseException:  # the base step raised: the backend reset itself
+            stats.restore()
+            raise
         return loss
 
     def _passes(self) -> Tensor:

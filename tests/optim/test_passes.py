@@ -395,3 +395,40 @@ def test_ddp_two_processes(tmp_path, local, stage):
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
     assert os.path.exists(out)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_switched_to_training_inside_the_closure_is_restored_too(backend):
+    model = _bn_net()
+    opt = ssesam(model, backend)
+    model.eval()  # at the start of the step; the closure switches it
+    before = [b.clone() for b in model.buffers()]
+
+    def closure():
+        model.train()
+        return F.cross_entropy(model(X), Y, reduction="none") * float("nan")
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(closure, TAIL)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_raising_base_step_leaves_batchnorm_statistics_alone(backend):
+    model = _bn_net()
+    opt = ssesam(model, backend)
+    before = [b.clone() for b in model.buffers()]
+
+    def fail(*_):
+        raise RuntimeError("hook")
+
+    handle = opt.optimizer.register_step_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="hook"):
+        opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"), TAIL)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
