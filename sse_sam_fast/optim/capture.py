@@ -106,9 +106,8 @@ class CapturedStep:
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:
-        if why and why not in self._warned:
-            self._warned.add(why)
-            warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=3)
+        if why:
+            self._eager_warning(why)
         self.graphed = False
         step = lambda: self.opt.step(lambda: self.loss_fn(*inputs), mask, schedule=self.schedule)
         if not side_stream:
@@ -122,7 +121,7 @@ class CapturedStep:
         return loss
 
     def _replay(self, graph: _Graph, inputs: tuple, mask) -> Tensor:
-        self.opt._backend._check_layout()
+        # the layout was checked by _key, which chose this graph
         graph.load(inputs, mask)
         self.opt._backend.load_hyperparameters()
         graph.graph.replay()

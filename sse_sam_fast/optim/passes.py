@@ -54,7 +54,7 @@ class StepRun:
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
         self.checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
-        self.counts: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
+        self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
 
     # ---- before any backward -------------------------------------------------------
@@ -116,7 +116,7 @@ class StepRun:
         is the mean over the group's samples of every process."""
         if not g.per_group:
             return self.total
-        if g.members not in self.counts:
+        if g.members not in self.normalisers:
             if g.members == "all":
                 n = self.total
             elif self.split:
@@ -133,8 +133,8 @@ class StepRun:
                 n = n.clamp_min(1).float()
             else:
                 n = max(n, 1)
-            self.counts[g.members] = n
-        return self.counts[g.members]
+            self.normalisers[g.members] = n
+        return self.normalisers[g.members]
 
     def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
         with torch.enable_grad():
