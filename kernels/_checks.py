@@ -10,6 +10,34 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_grad_buffer(g) -> None:
+    """g: contiguous 2-D ``(k, N)`` of a supported dtype."""
+    if not isinstance(g, torch.Tensor) or g.dim() != 2:
+        raise ValueError(f"g must be a 2-D tensor of shape (k, N), got {_describe(g)}")
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"g must be float32, bfloat16 or float16, got {g.dtype}")
+    if not g.is_contiguous():
+        raise ValueError("g must be contiguous (row stride N)")
+
+
+def _check_norm_weight(w, g: torch.Tensor) -> None:
+    """w (the ASAM weights of a norm): contiguous 1-D (N,), g's dtype and device."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != g.shape[1]:
+        raise ValueError(f"w must be a 1-D tensor of shape ({g.shape[1]},), got {_describe(w)}")
+    if w.dtype != g.dtype:
+        raise ValueError(f"w must have g's dtype {g.dtype}, got {w.dtype}")
+    if w.device != g.device:
+        raise ValueError(f"w must be on g's device {g.device}, got {w.device}")
+    if not w.is_contiguous():
+        raise ValueError("w must be contiguous")
+
+
+def _check_bool(value, name: str) -> None:
+    """A flag that picks a compiled code path: exactly True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 def _check_bucket(w, g) -> None:
     """w: contiguous 1-D (N,); g: contiguous (k, N), same dtype and device."""
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
@@ -111,10 +139,18 @@ def _check_ok(ok, w: torch.Tensor) -> None:
         raise ValueError(f"ok must be on w's device {w.device}, got {ok.device}")
 
 
+def _check_clip(clip, w: torch.Tensor) -> None:
+    """clip: a one-element float32 tensor on w's device."""
+    if not isinstance(clip, torch.Tensor) or clip.numel() != 1 or clip.dtype != torch.float32:
+        raise ValueError(f"clip must be a one-element float32 tensor, got {_describe(clip)}")
+    if clip.device != w.device:
+        raise ValueError(f"clip must be on w's device {w.device}, got {clip.device}")
+
+
 def _check_restore_sgd(
-    w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok
+    w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok, hyper, clip
 ):
-    """Every argument of :func:`.update.restore_sgd_` but the hyperparameters."""
+    """Every argument of :func:`.update.restore_sgd_` but the hyperparameter values."""
     _check_bucket(w, g)
     _check_row(grad_row, g.shape[0], "grad_row")
     if w0 is not None:
@@ -127,6 +163,10 @@ def _check_restore_sgd(
         _check_ok(ok, w)
         if first_step and has_momentum:
             raise ValueError("ok cannot guard a first step: the momentum buffer has no old value to keep")
+    if hyper is not None:
+        _check_hyper(hyper, w)
+    if clip is not None:
+        _check_clip(clip, w)
 
 
 def _check_extra_rows(rows: list, k: int) -> None:

@@ -9,6 +9,7 @@ bucket, :func:`restore_sgd_` computes in fp32
 
     w     = w0                                      restore (w as is when w0 is None)
     d     = g[grad_row] + g[extra_row]              (ImbSAM: tail + clean head gradient)
+    d     = clip * d                                if clip (gradient clipping; rounded)
     d     = d + weight_decay * w                    if weight_decay != 0
     buf   = d                                       if momentum != 0, first step
     buf   = momentum * buf + (1 - dampening) * d    if momentum != 0, later steps
@@ -16,9 +17,14 @@ bucket, :func:`restore_sgd_` computes in fp32
     w     = w - lr * d
 
 which is ``torch.optim.SGD`` (``maximize=False``, single-tensor and foreach paths)
-applied to the restored weights, term for term and in the same order.  Values
-that the unfused sequence "``w.copy_(w0)``, then ``p.grad.add_(extra)``, then
-``SGD.step``" keeps in tensors (the summed gradient, the momentum buffer) are
+applied to the restored weights, term for term and in the same order.  ``clip``
+is a one-element fp32 device tensor holding a clipping coefficient the caller
+computed (already clamped, like ``clip_coef_clamped`` in
+``torch.nn.utils.clip_grad_norm_``, e.g. from ``grouped_sumsq(g, [grad_row],
+plus=extra_row)``); it is read from memory, so a replayed CUDA graph uses the
+value of the step.  Values that the unfused sequence "``w.copy_(w0)``, then
+``p.grad.add_(extra)``, then ``p.grad.mul_(clip)``, then ``SGD.step``" keeps in
+tensors (the summed and the clipped gradient, the momentum buffer) are
 rounded to their storage dtype (round-to-nearest-even) where it stores them, and
 are used rounded.  torch also rounds its temporaries (``d + weight_decay * w``,
 ``momentum * buf``, the nesterov sum) to the parameter dtype; here they stay
@@ -29,7 +35,8 @@ The summed gradient is not written back to ``g``: the optimizer zeroes the
 gradient rows right after the step, so the store would be wasted traffic.  Per
 element the kernel reads ``w0`` (or ``w``), ``g[grad_row]``, the extra row if
 any and the momentum buffer after the first step, and writes the buffer (if
-momentum) and ``w``.
+momentum) and ``w``; ``clip``, ``ok`` and ``hyper`` are scalars, not per-element
+traffic.
 
 Each parameter group of a bucket is a contiguous range with its own
 hyperparameters, so the optimizer runs one launch per group.
@@ -43,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import _check_hyper, _check_restore_sgd
+from ._checks import _check_restore_sgd
 
 BLOCK_SIZE = 1024
 
@@ -57,6 +64,7 @@ def _restore_sgd_kernel(
     buf_ptr,
     ok_ptr,
     hyper_ptr,
+    clip_ptr,
     lr,
     momentum,
     dampening,
@@ -70,6 +78,7 @@ def _restore_sgd_kernel(
     NESTEROV: tl.constexpr,
     HAS_OK: tl.constexpr,
     HYPER_ON_DEVICE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """Restore w from w0, then one SGD step with d = grad + extra (see module doc).
@@ -101,6 +110,9 @@ def _restore_sgd_kernel(
         # Rounded before use, as torch's grad.add_(extra) stores it, so the
         # update consumes the same gradient as the unfused sequence.
         d = d.to(grad_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_CLIP:
+        # rounded as torch's p.grad.mul_(clip_coef) stores the clipped gradient
+        d = (d * tl.load(clip_ptr)).to(grad_ptr.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT_DECAY:
         d = d + weight_decay * w
     if HAS_MOMENTUM:
@@ -149,6 +161,8 @@ def restore_sgd_(
     ok: torch.Tensor | None = None,
     hyper: torch.Tensor | None = None,
     check: bool = True,
+    *,
+    clip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place over ``[start, end)``: restore ``w``, then one ``torch.optim.SGD`` step.
 
@@ -178,6 +192,10 @@ def restore_sgd_(
             arguments still choose the code path (``momentum != 0``, ...).
         check: validate the arguments (``False``: the caller validated this
             buffer layout once already; a launch then costs no Python checks).
+        clip: None, or a one-element float32 tensor on ``w``'s device holding an
+            already clamped gradient-clipping coefficient: the gradient (after
+            the extra row) is multiplied by it and rounded to ``g``'s dtype,
+            before weight decay.
 
     Returns ``w``.  Elements outside ``[start, end)`` are not touched.
     """
@@ -187,10 +205,9 @@ def restore_sgd_(
     has_momentum = momentum != 0
     if check:
         _check_restore_sgd(
-            w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok
-        )
-        if hyper is not None:
-            _check_hyper(hyper, w)
+            w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step,
+            start, end, ok, hyper, clip,
+        )  # fmt: skip
     n_elements = end - start
     if n_elements == 0:
         return w
@@ -208,12 +225,8 @@ def restore_sgd_(
         grad,
         extra,
         buf,
-        ok if ok is not None else grad,
-        hyper if hyper is not None else grad,
-        float(lr),
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
+        *(t if t is not None else grad for t in (ok, hyper, clip)),
+        *(float(x) for x in (lr, momentum, dampening, weight_decay)),
         n_elements,
         HAS_W0=w0 is not None,
         HAS_EXTRA=bool(extra_rows),
@@ -223,6 +236,7 @@ def restore_sgd_(
         NESTEROV=bool(nesterov),
         HAS_OK=ok is not None,
         HYPER_ON_DEVICE=hyper is not None,
+        HAS_CLIP=clip is not None,
         BLOCK_SIZE=BLOCK_SIZE,
     )
     return w
