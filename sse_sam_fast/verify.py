@@ -201,6 +201,10 @@ class Case:
         extra = [k for k in ("frozen", "unused") if getattr(self, k)]
         if self.hparams.get("normalization", "batch") != "batch":
             extra.append(f"{self.hparams['normalization']}-norm")
+        if self.hparams.get("adaptive"):
+            extra.append("asam")
+        if self.hparams.get("max_grad_norm") is not None:
+            extra.append(f"clip{self.hparams['max_grad_norm']}")
         dt = str(self.dtype).replace("torch.", "")
         return "-".join([self.method, self.model, self.base, self.masks, dt, *extra])
 
@@ -226,8 +230,10 @@ class Case:
             base = torch.optim.SGD(
                 params, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=self.base == "nesterov"
             )
+        # the options every method takes: ASAM and gradient clipping
+        options = {k: self.hparams[k] for k in ("adaptive", "max_grad_norm") if k in self.hparams}
         if self.method == "sam":
-            opt = SAM(base, model, self.hparams.get("rho", 0.07), backend=backend)
+            opt = SAM(base, model, self.hparams.get("rho", 0.07), backend=backend, **options)
         elif self.method == "imbsam":
             opt = ImbSAM(
                 base,
@@ -235,6 +241,7 @@ class Case:
                 self.hparams.get("rho", 0.06),
                 normalization=self.hparams.get("normalization", "batch"),
                 backend=backend,
+                **options,
             )
         else:
             # the switch falls in the middle of the run: update_rho() runs every 2 steps
@@ -246,6 +253,7 @@ class Case:
                 gamma=0.5,
                 total_epochs=self.steps // 2,
                 backend=backend,
+                **options,
             )
         return model, opt
 
@@ -343,6 +351,28 @@ def default_cases(dtypes=(torch.float32,)) -> list[Case]:
         Case(method="ssesam", model="bn_cnn", base="adam", masks="alternate"),
         Case(method="imbsam", masks="alternate", hparams={"normalization": "group"}),
         Case(method="imbsam", model="bn_cnn", hparams={"normalization": "group"}),
+    ]
+    # ASAM (adaptive=True) and gradient clipping on every method; the radius is
+    # raised for ASAM, whose move |w|²g/||w g|| is smaller than SAM's at these weights,
+    # and the clipping norm is below the gradients' so that every step clips
+    cases += [
+        Case(method=m, hparams={"adaptive": True, "rho": 0.5, "head_rho": 0.4, "tail_rho": 0.8})
+        for m in ("sam", "imbsam", "ssesam")
+    ]
+    cases += [
+        Case(method="ssesam", model="bn_cnn", base="adam", masks="alternate", hparams={"adaptive": True}),
+        Case(method="sam", base="groups", frozen=True, hparams={"adaptive": True}),
+        *(
+            Case(method=m, base="nesterov", hparams={"max_grad_norm": 0.1})
+            for m in ("sam", "imbsam", "ssesam")
+        ),
+        Case(
+            method="ssesam",
+            model="bn_cnn",
+            masks="alternate",
+            hparams={"max_grad_norm": 0.1, "adaptive": True},
+        ),
+        Case(method="imbsam", base="adam", hparams={"max_grad_norm": 0.1, "normalization": "group"}),
     ]
     return cases
 

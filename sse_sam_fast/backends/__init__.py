@@ -18,9 +18,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, Perturbation, Slot
+from .base import EPS, Adaptive, Backend, Perturbation, Radius, Slot
 
-__all__ = ["BACKENDS", "EPS", "Backend", "Perturbation", "Slot", "make_backend", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "EPS",
+    "Adaptive",
+    "Backend",
+    "Perturbation",
+    "Radius",
+    "Slot",
+    "make_backend",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 

@@ -28,26 +28,52 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NewType
+from typing import ClassVar, NewType, Union
 
 import torch
 from torch import Tensor
 
 from .._constants import EPS
 
-__all__ = ["EPS", "Backend", "Perturbation", "Slot"]
+__all__ = ["EPS", "Backend", "Perturbation", "Radius", "Slot"]
 
 Slot = NewType("Slot", int)
 """A gradient set kept between passes; backends use it only as a key."""
 
+Radius = Union[float, tuple[float, ...]]
+"""A perturbation radius: one for every parameter, or one per param group of
+the base optimizer, in the order of ``optimizer.param_groups`` (the davda54/sam
+convention lets each group carry its own ``rho``)."""
+
+Adaptive = Union[bool, tuple[bool, ...]]
+"""ASAM (Kwon et al., ICML 2021) on or off: for all parameters, or per param
+group. Adaptive parameters are moved by ``rho · T² g / ||T g||`` with
+``T = |w|`` (``w`` unperturbed), and enter the norm as ``T g``."""
+
+
+def per_group(value, n_groups: int) -> tuple:
+    """A :data:`Radius` or :data:`Adaptive` as one value per param group."""
+    return value if isinstance(value, tuple) else (value,) * n_groups
+
+
+def uniform(value) -> bool:
+    """Whether a :data:`Radius` or :data:`Adaptive` is the same for every group."""
+    return not isinstance(value, tuple) or len(set(value)) <= 1
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``'s factor, clamped at 1, on the device."""
+    return (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+
 
 @dataclass(frozen=True)
 class Perturbation:
-    """A planned move ``e = rho · G[slot] / (||G[slot]|| + 1e-16)``.
+    """A planned move ``e = rho · G[slot] / (||G[slot]|| + 1e-16)`` (ASAM:
+    ``rho · T² G / (||T G|| + 1e-16)``).
 
-    ``norm`` is ``||G[slot]||`` as a device tensor (None where no parameter of
-    the slot got a gradient); ``scale`` is the backend's own representation of
-    ``rho / (||G|| + 1e-16)`` and means nothing to the engine.
+    ``norm`` is ``||G[slot]||`` (``||T G[slot]||``) as a device tensor (None where
+    no parameter of the slot got a gradient); ``scale`` is the backend's own
+    representation of the move and means nothing to the engine.
     """
 
     slot: Slot
@@ -81,8 +107,11 @@ class Backend(abc.ABC):
         """Start a one-call step: discard stray gradients, check the layout."""
 
     @abc.abstractmethod
-    def adopt(self) -> None:
-        """Start an official method: take ``p.grad`` as the user left it."""
+    def adopt(self, copy_weights: bool = False) -> None:
+        """Start an official method: take ``p.grad`` as the user left it.
+        ``copy_weights``: the restore copies the weights back, as davda54/sam's
+        does, where the published SSE-SAM code subtracts (matters only to
+        ``reference``; the flat backends always copy)."""
 
     # ---- gradient sets ---------------------------------------------------------------
     @property
@@ -99,6 +128,10 @@ class Backend(abc.ABC):
         """``slot := live``; live gradients := none."""
 
     @abc.abstractmethod
+    def add(self, slot: Slot) -> None:
+        """``live += slot``; the slot keeps its gradient."""
+
+    @abc.abstractmethod
     def accumulate(self, slot: Slot) -> None:
         """``slot += live`` (``:=`` if the slot is empty); live gradients := none."""
 
@@ -112,8 +145,11 @@ class Backend(abc.ABC):
 
     # ---- norms and moves ---------------------------------------------------------------
     @abc.abstractmethod
-    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
-        """One :class:`Perturbation` per ``(slot, rho)``, norms kept on the device."""
+    def perturbations(
+        self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
+    ) -> list[Perturbation]:
+        """One :class:`Perturbation` per ``(slot, rho)``, norms kept on the device.
+        ``T = |w|`` is read from the unperturbed weights."""
 
     @abc.abstractmethod
     def live_norm(self) -> Tensor | None:
@@ -130,14 +166,24 @@ class Backend(abc.ABC):
     # ---- ending --------------------------------------------------------------------------
     @abc.abstractmethod
     def finish(
-        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+        self,
+        add: Sequence[Slot] = (),
+        grads: Slot | None = None,
+        scaler=None,
+        ok: Tensor | None = None,
+        max_norm: float | None = None,
+        keep_grads: bool = False,
     ) -> None:
         """Restore ``w``, add the slots ``add`` to the live gradients, and step the
         base optimizer on them (or on slot ``grads`` instead of the live ones;
-        through ``scaler.step`` under AMP). With ``ok`` (a device bool), the step
-        takes effect only where ``ok`` is true: weights and optimizer state are
-        otherwise left bit-identical, decided on the device. Leaves every gradient
-        zero and every slot empty, also when the base step raises."""
+        through ``scaler.step`` under AMP). With ``max_norm`` the gradient is first
+        clipped to that global norm as ``torch.nn.utils.clip_grad_norm_`` does
+        (under AMP after ``scaler.unscale_``), on the device. With ``ok`` (a
+        device bool), the step takes effect only where ``ok`` is true: weights and
+        optimizer state are otherwise left bit-identical, decided on the device.
+        Leaves every slot empty and every gradient zero (``keep_grads``: the
+        gradient the base step used stays in ``p.grad``), also when the base step
+        raises."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -148,9 +194,15 @@ class Backend(abc.ABC):
         """The optimizer's ``zero_grad``."""
 
 
-def base_step(optimizer: torch.optim.Optimizer, scaler) -> None:
+def base_step(optimizer: torch.optim.Optimizer, scaler, clip=None) -> None:
     """The base optimizer's own step; under AMP through the scaler, which unscales
-    the gradients and skips the step if any is inf or NaN."""
+    the gradients and skips the step if any is inf or NaN. ``clip()`` clips the
+    unscaled gradients first (``scaler.unscale_`` is public and remembered by
+    ``scaler.step``)."""
+    if clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        clip()
     if scaler is None:
         optimizer.step()
     else:

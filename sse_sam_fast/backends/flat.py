@@ -10,7 +10,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, Perturbation, Slot, base_step, guarded_step
+from .base import (
+    EPS,
+    Adaptive,
+    Backend,
+    Perturbation,
+    Radius,
+    Slot,
+    base_step,
+    clip_coefficient,
+    guarded_step,
+    per_group,
+    uniform,
+)
 
 ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 
@@ -18,6 +30,11 @@ ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 def _either(a: list[bool], b: list[bool]) -> list[bool]:
     """Presence of a gradient in the sum of two gradient sets, parameter by parameter."""
     return [x or y for x, y in zip(a, b)]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # fp32 accumulation: bf16/fp16 sums lose the small gradients of the tail
+    return torch.promote_types(dtype, torch.float32)
 
 
 class Bucket:
@@ -53,6 +70,19 @@ class Bucket:
 
     def views(self, row: int) -> list[Tensor]:
         return [self.g[row, off : off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)]
+
+    def runs(self, key_of: dict[int, object]) -> list[tuple[object, int, int]]:
+        """Maximal runs of consecutive parameters with equal ``key_of[id(p)]``, as
+        ``(key, start, end)`` element ranges that cover the bucket, padding included."""
+        runs: list[list] = []
+        for j, p in enumerate(self.params):
+            key = key_of[id(p)]
+            end = self.offsets[j + 1] if j + 1 < len(self.params) else self.numel
+            if runs and runs[-1][0] == key:
+                runs[-1][2] = end
+            else:
+                runs.append([key, self.offsets[j], end])
+        return [tuple(r) for r in runs]
 
 
 class TorchBackend(Backend):
@@ -214,7 +244,7 @@ class TorchBackend(Backend):
             self._bind(live)
 
     @torch.no_grad()
-    def adopt(self) -> None:
+    def adopt(self, copy_weights: bool = False) -> None:
         self._check_layout()
         self._hook_new()
         for i, (p, v) in enumerate(zip(self.params, self._views[self.live])):
@@ -252,7 +282,8 @@ class TorchBackend(Backend):
         self.slots[slot] = (row, _either(seen, self.seen))
         self.seen = [False] * len(self.params)
 
-    def _add_to_live(self, slot: Slot) -> None:
+    @torch.no_grad()
+    def add(self, slot: Slot) -> None:
         row, seen = self.slots[slot]
         live = self.live
         self._rows_op(lambda b: b.g[live].add_(b.g[row]))
@@ -275,24 +306,54 @@ class TorchBackend(Backend):
                 b.g[r].div_(world)
 
     # ---- norms and moves -------------------------------------------------------------
+    def _runs(self, rho: Radius, adaptive: Adaptive) -> list[list[tuple[tuple[float, bool], int, int]]]:
+        """Per bucket, ranges of one ``(rho, adaptive)``: the whole bucket when every
+        param group has the same (no per-parameter work on the host), else runs."""
+        if uniform(rho) and uniform(adaptive):
+            key = (per_group(rho, 1)[0], per_group(adaptive, 1)[0])
+            return [[(key, 0, b.numel)] for b in self.buckets]
+        groups = self.optimizer.param_groups
+        keys = list(zip(per_group(rho, len(groups)), per_group(adaptive, len(groups))))
+        key_of = {id(p): keys[j] for j, group in enumerate(groups) for p in group["params"]}
+        return [b.runs(key_of) for b in self.buckets]
+
+    def _base(self, b: Bucket) -> Tensor:
+        """The unperturbed weights (ASAM's ``T = |w|``)."""
+        return b.w0 if self._saved else b.w
+
     @torch.no_grad()
-    def _norms(self, rows: Sequence[int]) -> list[Tensor]:
-        """L2 norms of gradient rows over all buckets (fp32 or wider), on the first bucket's device."""
+    def _norms(self, rows: Sequence[int], runs=None) -> list[Tensor]:
+        """L2 norms of gradient rows over all buckets (fp32 or wider), on the first
+        bucket's device; with ``runs``, the adaptive ranges count as ``|w|·g``."""
         dev = self.buckets[0].w.device
         out = []
         for r in rows:
-            # fp32 accumulation: bf16/fp16 sums lose the small gradients of the tail
-            parts = [
-                torch.linalg.vector_norm(b.g[r], dtype=torch.promote_types(b.g.dtype, torch.float32)).to(dev)
-                for b in self.buckets
-            ]
+            parts = []
+            for i, b in enumerate(self.buckets):
+                if runs is None:
+                    parts.append(torch.linalg.vector_norm(b.g[r], dtype=_acc(b.g.dtype)).to(dev))
+                    continue
+                for (_, adaptive), start, end in runs[i]:
+                    x = b.g[r, start:end].to(_acc(b.g.dtype))
+                    if adaptive:
+                        x = x * self._base(b)[start:end]
+                    parts.append(torch.linalg.vector_norm(x).to(dev))
             out.append(parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts)))
         return out
 
     @torch.no_grad()
-    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
-        norms = self._norms([self.slots[slot][0] for slot, _ in items])
-        return [Perturbation(slot, n, rho / (n + EPS)) for (slot, rho), n in zip(items, norms)]
+    def perturbations(
+        self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
+    ) -> list[Perturbation]:
+        """A scale is, per bucket, ``(s, adaptive, start, end)`` ranges, ``s = rho / (n + 1e-16)``."""
+        out = []
+        for slot, rho in items:
+            runs = self._runs(rho, adaptive)
+            plain = all(not a for bucket in runs for (_, a), _, _ in bucket)
+            n = self._norms([self.slots[slot][0]], None if plain else runs)[0]
+            scale = [[(r / (n + EPS), a, start, end) for (r, a), start, end in bucket] for bucket in runs]
+            out.append(Perturbation(slot, n, scale))
+        return out
 
     @torch.no_grad()
     def live_norm(self) -> Tensor:
@@ -300,16 +361,20 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def perturb(self, move: Perturbation) -> None:
-        """``w = w0 + s·G[slot]``, saving ``w0 = w`` first if this is the step's
-        first perturbation: the previous move needs no arithmetic to undo."""
+        """``w = w0 + s·G[slot]`` (ASAM: ``s·w0²·G[slot]``), saving ``w0 = w`` first
+        if this is the step's first perturbation: the previous move needs no
+        arithmetic to undo."""
         row = self.slots[move.slot][0]
-        for b in self.buckets:
-            s = move.scale.to(b.w.device)
-            if self._saved:
-                torch.addcmul(b.w0, b.g[row], s, out=b.w)
-            else:
+        for b, runs in zip(self.buckets, move.scale):
+            if not self._saved:
                 b.w0.copy_(b.w)
-                b.w.addcmul_(b.g[row], s)
+            for s, adaptive, start, end in runs:
+                w0, g, s = b.w0[start:end], b.g[row, start:end], s.to(b.w.device)
+                if adaptive:
+                    g = g.to(_acc(g.dtype)) * w0.to(_acc(g.dtype)).square()
+                    b.w[start:end].copy_(torch.addcmul(w0.to(g.dtype), g, s))
+                else:
+                    torch.addcmul(w0, g, s, out=b.w[start:end])
         self._saved = True
 
     @torch.no_grad()
@@ -323,7 +388,7 @@ class TorchBackend(Backend):
     def _final_gradient(self, add: Sequence[Slot], grads: Slot | None) -> None:
         """Live gradients := the base step's gradient; absent parameters get ``p.grad = None``."""
         for slot in add:
-            self._add_to_live(slot)
+            self.add(slot)
         if grads is not None:
             row, seen = self.slots.pop(grads)
             self.live, self.seen = row, seen
@@ -333,23 +398,47 @@ class TorchBackend(Backend):
                 p.grad = None
 
     @torch.no_grad()
+    def _clip(self, max_norm: float) -> None:
+        """Scale the live rows as ``clip_grad_norm_`` scales the gradients."""
+        coef = clip_coefficient(self.live_norm(), max_norm)
+        live = self.live
+        self._rows_op(lambda b: b.g[live].mul_(coef.to(b.g.device)))
+
+    @torch.no_grad()
     def finish(
-        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+        self,
+        add: Sequence[Slot] = (),
+        grads: Slot | None = None,
+        scaler=None,
+        ok: Tensor | None = None,
+        max_norm: float | None = None,
+        keep_grads: bool = False,
     ) -> None:
         if ok is not None and not self._saved:
             self._rows_op(lambda b: b.w0.copy_(b.w))  # the weights a skipped step falls back to
         self.restore()
         self._final_gradient(add, grads)
+        clip = None if max_norm is None else lambda: self._clip(max_norm)
         try:
             if ok is None:
-                base_step(self.optimizer, scaler)
+                base_step(self.optimizer, scaler, clip)
             else:
+                if clip is not None:
+                    clip()
                 guarded_step(self.optimizer, self.params, ok, [(b.w, b.w0) for b in self.buckets])
         finally:
-            self._reset()
+            self._reset(keep_grads)
 
-    def _reset(self) -> None:
+    def _reset(self, keep_grads: bool = False) -> None:
+        """Empty every slot and zero every row; ``keep_grads``: but the live one,
+        whose gradient stays in ``p.grad`` as after a plain ``optimizer.step()``."""
         self.slots.clear()
+        if keep_grads:
+            for b in self.buckets:
+                for r in range(b.g.shape[0]):
+                    if r != self.live:
+                        b.g[r].zero_()
+            return
         self._rows_op(lambda b: b.g.zero_())
         self.seen = [False] * len(self.params)
         self._bind(self.live)

@@ -7,7 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, Perturbation, Slot, base_step, guarded_step
+from .base import (
+    EPS,
+    Adaptive,
+    Backend,
+    Perturbation,
+    Radius,
+    Slot,
+    base_step,
+    clip_coefficient,
+    guarded_step,
+    per_group,
+)
 
 
 class ReferenceBackend(Backend):
@@ -28,19 +39,27 @@ class ReferenceBackend(Backend):
         self.slots: dict[Slot, dict[Tensor, Tensor]] = {}
         self._keep = False  # inside step(): restore from a copy
         self._saved: dict[Tensor, Tensor] | None = None
-        self._applied: Perturbation | None = None
+        self._applied: dict[Tensor, Tensor] | None = None  # the eps each parameter was moved by
 
     def begin(self) -> None:
         self.optimizer.zero_grad()
         self._keep = True
 
-    def adopt(self) -> None:
-        self._keep = False
+    def adopt(self, copy_weights: bool = False) -> None:
+        self._keep = copy_weights
 
     @torch.no_grad()
     def take(self, slot: Slot) -> None:
         self.slots[slot] = {p: p.grad.clone() for p in self.params if p.grad is not None}
         self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def add(self, slot: Slot) -> None:
+        for p, g in self.slots[slot].items():
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
 
     @torch.no_grad()
     def accumulate(self, slot: Slot) -> None:
@@ -70,16 +89,29 @@ class ReferenceBackend(Backend):
             torch.distributed.all_reduce(t, group=group)
             t.div_(world)
 
+    def _unperturbed(self, p: Tensor) -> Tensor:
+        return self._saved[p] if self._saved is not None else p
+
     @torch.no_grad()
-    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
+    def perturbations(
+        self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
+    ) -> list[Perturbation]:
+        groups = self.optimizer.param_groups
+        index = {p: j for j, group in enumerate(groups) for p in group["params"]}
+        adaptive = per_group(adaptive, len(groups))
         out = []
         for slot, rho in items:
-            grads = list(self.slots[slot].values())
+            grads = self.slots[slot]
             if not grads:  # nothing got a gradient: nothing to perturb
                 out.append(Perturbation(slot, None, None))
                 continue
-            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
-            out.append(Perturbation(slot, norm, rho / (norm + EPS)))
+            # T = |w| at the unperturbed weights, as davda54/sam reads p before moving it
+            t = {p: self._unperturbed(p).abs() if adaptive[index[p]] else None for p in grads}
+            norms = [torch.norm(g if t[p] is None else t[p] * g, p=2) for p, g in grads.items()]
+            norm = torch.norm(torch.stack(norms), p=2)
+            rhos = per_group(rho, len(groups))
+            move = {p: (rhos[index[p]] / (norm + EPS), t[p]) for p in grads}
+            out.append(Perturbation(slot, norm, move))
         return out
 
     @torch.no_grad()
@@ -87,25 +119,28 @@ class ReferenceBackend(Backend):
         grads = [torch.norm(p.grad.float()) for p in self.params if p.grad is not None]
         return torch.norm(torch.stack(grads)) if grads else None
 
-    def _move(self, move: Perturbation, sign: int) -> None:
+    def _move(self, move: Perturbation) -> None:
         if move.scale is None:
             return
+        self._applied = {}
         for p, g in self.slots[move.slot].items():
-            eps = g.mul(move.scale)
-            if sign > 0:
-                p.add_(eps)
-            else:
-                p.sub_(eps)
+            scale, t = move.scale[p]
+            eps = g.mul(scale) if t is None else t.pow(2).mul(g).mul(scale)
+            p.add_(eps)
+            self._applied[p] = eps  # kept: an adaptive move cannot be recomputed at w + eps
+
+    def _unmove(self) -> None:
+        for p, eps in (self._applied or {}).items():
+            p.sub_(eps)
+        self._applied = None
 
     @torch.no_grad()
     def perturb(self, move: Perturbation) -> None:
         if self._keep and self._saved is None:
             self._saved = {p: p.detach().clone() for p in self.params}
         # restore first, then perturb: the order of the published code
-        if self._applied is not None:
-            self._move(self._applied, -1)
-        self._move(move, 1)
-        self._applied = move
+        self._unmove()
+        self._move(move)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -113,34 +148,49 @@ class ReferenceBackend(Backend):
             for p, w in self._saved.items():
                 p.copy_(w)
             self._saved = None
-        elif self._applied is not None:
-            self._move(self._applied, -1)
-        self._applied = None
+            self._applied = None
+        else:
+            self._unmove()
 
     @torch.no_grad()
     def finish(
-        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+        self,
+        add: Sequence[Slot] = (),
+        grads: Slot | None = None,
+        scaler=None,
+        ok: Tensor | None = None,
+        max_norm: float | None = None,
+        keep_grads: bool = False,
     ) -> None:
         self.restore()
         for slot in add:
-            for p, g in self.slots[slot].items():
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.add_(g)
+            self.add(slot)
         if grads is not None:
             kept = self.slots.get(grads, {})
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
+        clip = None if max_norm is None else lambda: self._clip(max_norm)
         try:
             if ok is None:
-                base_step(self.optimizer, scaler)
+                base_step(self.optimizer, scaler, clip)
             else:
+                if clip is not None:
+                    clip()
                 weights = [(p, p.detach().clone()) for p in self.params]
                 guarded_step(self.optimizer, self.params, ok, weights)
         finally:
-            self.optimizer.zero_grad()
+            if not keep_grads:
+                self.optimizer.zero_grad()
             self.slots.clear()
+
+    def _clip(self, max_norm: float) -> None:
+        """``clip_grad_norm_``'s loop, written out: per-parameter norms, their norm."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
+            coef = clip_coefficient(norm, max_norm)
+            for g in grads:
+                g.mul_(coef.to(g.device))
 
     @torch.no_grad()
     def abort(self) -> None:

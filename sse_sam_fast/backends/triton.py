@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import _torch_private
-from .base import Perturbation, Slot
-from .flat import Bucket, TorchBackend, _either
+from .base import Adaptive, Perturbation, Radius, Slot, clip_coefficient
+from .flat import TorchBackend, _either
 
 
 def interpreting() -> bool:
@@ -102,57 +102,95 @@ class TritonBackend(TorchBackend):
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
 
     @torch.no_grad()
-    def perturbations(self, items: Sequence[tuple[Slot, float]]) -> list[Perturbation]:
-        """A scale is ``(sumsq, rho)``: the kernels compute ``rho / (sqrt(sumsq) + 1e-16)``."""
-        if not items:
-            return []
-        rows = [self.slots[slot][0] for slot, _ in items]
+    def _sumsq(self, rows: Sequence[int], adaptive: Adaptive = False, plus: int | None = None) -> Tensor:
+        """``||G[row]||²`` of every listed row over all buckets (ASAM ranges as
+        ``||w·G||²``; with ``plus``, of ``G[row] + G[plus]``): one launch per bucket
+        and range, summed on the first bucket's device."""
         dev = self.buckets[0].w.device
         sumsq = None
-        for b in self.buckets:
-            part = self._k.grouped_sumsq(b.g, rows).to(dev)
-            sumsq = part if sumsq is None else sumsq + part
+        for b, runs in zip(self.buckets, self._runs(0.0, adaptive)):
+            for (_, a), start, end in runs:
+                w = self._base(b) if a else None
+                part = self._k.grouped_sumsq(b.g, rows, w=w, plus=plus, start=start, end=end).to(dev)
+                sumsq = part if sumsq is None else sumsq + part
+        return sumsq
+
+    @torch.no_grad()
+    def perturbations(
+        self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
+    ) -> list[Perturbation]:
+        """A scale is ``(sumsq, runs)``, ``runs`` per bucket ``(rho, adaptive, start,
+        end)``: the kernels compute ``rho / (sqrt(sumsq) + 1e-16)``."""
+        if not items:
+            return []
+        sumsq = self._sumsq([self.slots[slot][0] for slot, _ in items], adaptive)
         norms = sumsq.sqrt()
-        return [Perturbation(slot, norms[i], (sumsq[i : i + 1], rho)) for i, (slot, rho) in enumerate(items)]
+        out = []
+        for i, (slot, rho) in enumerate(items):
+            runs = [
+                [(r, a, start, end) for (r, a), start, end in bucket] for bucket in self._runs(rho, adaptive)
+            ]
+            out.append(Perturbation(slot, norms[i], (sumsq[i : i + 1], runs)))
+        return out
 
     @torch.no_grad()
     def perturb(self, move: Perturbation) -> None:
-        sumsq, rho = move.scale
+        sumsq, runs = move.scale
         row = self.slots[move.slot][0]
         check = self._check_once("perturb")
-        for b in self.buckets:
-            self._k.perturb_(b.w, b.w0, b.g, (row, sumsq.to(b.w.device), rho), not self._saved, check)
+        for b, bucket_runs in zip(self.buckets, runs):
+            s = sumsq.to(b.w.device)
+            for rho, adaptive, start, end in bucket_runs:
+                self._k.perturb_(
+                    b.w, b.w0, b.g, (row, s, rho), not self._saved, check,
+                    adaptive=adaptive, start=start, end=end,
+                )  # fmt: skip
         self._saved = True
 
     @torch.no_grad()
     def finish(
-        self, add: Sequence[Slot] = (), grads: Slot | None = None, scaler=None, ok: Tensor | None = None
+        self,
+        add: Sequence[Slot] = (),
+        grads: Slot | None = None,
+        scaler=None,
+        ok: Tensor | None = None,
+        max_norm: float | None = None,
+        keep_grads: bool = False,
     ) -> None:
-        first = None if scaler is not None else self._fusable_sgd(add, grads, ok)
+        first = None
+        if scaler is None and not (keep_grads and (add or max_norm is not None)):
+            # kept gradients must be the ones the step used: the kernel stores no sum
+            first = self._fusable_sgd(add, grads, ok)
         self.fused_last = first is not None
         if first is None:
-            super().finish(add, grads, scaler, ok)
+            super().finish(add, grads, scaler, ok, max_norm, keep_grads)
             return
         if self._hyper is not None and not _capturing():
             self.load_hyperparameters()  # an eager step reads the values of now
         extra = [self.slots[slot][0] for slot in add]
-        group_of = self._group_of()
-        check = self._check_once(f"restore_sgd {first} {ok is None} {self._hyper is None}")
+        clip = None
+        if max_norm is not None:
+            norm = self._sumsq([self.live], plus=extra[0] if extra else None).sqrt()
+            clip = clip_coefficient(norm, max_norm)
+        groups = {id(g): g for g in self.optimizer.param_groups}
+        key_of = {id(p): id(g) for g in groups.values() for p in g["params"]}
+        check = self._check_once(f"restore_sgd {first} {ok is None} {self._hyper is None} {clip is None}")
         try:
             for i, b in enumerate(self.buckets):
-                for group, start, end in self._group_runs(b, group_of):
+                for gid, start, end in b.runs(key_of):
+                    group = groups[gid]
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
                         b.w, b.g, self.live, b.w0 if self._saved else None, extra,
                         self._momentum_buffer(i) if momentum else None,
                         group["lr"], momentum, group["dampening"], group["weight_decay"],
                         group["nesterov"], first, start, end, None if ok is None else ok.to(b.w.device),
-                        self._hyper_of(group), check,
+                        self._hyper_of(group), check, clip=None if clip is None else clip.to(b.w.device),
                     )  # fmt: skip
             self._saved = False
             _torch_private.mark_stepped(self.optimizer)
         finally:
-            self._reset()
+            self._reset(keep_grads)
 
     def _fusable_sgd(self, add: Sequence[Slot], grads: Slot | None, ok: Tensor | None) -> bool | None:
         """None if the fused SGD update cannot reproduce ``optimizer.step()``
@@ -172,20 +210,6 @@ class TritonBackend(TorchBackend):
 
     def _group_of(self) -> dict[int, dict]:
         return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-
-    @staticmethod
-    def _group_runs(b: Bucket, group_of: dict[int, dict]):
-        """Maximal runs of consecutive parameters of ``b`` in one param group, as
-        ``(group, start, end)`` element ranges (padding included)."""
-        runs = []
-        for j, p in enumerate(b.params):
-            g = group_of[id(p)]
-            end = b.offsets[j + 1] if j + 1 < len(b.params) else b.numel
-            if runs and runs[-1][0] is g:
-                runs[-1][2] = end
-            else:
-                runs.append([g, b.offsets[j], end])
-        return runs
 
     def _momentum_buffer(self, i: int) -> Tensor:
         """Bucket ``i``'s flat momentum buffer and its per-parameter views."""

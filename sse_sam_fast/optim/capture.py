@@ -102,7 +102,10 @@ class CapturedStep:
         branches = tuple(
             (g["momentum"] != 0, g["weight_decay"] != 0, bool(g["nesterov"])) for g in self.opt.param_groups
         )
-        return shapes, None if mask is None else mask.shape, tuple(self.opt._groups()), layout, branches
+        # ASAM and clipping choose kernels and their arguments too
+        options = (self.opt._adaptive(), self.opt.max_grad_norm)
+        mask_shape = None if mask is None else mask.shape
+        return shapes, mask_shape, tuple(self.opt._groups()), layout, branches, options
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:

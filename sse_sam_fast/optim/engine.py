@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..backends import BACKENDS, Perturbation, Slot, make_backend
+from .. import _torch_private
+from ..backends import BACKENDS, Perturbation, Radius, Slot, make_backend
 from .capture import CapturedStep
-from .checks import check_base_state, check_count, micro_batches, need_keys, takes_index
+from .checks import check_base_state, check_count, check_rho, micro_batches, need_keys, takes_index
 from .passes import StepRun
 from .plan import SCHEDULES, Group, StepPlan
 
@@ -55,6 +56,15 @@ class GroupedSAM(torch.optim.Optimizer):
       shards follow one process on the whole batch; ``True`` perturbs each replica
       with its own gradient and averages only the final one (the m-sharpness
       variant: fewer collectives).
+    - ``adaptive``: ASAM (Kwon et al., ICML 2021): every perturbation is
+      ``e = rho · T² g / (||T g|| + 1e-16)`` with ``T = |w|`` at the unperturbed
+      weights, as davda54/sam computes it, instead of ``rho · g / (||g|| + 1e-16)``.
+    - ``max_grad_norm``: clip the gradient the base optimizer steps with (the sum
+      of the groups' gradients) to this global norm, as
+      ``torch.nn.utils.clip_grad_norm_`` does, on the device (under AMP after
+      unscaling). Applies to :meth:`step`, :meth:`capture` and the official
+      methods' last call; do not clip between the official calls yourself, that
+      would clip a part of the final gradient.
     """
 
     def __init__(
@@ -66,23 +76,35 @@ class GroupedSAM(torch.optim.Optimizer):
         bn_stats: str = "clean",
         nonfinite: str = "skip",
         local_perturbation: bool = False,
+        adaptive: bool = False,
+        max_grad_norm: float | None = None,
     ):
         params = self._check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r:.40}")
+        if max_grad_norm is not None:
+            max_grad_norm = check_rho("max_grad_norm", max_grad_norm)
+            if max_grad_norm == 0:
+                raise ValueError("max_grad_norm must be > 0 (None: no clipping), got 0")
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.model = model
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
+        self.adaptive, self.max_grad_norm = adaptive, max_grad_norm
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         # found once, like the parameters: their training flags are read at each step
-        self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modules = model.modules() if model is not None else ()
+        self._batchnorms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._backend = make_backend(backend, optimizer, params)
         self._open_method: str | None = None  # the official method that left a perturbation applied
 
-    @staticmethod
-    def _check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation) -> list[Tensor]:
+    # SAM(params, base_optimizer_cls, ...): the davda54/sam convention, without a model
+    _davda54 = False
+
+    def _check_init(self, optimizer, model, backend, bn_stats, nonfinite, local_perturbation) -> list[Tensor]:
         """Validate the options; returns every parameter of ``model`` the base
         optimizer holds, frozen ones too: one unfrozen later must have its
         gradient zeroed and perturbed like the others."""
@@ -90,7 +112,7 @@ class GroupedSAM(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, GroupedSAM):
             raise TypeError("optimizer must be a base optimizer such as SGD, not a SAM wrapper")
-        if not isinstance(model, nn.Module):
+        if not isinstance(model, nn.Module) and not (model is None and self._davda54):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -100,6 +122,8 @@ class GroupedSAM(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if not isinstance(local_perturbation, bool):
             raise TypeError(f"local_perturbation must be a bool, got {local_perturbation!r}")
+        if model is None and self._davda54:
+            return self._beyond(optimizer, [])
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no parameters that require grad")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -110,7 +134,7 @@ class GroupedSAM(torch.optim.Optimizer):
                 f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
             )
         ours = [p for p in model.parameters() if id(p) in held]
-        return ours + GroupedSAM._beyond(optimizer, ours)
+        return ours + self._beyond(optimizer, ours)
 
     @staticmethod
     def _beyond(optimizer: torch.optim.Optimizer, known: Sequence[Tensor]) -> list[Tensor]:
@@ -196,6 +220,10 @@ class GroupedSAM(torch.optim.Optimizer):
 
     def _load_stage_state(self, state: dict) -> None:
         raise NotImplementedError
+
+    def _adaptive(self) -> bool | tuple[bool, ...]:
+        """ASAM on or off, for all parameters or per param group."""
+        return self.adaptive
 
     # ---- one call per step --------------------------------------------------------
     def step(
@@ -298,16 +326,23 @@ class GroupedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
         try:
             self._track_params()
-            self._backend.adopt()
+            self._backend.adopt(copy_weights=self._davda54)  # davda54/sam restores a copy
         except BaseException:
             self._open_method = None  # the backend abandoned the step: a new one can start
             raise
 
-    def _perturb(self, slot: Slot, rho: float, method: str) -> None:
+    def _perturb(self, slot: Slot, rho: Radius, method: str) -> None:
         """Move the weights along the gradient held in ``slot``; ``method`` stays open."""
-        move: Perturbation = self._backend.perturbations([(slot, rho)])[0]
+        move: Perturbation = self._backend.perturbations([(slot, rho)], self._adaptive())[0]
         self._backend.perturb(move)
         self._open_method = method
+
+    def _finish(self, **kwargs) -> None:
+        """The last official call's base step (clipped per ``max_grad_norm``). A
+        scheduler attached to this wrapper counts it as the optimizer's step."""
+        self._open_method = None
+        self._backend.finish(max_norm=self.max_grad_norm, **kwargs)
+        _torch_private.mark_stepped(self)
 
     # ---- optimizer manners --------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -371,6 +406,8 @@ class GroupedSAM(torch.optim.Optimizer):
         self.nonfinite_steps = nonfinite_steps
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._stage_state().items())
+        options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm}
+        shown = {**self._stage_state(), **{k: v for k, v in options.items() if v}}
+        args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         base = "\n    ".join(repr(self.optimizer).splitlines())
         return f"{type(self).__name__}({args}, backend={self.backend!r},\n  optimizer={base})"

@@ -18,6 +18,7 @@ their effects on ``p`` and ``p.grad``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..backends import Slot
 from .checks import check_count, check_rho, check_schedule, need_keys
@@ -45,13 +46,37 @@ class SAM(GroupedSAM):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021).
 
     ``g = ∇L(w)``, ``e = rho·g/(||g||+1e-16)``, base step with ``∇L(w+e)``,
-    ``L = mean_i l_i``. Drop-in for the published ``SAM(optimizer, model, rho)``:
-    ``first_step()`` after the first backward, ``second_step()`` after the second.
+    ``L = mean_i l_i``. Two conventions, told apart by the first argument:
+
+    - ``SAM(optimizer, model, rho=0.05, **options)`` (an optimizer instance): the
+      published SSE-SAM code's. ``first_step()`` after the first backward,
+      ``second_step()`` after the second; or one call, ``step(closure)``.
+    - ``SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs)`` (tensors
+      or param-group dicts, and an optimizer class): davda54/sam's. ``kwargs``
+      other than this library's options build ``base_optimizer(param_groups,
+      **kwargs)`` (``self.base_optimizer``); each param group may carry its own
+      ``rho`` and ``adaptive``. ``first_step(zero_grad=False)`` and
+      ``second_step(zero_grad=False)`` keep the gradients unless asked, and
+      ``step(closure)`` takes davda54's closure (forward and backward, returns
+      the loss) after the caller's first backward.
     """
 
-    def __init__(self, optimizer, model, rho: float = 0.05, **options):
+    def __init__(self, optimizer, model=None, rho: float = 0.05, adaptive: bool = False, **options):
         self.rho = check_rho("rho", rho)
-        super().__init__(optimizer, model, **options)
+        # a model second means the optimizer-first convention, whatever came first
+        self._davda54 = not isinstance(optimizer, torch.optim.Optimizer) and not isinstance(model, nn.Module)
+        if self._davda54:
+            if model is None:
+                model = options.pop("base_optimizer", None)
+            engine = {k: options.pop(k) for k in _ENGINE_OPTIONS if k in options}
+            optimizer = _davda54_base(optimizer, model, self.rho, adaptive, options)
+            model, options = None, engine
+        super().__init__(optimizer, model, adaptive=adaptive, **options)
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The base optimizer (davda54/sam's name for it)."""
+        return self.optimizer
 
     def _groups(self):
         return [Group("all", 1.0, self.rho)]
@@ -63,19 +88,118 @@ class SAM(GroupedSAM):
         need_keys("state_dict['stage']", state, ["rho"])
         self.rho = check_rho("rho", state["rho"])
 
-    @torch.no_grad()
-    def first_step(self) -> None:
-        """``w += rho·g/(||g||+1e-16)`` with ``g`` in ``p.grad``; zeroes the grads."""
-        self._enter("first_step", None)
-        self._backend.take(_ALL)
-        self._perturb(_ALL, self.rho, "first_step")
+    def _radius(self):
+        """``rho``, or in the davda54/sam convention each param group's own."""
+        if not self._davda54:
+            return self.rho
+        return tuple(
+            check_rho(f"param_groups[{j}]['rho']", g.get("rho", self.rho))
+            for j, g in enumerate(self.param_groups)
+        )
+
+    def _adaptive(self):
+        if not self._davda54:
+            return self.adaptive
+        flags = tuple(g.get("adaptive", self.adaptive) for g in self.param_groups)
+        bad = next((j for j, a in enumerate(flags) if not isinstance(a, bool)), None)
+        if bad is not None:
+            raise TypeError(f"param_groups[{bad}]['adaptive'] must be a bool, got {flags[bad]!r:.40}")
+        return flags
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """Restore ``w``, base step with the perturbed gradient in ``p.grad``; zeroes the grads."""
+    def first_step(self, zero_grad: bool | None = None) -> None:
+        """``w += rho·g/(||g||+1e-16)`` with ``g`` in ``p.grad``. Zeroes the grads
+        (``zero_grad``'s default; davda54/sam convention: keeps them unless
+        ``zero_grad=True``)."""
+        self._enter("first_step", None)
+        self._backend.take(_ALL)
+        self._perturb(_ALL, self._radius(), "first_step")
+        if not _zeroes(zero_grad, self._davda54):
+            self._backend.add(_ALL)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool | None = None) -> None:
+        """Restore ``w``, base step with the perturbed gradient in ``p.grad``.
+        Zeroes the grads (davda54/sam convention: keeps them unless ``zero_grad=True``)."""
         self._enter("second_step", "first_step")
-        self._open_method = None
-        self._backend.finish()
+        self._finish(keep_grads=not _zeroes(zero_grad, self._davda54))
+
+    def step(self, closure=None, tail_mask=None, schedule: str = "exact", scaler=None):
+        """See :meth:`GroupedSAM.step`. In the davda54/sam convention, its
+        ``step(closure)``: ``first_step(zero_grad=True)``, ``closure()`` (a forward
+        and backward at ``w + e``), ``second_step()``; returns the closure's loss.
+        If the closure raises, the weights are restored before the error propagates."""
+        if not self._davda54:
+            return super().step(closure, tail_mask, schedule, scaler)
+        if closure is None:
+            raise ValueError("step() needs a closure in the davda54/sam convention (forward and backward)")
+        if tail_mask is not None or scaler is not None or schedule != "exact":
+            raise TypeError("in the davda54/sam convention step() takes only the closure")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._open_method = None
+            self._backend.abort()
+            raise
+        self.second_step()
+        return loss
+
+    def capture(self, loss_fn, schedule: str = "exact"):
+        if self._davda54:
+            raise TypeError(
+                "capture() needs the SAM(optimizer, model, rho) convention (it runs the model's "
+                "BatchNorm policy); this SAM was built as SAM(params, base_optimizer, ...)"
+            )
+        return super().capture(loss_fn, schedule)
+
+
+_ENGINE_OPTIONS = ("backend", "bn_stats", "nonfinite", "local_perturbation", "max_grad_norm")
+
+
+def _zeroes(zero_grad: bool | None, davda54: bool) -> bool:
+    if zero_grad is None:
+        return not davda54  # the official methods zero; davda54/sam's keep by default
+    if not isinstance(zero_grad, bool):
+        raise TypeError(f"zero_grad must be a bool, got {zero_grad!r:.40}")
+    return zero_grad
+
+
+def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) -> torch.optim.Optimizer:
+    """``base_optimizer(param_groups, **kwargs)`` for ``SAM(params, base_optimizer,
+    rho, adaptive, **kwargs)``, each group given ``rho`` and ``adaptive`` unless it
+    has its own (kept in the base's param groups, so they are saved and schedulable)."""
+    if not callable(base_optimizer):
+        raise TypeError(
+            "SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs): base_optimizer must be an "
+            f"optimizer class such as torch.optim.SGD, got {type(base_optimizer).__name__}; or pass an "
+            "optimizer instance first: SAM(optimizer, model, rho)"
+        )
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be a bool, got {adaptive!r:.40}")
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or of param-group dicts, got a Tensor")
+    try:
+        groups = list(params)
+    except TypeError:
+        raise TypeError(
+            f"params must be an iterable of tensors or of param-group dicts, got {type(params).__name__}"
+        ) from None
+    if not groups:
+        raise ValueError("params is empty: SAM got no parameters")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [dict(g) for g in groups]  # the caller's dicts stay as they were
+    for j, g in enumerate(groups):
+        g["rho"] = check_rho(f"param group {j}'s rho", g.get("rho", rho))
+        g.setdefault("adaptive", adaptive)
+        if not isinstance(g["adaptive"], bool):
+            raise TypeError(f"param group {j}'s adaptive must be a bool, got {g['adaptive']!r:.40}")
+    base = base_optimizer(groups, **kwargs)
+    if not isinstance(base, torch.optim.Optimizer):
+        raise TypeError(f"base_optimizer(...) must build a torch.optim.Optimizer, got {type(base).__name__}")
+    return base
 
 
 class ImbSAM(GroupedSAM):
@@ -147,8 +271,7 @@ class ImbSAM(GroupedSAM):
     def third_step(self) -> None:
         """Restore ``w``; base step with the perturbed tail gradient plus the head one."""
         self._enter("third_step", "second_step")
-        self._open_method = None
-        self._backend.finish(add=[_HEAD])
+        self._finish(add=[_HEAD])
 
 
 class SSESAM(GroupedSAM):
@@ -251,4 +374,4 @@ class SSESAM(GroupedSAM):
         self._enter("update", None)
         if not self._backend.holds(_SUM):
             raise RuntimeError("update() needs compute_grad_sum_and_restore_p() first")
-        self._backend.finish(grads=_SUM)
+        self._finish(grads=_SUM)

@@ -217,7 +217,7 @@ class StepRun:
             be.unscale([g.slot for g in plan.perturbed], _torch_private.inverse_scale(self.scaler))
         if self.ddp is not None and not self.opt.local_perturbation:
             be.all_reduce([g.slot for g in plan.groups], False, self.ddp.process_group)
-        moves = be.perturbations([(g.slot, g.rho) for g in plan.groups])
+        moves = be.perturbations([(g.slot, g.rho) for g in plan.groups], self.opt._adaptive())
         for g, move in zip(plan.groups, moves):
             # under a scaler an inf gradient is the scaler's to handle (skip and back off)
             if move.norm is not None and self.scaler is None:
@@ -297,7 +297,8 @@ class StepRun:
     def _finish(self, ok: Tensor | None, stats: batchnorm.RunningStats) -> None:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""
-        self.be.finish(add=[g.slot for g in self.plan.unperturbed], scaler=self.scaler, ok=ok)
+        add = [g.slot for g in self.plan.unperturbed]
+        self.be.finish(add, scaler=self.scaler, ok=ok, max_norm=self.opt.max_grad_norm)
         if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
             stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
         if ok is not None:

@@ -1,0 +1,272 @@
+"""The davda54/sam convention: ``SAM(params, base_optimizer_cls, rho, adaptive,
+**kwargs)``, scripts that change only their import line.
+
+The oracle below is our own re-implementation of davda54/sam's update, written
+from its description: one global norm over every parameter with a gradient
+(``|w|·g`` for adaptive groups), ``+ 1e-12``, per-group ``rho``, the move
+``rho·T²·g/(norm + 1e-12)``, the old weights copied back before the base step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sse_sam_fast import SAM
+
+BACKENDS = ["reference", "torch", "triton"]
+
+
+class Oracle(torch.optim.Optimizer):
+    """davda54/sam's SAM, as its users drive it (first/second step, or step(closure))."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    def _scale_of(self, group, p):
+        return p.abs() if group["adaptive"] else torch.ones_like(p)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        with_grad = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.stack([(self._scale_of(g, p) * p.grad).norm() for g, p in with_grad]).norm()
+        for g, p in with_grad:
+            self.state[p]["w"] = p.detach().clone()
+            p.add_(self._scale_of(g, p) ** 2 * p.grad * (g["rho"] / (norm + 1e-12)))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.copy_(self.state[p]["w"])
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure):
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _groups(model, two_groups: bool, adaptive_second: bool | None = None):
+    params = list(model.parameters())
+    if not two_groups:
+        return model.parameters()
+    second = {"params": params[2:], "lr": 0.02, "rho": 0.2}
+    if adaptive_second is not None:
+        second["adaptive"] = adaptive_second
+    return [{"params": params[:2]}, second]
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(n)]
+
+
+def _script(sam_class, pattern, base, adaptive, two_groups, scheduler=True, steps=6, **options):
+    """A davda54/sam training loop; only ``sam_class`` changes between the two runs.
+    Yields the parameters and the kept gradients after every step."""
+    model = _model()
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True) if base is torch.optim.SGD else dict(lr=1e-2)
+    opt = sam_class(_groups(model, two_groups), base, rho=0.05, adaptive=adaptive, **kw, **options)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if scheduler else None
+    for x, y in _batches(steps):
+        loss = lambda: F.cross_entropy(model(x), y)
+        if pattern == "two-steps":
+            loss().backward()
+            opt.first_step(zero_grad=True)
+            loss().backward()
+            opt.second_step(zero_grad=True)
+        else:
+
+            def closure():
+                out = loss()
+                out.backward()
+                return out
+
+            loss().backward()
+            opt.step(closure)
+            grads = [p.grad.clone() for p in model.parameters()]  # second_step() kept them
+            opt.zero_grad()
+            yield [p.detach().clone() for p in model.parameters()], grads
+            if sched is not None:
+                sched.step()
+            continue
+        yield [p.detach().clone() for p in model.parameters()], None
+        if sched is not None:
+            sched.step()
+
+
+def _assert_same(actual, expected, what):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=what)
+
+
+# davda54/sam itself makes a scheduler warn in the two-call pattern; ours counts second_step()
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["two-steps", "closure"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam], ids=["sgd-nesterov", "adam"])
+def test_a_davda54_script_follows_davda54_at_every_step(backend, pattern, adaptive, base):
+    ours = _script(SAM, pattern, base, adaptive, two_groups=True, backend=backend)
+    theirs = _script(Oracle, pattern, base, adaptive, two_groups=True)
+    for step, ((w, g), (w_ref, g_ref)) in enumerate(zip(ours, theirs, strict=True)):
+        _assert_same(w, w_ref, f"weights after step {step}")
+        if g is not None:
+            _assert_same(g, g_ref, f"kept grads, step {step}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_per_param_group(backend):
+    # the first group plain, the second ASAM with its own rho: flat buffers run by range
+    def run(cls, adaptive_second=True, **options):
+        model = _model()
+        groups = _groups(model, True, adaptive_second=adaptive_second)
+        opt = cls(groups, torch.optim.SGD, rho=0.05, lr=0.1, **options)
+        for x, y in _batches(4):
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        return [p.detach() for p in model.parameters()]
+
+    ours, theirs = run(SAM, backend=backend), run(Oracle)
+    _assert_same(ours, theirs, "adaptive second group")
+    assert not torch.allclose(ours[-1], run(Oracle, adaptive_second=False)[-1])  # and it matters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_step_without_zero_grad_keeps_the_gradient(backend):
+    # davda54's default: the second backward adds to g, and the base steps with g + g'
+    def run(cls, **options):
+        model = _model()
+        opt = cls(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, **options)
+        for x, y in _batches(3):
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step()
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step()
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()], grads
+
+    (w, g), (w_ref, g_ref) = run(SAM, backend=backend), run(Oracle)
+    _assert_same(w, w_ref, "weights")
+    _assert_same(g, g_ref, "gradients left by second_step()")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip_mid_run(backend):
+    def build(model):
+        return SAM(_groups(model, True), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, momentum=0.9,
+                   backend=backend)  # fmt: skip
+
+    def steps(model, opt, batches):
+        for x, y in batches:
+            F.cross_entropy(model(x), y).backward()
+            opt.step(lambda: F.cross_entropy(model(x), y).backward())
+            opt.zero_grad()
+
+    batches = _batches(6)
+    model = _model()
+    opt = build(model)
+    steps(model, opt, batches)
+    model2 = _model()
+    opt2 = build(model2)
+    steps(model2, opt2, batches[:3])
+    saved = opt2.state_dict()
+    model3 = _model()
+    model3.load_state_dict(model2.state_dict())
+    opt3 = build(model3)
+    opt3.param_groups[1]["rho"] = 0.7  # a resumed run takes the saved radii, not the new ones
+    opt3.load_state_dict(saved)
+    assert opt3.param_groups[1]["rho"] == 0.2
+    steps(model3, opt3, batches[3:])
+    _assert_same(list(model3.parameters()), list(model.parameters()), "resumed run")
+
+
+def test_the_wrapper_exposes_davda54s_names():
+    model = _model()
+    opt = SAM(_groups(model, True), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1)
+    assert opt.base_optimizer is opt.optimizer
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert [g["rho"] for g in opt.param_groups] == [0.05, 0.2]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.02]
+    assert [g["adaptive"] for g in opt.param_groups] == [False, False]
+    with pytest.raises(TypeError, match="capture"):
+        opt.capture(lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "build,error,words",
+    [
+        (lambda m: SAM(m.parameters(), "SGD", lr=0.1), TypeError, "base_optimizer"),
+        (lambda m: SAM(next(m.parameters()), torch.optim.SGD, lr=0.1), TypeError, "params"),
+        (lambda m: SAM([], torch.optim.SGD, lr=0.1), ValueError, "params"),
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, rho=-1.0, lr=0.1), ValueError, "rho"),
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, adaptive="yes", lr=0.1), TypeError, "adaptive"),
+        (lambda m: SAM([{"params": m.parameters(), "rho": float("inf")}], torch.optim.SGD, lr=0.1),
+         ValueError, "rho"),  # fmt: skip
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, max_grad_norm=0), ValueError, "max_grad_norm"),
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, lr=0.1, backend="gpu"), ValueError, "backend"),
+        (lambda m: SAM(m.parameters(), lambda groups: object()), TypeError, "base_optimizer"),
+    ],
+)
+def test_bad_arguments_name_the_argument(build, error, words):
+    with pytest.raises(error, match=words):
+        build(_model())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_raising_closure_leaves_the_weights_and_a_usable_optimizer(backend):
+    model = _model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+
+    def closure():
+        raise RuntimeError("data loader died")
+
+    with pytest.raises(RuntimeError, match="loader"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    F.cross_entropy(model(x), y).backward()
+    opt.step(lambda: F.cross_entropy(model(x), y).backward())  # the next step runs
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_a_scheduler_on_the_wrapper_sees_second_step_as_the_step():
+    model = _model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    x, y = _batches(1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
