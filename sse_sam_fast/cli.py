@@ -54,6 +54,13 @@ def _imb_factor(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _unit_interval(text: str) -> float:
     value = _non_negative_float(text)
     if value > 1:
@@ -147,6 +154,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=_non_negative_float, help="SGD weight decay")
     opt.add_argument(
         "--backend", choices=BACKENDS, help="sse_sam_fast backend, ignored by sgd (default auto)"
+    )
+    opt.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ASAM: perturb by rho*|w|^2 g/||w g|| (sam, imbsam, ssesam; default off)",
+    )
+    opt.add_argument(
+        "--max-grad-norm", type=_positive_float, help="clip the gradient of each step to this global norm"
+    )
+    opt.add_argument(
+        "--imbsam-normalization",
+        choices=("batch", "group"),
+        help="imbsam losses: sums over the batch, tail weight 2 (batch, default; the ImbSAM code) or each "
+        "group's mean (group; the SSE-SAM repository's baseline)",
     )
     opt.add_argument(
         "--schedule",

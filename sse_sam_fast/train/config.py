@@ -78,6 +78,9 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     schedule: str = "exact"
+    adaptive: bool = False  # ASAM, for sam, imbsam and ssesam
+    max_grad_norm: float | None = None  # clip the final gradient to this norm
+    imbsam_normalization: str = "batch"  # "batch" (ImbSAM code) or "group" (SSE-SAM repo's baseline)
     capture: bool | None = None  # None: auto (see capture_choice in sse_sam_fast.train.loop)
     device: str | None = None
     threads: int | None = None
@@ -88,7 +91,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RUNTIME_FIELDS = ("data_dir", "backend", "device", "threads", "capture")
 # fields added after the first checkpoints were written: a saved configuration
 # without them takes these values
-ADDED_FIELDS = {"capture": None}
+ADDED_FIELDS = {"capture": None, "adaptive": False, "max_grad_norm": None, "imbsam_normalization": "batch"}
 
 
 def option_name(field: str) -> str:
@@ -123,6 +126,7 @@ def _check_names(cfg: TrainConfig) -> None:
         ("loss", LOSSES),
         ("backend", BACKENDS),
         ("schedule", SCHEDULES),
+        ("imbsam_normalization", ("batch", "group")),
     ):
         if getattr(cfg, field) not in names:
             raise OptionError(
@@ -145,6 +149,18 @@ def _check_capture(cfg: TrainConfig) -> None:
             "--capture",
             f"captures the exact schedule only; got --schedule {cfg.schedule} (use --no-capture)",
         )
+
+
+def _check_method_options(cfg: TrainConfig) -> None:
+    """The SAM-family options must reach a method that has them."""
+    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
+        raise OptionError("--max-grad-norm", f"expected a finite number > 0, got {cfg.max_grad_norm}")
+    if cfg.opt == "sgd":
+        for field in ("adaptive", "max_grad_norm"):
+            if getattr(cfg, field) not in (False, None):
+                raise OptionError(option_name(field), "applies to sam, imbsam and ssesam, not --opt sgd")
+    if cfg.imbsam_normalization != "batch" and cfg.opt != "imbsam":
+        raise OptionError("--imbsam-normalization", f"applies to --opt imbsam only (the method is {cfg.opt})")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -176,6 +192,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.drw_epoch = int(DRW_FRACTION * cfg.epochs)
     if cfg.drw_epoch is not None and not 0 <= cfg.drw_epoch <= cfg.epochs:
         raise OptionError("--drw-epoch", f"must lie in [0, --epochs={cfg.epochs}], got {cfg.drw_epoch}")
+    _check_method_options(cfg)
     _check_capture(cfg)
     if cfg.device is None:
         cfg.device = default_device()

@@ -43,12 +43,19 @@ __all__ = [
     "SCHEDULES",
 ]
 
+def _options(cfg) -> dict:
+    """The keyword options every method takes, from the configuration."""
+    return {"backend": cfg.backend, "adaptive": cfg.adaptive, "max_grad_norm": cfg.max_grad_norm}
+
+
 METHODS: dict[str, Callable[..., object]] = {
     "sgd": lambda base, model, cfg: None,
-    "sam": lambda base, model, cfg: SAM(base, model, cfg.rho, backend=cfg.backend),
-    "imbsam": lambda base, model, cfg: ImbSAM(base, model, cfg.rho, backend=cfg.backend),
+    "sam": lambda base, model, cfg: SAM(base, model, cfg.rho, **_options(cfg)),
+    "imbsam": lambda base, model, cfg: ImbSAM(
+        base, model, cfg.rho, normalization=cfg.imbsam_normalization, **_options(cfg)
+    ),
     "ssesam": lambda base, model, cfg: SSESAM(
-        base, model, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs, backend=cfg.backend
+        base, model, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs, **_options(cfg)
     ),
 }
 

@@ -50,6 +50,39 @@ def test_train_each_optimizer(opt, tmp_path, capsys):
     assert re.search(r"^wall time [0-9.]+ s for 2 epochs", out, re.M)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--opt", "ssesam", "--adaptive", "--head-rho", "0.5", "--tail-rho", "1", "--max-grad-norm", "1"],
+        ["--opt", "imbsam", "--imbsam-normalization", "group", "--adaptive"],
+    ],
+)
+def test_train_takes_the_sam_family_options(argv, tmp_path, capsys):
+    from sse_sam_fast.train import registry
+    from sse_sam_fast.train.config import TrainConfig
+
+    built = []
+    real = dict(registry.METHODS)
+
+    def keep(make):
+        return lambda base, model, cfg: built.append(make(base, model, cfg)) or built[-1]
+
+    for name in ("imbsam", "ssesam"):
+        registry.METHODS[name] = keep(real[name])
+    try:
+        assert _train(tmp_path, "--epochs", "1", "--device", "cpu", *argv) == 0
+    finally:
+        registry.METHODS.update(real)
+    opt = built[0]
+    assert opt.adaptive is True
+    if "--max-grad-norm" in argv:
+        assert opt.max_grad_norm == 1.0
+    else:
+        assert opt.normalization == "group" and opt.max_grad_norm is None
+    assert "test acc" in capsys.readouterr().out
+    assert TrainConfig().imbsam_normalization == "batch"
+
+
 def test_train_ssesam_switches_stage(tmp_path, capsys):
     assert _train(tmp_path, "--epochs", "4", "--gamma", "0.5", "--backend", "reference") == 0
     stages = re.findall(r"^epoch.*stage (\d)$", capsys.readouterr().out, re.M)
@@ -148,6 +181,11 @@ def test_stop_and_resume_through_the_cli_equals_one_run(tmp_path, capsys):
         (["--many-thr", "500"], "--many-thr"),  # leaves Many empty
         (["--few-thr", "2"], "--few-thr"),  # leaves Few empty
         (["--dataset", "cifar10-lt", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
+        (["--max-grad-norm", "0"], "--max-grad-norm"),
+        (["--opt", "sgd", "--adaptive"], "--adaptive"),
+        (["--opt", "sgd", "--max-grad-norm", "1"], "--max-grad-norm"),
+        (["--opt", "ssesam", "--imbsam-normalization", "group"], "--imbsam-normalization"),
+        (["--imbsam-normalization", "mean"], "--imbsam-normalization"),
     ],
 )
 def test_train_rejects_bad_arguments(argv, option, tmp_path, capsys):
