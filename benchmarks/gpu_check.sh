@@ -3,7 +3,7 @@
 # and Triton preinstalled and no network (the lent H100/H200: torch 2.11,
 # Triton 3.6). Each step has its own time limit, in seconds; together 560, and
 # under 590 with the 5 s grace a killed step gets:
-#   env 2 x 10 | install 60 | cuda_tests 150 | verify 90 | bench 180 | profile 60
+#   env 2 x 10 | install 60 | cuda_tests 150 | verify 110 | bench 160 | profile 60
 # A step that fails or runs out of time is recorded and the next one runs.
 # Everything goes under $OUT (default ./gpu_out), 8 files at most:
 #   summary.txt   environment, each step's command, exit status, time and last line
@@ -69,9 +69,9 @@ else
     PROFILE=(--device cpu --model resnet32 --batch 8 --steps 1)
 fi
 # every method through opt.step, the official methods and opt.capture against the published loop
-step verify 90 $PY -m sse_sam_fast verify "${VERIFY[@]}"
+step verify 110 $PY -m sse_sam_fast verify "${VERIFY[@]}"
 # eager SGD, captured SGD, published, exact eager and captured: SSE-SAM stages 1 and 2, SAM, ImbSAM
-step bench 180 $PY -m sse_sam_fast bench --part whole --out "$OUT" "${BENCH[@]}"
+step bench 160 $PY -m sse_sam_fast bench --part whole --out "$OUT" "${BENCH[@]}"
 # kernels, launches, copies and host synchronisations per step, eager against captured
 step profile 60 $PY benchmarks/profile_step.py "${PROFILE[@]}"
 

@@ -54,6 +54,20 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def capturable_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` can be recorded in a CUDA graph and replayed
+    with the learning rate of the moment: a ``torch.optim.Adam`` or ``AdamW``
+    built with ``capturable=True`` (step counts on the device, no host reads)
+    and a tensor ``lr`` (LR schedulers ``fill_`` it in place, so a replay reads
+    the current value), without hooks or ``differentiable``."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or _has_hooks(optimizer) is not False:
+        return False
+    return all(
+        g.get("capturable") is True and isinstance(g.get("lr"), Tensor) and not g.get("differentiable")
+        for g in optimizer.param_groups
+    )
+
+
 def sgd_has_momentum(optimizer: torch.optim.SGD, params: Sequence[Tensor]) -> bool:
     """Whether every one of ``params`` already has its momentum buffer."""
     return all(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params)

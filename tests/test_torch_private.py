@@ -124,3 +124,18 @@ def test_scaler_skipped_reads_the_scalers_verdict():
     next(model.parameters()).grad[0, 0] = float("inf")
     scaler.step(opt)
     assert _torch_private.scaler_skipped(scaler, opt)
+
+
+def test_capturable_adam_needs_capturable_and_a_tensor_lr():
+    params = lambda: nn.Linear(3, 2).parameters()
+    lr = lambda: torch.tensor(1e-3)
+    assert _torch_private.capturable_adam(torch.optim.Adam(params(), lr=lr(), capturable=True))
+    assert _torch_private.capturable_adam(torch.optim.AdamW(params(), lr=lr(), capturable=True))
+    assert not _torch_private.capturable_adam(torch.optim.Adam(params(), lr=1e-3, capturable=True))
+    assert not _torch_private.capturable_adam(torch.optim.Adam(params(), lr=lr(), foreach=False))
+    assert not _torch_private.capturable_adam(torch.optim.SGD(params(), lr=0.1))
+    opt = torch.optim.AdamW(params(), lr=lr(), capturable=True)
+    handle = opt.register_step_pre_hook(lambda *a: None)
+    assert not _torch_private.capturable_adam(opt)  # a hook would run inside the graph once only
+    handle.remove()
+    assert _torch_private.capturable_adam(opt)

@@ -27,11 +27,14 @@ WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisati
 class _Graph:
     """One captured step: its static inputs, the graph, and its static loss."""
 
-    def __init__(self, inputs: tuple, mask: Tensor | None):
+    def __init__(self, inputs: tuple, mask: Tensor | None, reads: list[Tensor]):
         self.inputs = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs)
         self.mask = None if mask is None else mask.clone()
         self.graph = torch.cuda.CUDAGraph()
         self.loss: Tensor | None = None
+        # tensors the replays read that the graph does not own (Adam's tensor lr):
+        # kept alive, so that their memory, and their id in the key, is never reused
+        self.reads = reads
 
     def load(self, inputs: tuple, mask: Tensor | None) -> None:
         for static, x in zip(self.inputs, inputs):
@@ -78,11 +81,15 @@ class CapturedStep:
         opt, be = self.opt, self.opt._backend
         if not torch.cuda.is_available() or be.params[0].device.type != "cuda":
             return ""
-        from .._torch_private import plain_sgd
-
+        kind = _kind(opt.optimizer)
         reasons = [
-            (be.name != "triton", "the triton backend is needed"),
-            (not plain_sgd(opt.optimizer), "the base optimizer is not a plain torch.optim.SGD"),
+            (
+                kind is None,
+                "the base optimizer is neither a plain torch.optim.SGD nor a torch.optim.Adam/AdamW built "
+                "with capturable=True and a tensor lr (lr=torch.tensor(1e-3, device='cuda'))",
+            ),
+            (kind == "sgd" and be.name != "triton", "a captured SGD step needs the triton backend"),
+            (be.name == "reference", "the reference backend is not captured"),
             (opt._ddp is not None, "DistributedDataParallel steps are not captured"),
             (opt.nonfinite != "skip", "nonfinite='raise' reads the verdict on the host"),
             (self.schedule != "exact", "only the exact schedule is captured"),
@@ -96,12 +103,7 @@ class CapturedStep:
         be._check_layout()  # a re-bound parameter gets new buffers, hence a new key
         shapes = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else ("value", x) for x in inputs)
         layout = tuple(id(b.w) for b in be.buckets)
-        # the fused SGD kernel reads the values from memory, but these choose its
-        # code path, which a graph bakes in (a weight decay switched on later
-        # would otherwise be silently ignored by the replays)
-        branches = tuple(
-            (g["momentum"] != 0, g["weight_decay"] != 0, bool(g["nesterov"])) for g in self.opt.param_groups
-        )
+        branches = _baked(self.opt.optimizer)
         # ASAM and clipping choose kernels and their arguments too
         options = (self.opt._adaptive(), self.opt.max_grad_norm)
         mask_shape = None if mask is None else mask.shape
@@ -126,15 +128,18 @@ class CapturedStep:
     def _replay(self, graph: _Graph, inputs: tuple, mask) -> Tensor:
         # the layout was checked by _key, which chose this graph
         graph.load(inputs, mask)
-        self.opt._backend.load_hyperparameters()
+        if _kind(self.opt.optimizer) == "sgd":
+            self.opt._backend.load_hyperparameters()
         graph.graph.replay()
         self.graphed = True
         return graph.loss.clone()  # the static loss is overwritten by the next replay
 
     def _capture(self, key: tuple, inputs: tuple, mask) -> Tensor:
         opt, be = self.opt, self.opt._backend
-        be.hyperparameters_on_device()
-        graph = _Graph(inputs, mask)
+        sgd = _kind(opt.optimizer) == "sgd"
+        if sgd:
+            be.hyperparameters_on_device()
+        graph = _Graph(inputs, mask, [g["lr"] for g in opt.param_groups if isinstance(g["lr"], Tensor)])
         step = lambda: opt.step(lambda: self.loss_fn(*graph.inputs), graph.mask, schedule=self.schedule)
         try:
             with torch.cuda.graph(graph.graph):
@@ -143,7 +148,7 @@ class CapturedStep:
         except Exception as err:  # nothing ran: the recorded kernels are dropped with the graph
             self._graphs[key] = None
             return self._eager(inputs, mask, f"capture failed ({type(err).__name__}: {err})")
-        if not fused:
+        if sgd and not fused:
             self._graphs[key] = None
             return self._eager(inputs, mask, "the step did not take the fused SGD update")
         return self._first_replay(key, graph, inputs, mask)
@@ -170,6 +175,32 @@ class CapturedStep:
         if why not in self._warned:
             self._warned.add(why)
             warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=4)
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str | None:
+    """Which captured base step this is: "sgd" (the fused kernel, hyperparameters
+    read from device memory), "adam" (torch's capturable Adam/AdamW with a tensor
+    lr) or None (not captured)."""
+    from .._torch_private import capturable_adam, plain_sgd
+
+    if plain_sgd(optimizer):
+        return "sgd"
+    return "adam" if capturable_adam(optimizer) else None
+
+
+def _baked(optimizer: torch.optim.Optimizer) -> tuple:
+    """What a graph bakes in of the base optimizer, for the graph key: changing any
+    of it must not replay an old graph. The fused SGD kernel reads the values
+    from memory, but whether momentum and weight decay are on, and nesterov,
+    choose its code path. Adam's step reads only ``lr`` from memory (the tensor,
+    named by id: a new tensor is a new graph); every other value is baked in."""
+    if _kind(optimizer) == "sgd":
+        groups = optimizer.param_groups
+        return tuple((g["momentum"] != 0, g["weight_decay"] != 0, bool(g["nesterov"])) for g in groups)
+    return tuple(
+        tuple((k, id(v) if isinstance(v, Tensor) else repr(v)) for k, v in sorted(g.items()) if k != "params")
+        for g in optimizer.param_groups
+    )
 
 
 def _random(model: nn.Module) -> bool:

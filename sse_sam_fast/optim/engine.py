@@ -295,13 +295,15 @@ class GroupedSAM(torch.optim.Optimizer):
         Each call gives the update of ``opt.step(lambda: loss_fn(*inputs),
         tail_mask, schedule)``. A graph is captured after a short eager warm-up
         per input shapes and dtypes, stage and parameter layout, checked once
-        against the eager step, and then replayed (``captured.graphed``). Where a
-        graph cannot give the same update (a CPU; another backend than triton or
-        another base optimizer than a plain ``torch.optim.SGD``; DDP;
-        ``nonfinite="raise"``; dropout; a failed check) the call runs the same
-        step eagerly, with a one-time warning on CUDA saying why. The learning
-        rate and the other SGD hyperparameters are read from device memory at
-        every replay, so schedulers keep working.
+        against the eager step, and then replayed (``captured.graphed``). The
+        base optimizers captured: a plain ``torch.optim.SGD`` on the triton
+        backend, whose hyperparameters the fused kernel reads from device memory
+        at every replay; a ``torch.optim.Adam``/``AdamW`` built with
+        ``capturable=True`` and a tensor ``lr`` (schedulers fill it in place), on
+        either flat backend. Where a graph cannot give the same update (a CPU;
+        another base optimizer; DDP; ``nonfinite="raise"``; dropout; a failed
+        check) the call runs the same step eagerly, with a one-time warning on
+        CUDA saying why.
         """
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be 'exact', 'split' or 'auto', got {schedule!r}")

@@ -20,6 +20,10 @@ def build(method="ssesam", backend="torch", device="cpu", base="sgd", dropout=0.
     model = nn.Sequential(*layers).to(device)
     if base == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    elif base in ("adam-capturable", "adamw-capturable"):
+        cls = torch.optim.Adam if base == "adam-capturable" else torch.optim.AdamW
+        lr = torch.tensor(1e-2, device=device)
+        opt = cls(model.parameters(), lr=lr, weight_decay=1e-3, capturable=True)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     cls, args = {"sam": (SAM, (0.1,)), "imbsam": (ImbSAM, (0.1,)), "ssesam": (SSESAM, (0.05, 0.1, 0.5, 4))}[
@@ -103,6 +107,18 @@ def test_cuda_graphs_give_the_eager_update(method):
 
 @pytest.mark.cuda
 @CUDA
+@pytest.mark.parametrize("base", ["adam-capturable", "adamw-capturable"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_capturable_adam_is_graphed_and_follows_its_scheduler(base, backend):
+    # a cosine schedule per step fills the tensor lr in place: replays must read it
+    captured, graphed = train("ssesam", backend, "cuda", "capture", sched=True, base=base)
+    eager, _ = train("ssesam", backend, "cuda", "step", sched=True, base=base)
+    assert graphed[-1], "the last call did not replay a graph"
+    assert_close(captured, eager, torch.float32, f"graphed {base} on {backend}")
+
+
+@pytest.mark.cuda
+@CUDA
 def test_cuda_a_last_batch_of_another_shape_gets_its_own_graph_or_runs_eagerly():
     captured, _ = train("ssesam", "triton", "cuda", "capture", sizes=(12, 12, 12, 12, 7))
     eager, _ = train("ssesam", "triton", "cuda", "step", sizes=(12, 12, 12, 12, 7))
@@ -121,6 +137,25 @@ def test_cuda_what_cannot_be_graphed_runs_eagerly_with_a_warning(base, backend, 
         for x, y, tail in batches(6, "cuda"):
             captured(x, y, tail_mask=tail)
     assert not captured.graphed
+
+
+def test_the_graph_key_names_what_an_adam_graph_bakes_in():
+    """A capturable Adam reads only its tensor lr from memory: filling it keeps
+    the graph; a new lr tensor or any other changed value is a new graph."""
+    model, opt = build("ssesam", "torch", base="adamw-capturable")
+    captured = opt.capture(lambda x, y: F.cross_entropy(model(x), y, reduction="none"))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    group = opt.param_groups[0]
+    key = captured._key((x, y), None)
+    group["lr"].fill_(0.5)
+    assert captured._key((x, y), None) == key
+    for name, value in (("lr", torch.tensor(0.5)), ("betas", (0.8, 0.99)), ("weight_decay", 0.0),
+                        ("amsgrad", True), ("eps", 1e-6)):  # fmt: skip
+        old = group[name]
+        group[name] = value
+        assert captured._key((x, y), None) != key, name
+        group[name] = old
+    assert captured._key((x, y), None) == key
 
 
 def test_the_graph_key_names_the_sgd_branches_a_graph_bakes_in():
