@@ -313,13 +313,20 @@ def test_a_bad_perturbed_pass_restores_the_weights_bit_identically(backend):
 
 
 # ---- DDP ----------------------------------------------------------------------------------
-def _ddp_worker(rank, world, init, local, stage, out):
+def _imbsam_group_asam_clipped(model, backend="torch", **kw):
+    # the per-group counts, ASAM's |w| and the clipping norm must all be global
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    options = dict(normalization="group", adaptive=True, max_grad_norm=0.05, backend=backend)
+    return ImbSAM(base, model, 0.3, **options, **kw)
+
+
+def _ddp_worker(rank, world, init, local, stage, out, build=ssesam):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     model = nn.parallel.DistributedDataParallel(mlp())
-    opt = ssesam(model, "torch", local_perturbation=local)
+    opt = build(model, "torch", local_perturbation=local)
     if stage == 2:
         opt.update_rho()
     for x, y, tail in _ddp_batches():
@@ -395,6 +402,24 @@ def test_ddp_two_processes(tmp_path, local, stage):
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
     assert os.path.exists(out)
+
+
+def test_ddp_group_normalisation_asam_and_clipping_are_global(tmp_path):
+    """ImbSAM averaging each group over its global count, with ASAM and clipping:
+    two processes on shards (one shard without tail samples) follow one process
+    on the whole batch."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "params.pt")
+    build = _imbsam_group_asam_clipped
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", False, 1, out, build), nprocs=2, join=True)
+    got = torch.load(out)
+    model = mlp()
+    opt = build(model)
+    for x, y, tail in _ddp_batches():
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
 
 
 def _bn_net():
