@@ -16,7 +16,17 @@ import torch
 
 from .. import __version__
 from .checkpoint import RESULTS, config_for_resume, load_checkpoint, run_status
-from .config import FIELDS, RUNTIME_FIELDS, OptionError, TrainConfig, default_eta, option_name, resolve
+from .config import (
+    ADDED_FIELDS,
+    FIELDS,
+    RUNTIME_FIELDS,
+    OptionError,
+    TrainConfig,
+    default_eta,
+    for_method,
+    option_name,
+    resolve,
+)
 from .loop import train
 from .metrics import group_accuracy, head_tail_groups, mean_std
 from .registry import METHODS
@@ -58,7 +68,7 @@ def compare(
     per run.
     """
     out = Path(out)
-    device = torch.device(resolve(base).device)
+    device = torch.device(resolve(for_method(base, base.opt)).device)
     if out.exists() and not out.is_dir():
         raise OptionError("--out", f"{out} is a file; --out names a directory for the comparison")
     for method in methods:
@@ -68,7 +78,7 @@ def compare(
     runs, reused = [], 0
     jobs = list(product(methods, range(seeds)))
     for i, (method, seed) in enumerate(jobs, 1):
-        cfg = resolve(dataclasses.replace(base, opt=method, seed=seed))
+        cfg = resolve(dataclasses.replace(for_method(base, method), seed=seed))
         results, note = _run_or_reuse(cfg, out / f"{method}-seed{seed}", download)
         reused += note == " (reused)"
         acc = results["final"]["acc"]
@@ -132,6 +142,8 @@ def _run_or_reuse(cfg: TrainConfig, run_dir: Path, download: bool) -> tuple[dict
     ckpt = None
     if status is not None:
         saved = json.loads((run_dir / RESULTS).read_text())["config"] if status == "finished" else None
+        if saved is not None:  # written before some options existed: those had their defaults
+            saved = {**ADDED_FIELDS, **saved}
         if saved is None:
             ckpt = load_checkpoint(run_dir)
             saved = ckpt["config"]

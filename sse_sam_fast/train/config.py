@@ -151,6 +151,17 @@ def _check_capture(cfg: TrainConfig) -> None:
         )
 
 
+def for_method(cfg: TrainConfig, opt: str) -> TrainConfig:
+    """``cfg`` for method ``opt``, the SAM-family options that ``opt`` does not
+    have reset (``compare`` hands one set of options to every method)."""
+    reset = {}
+    if opt == "sgd":
+        reset.update(adaptive=False, max_grad_norm=None)
+    if opt != "imbsam":
+        reset.update(imbsam_normalization="batch")
+    return dataclasses.replace(cfg, opt=opt, **reset)
+
+
 def _check_method_options(cfg: TrainConfig) -> None:
     """The SAM-family options must reach a method that has them."""
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):

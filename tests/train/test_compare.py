@@ -56,3 +56,32 @@ def test_compare_resumes_an_unfinished_run(tmp_path):
     assert "(resumed)" in lines[0]
     quiet(dataclasses.replace(base, opt="sgd", seed=0), tmp_path / "fresh")
     assert_same_run(tmp_path / "fresh", tmp_path / "sgd-seed0")
+
+
+def test_compare_hands_the_sam_options_to_the_methods_that_have_them(tmp_path):
+    # sgd has no ASAM or clipping, and only imbsam has a normalisation: those runs
+    # keep their defaults instead of refusing the whole comparison
+    base = dataclasses.replace(
+        digits(epochs=1), adaptive=True, max_grad_norm=5.0, imbsam_normalization="group"
+    )
+    compare(base, tmp_path, seeds=1, methods=["sgd", "imbsam", "sam"], plot=False, log=lambda _: None)
+    saved = {
+        m: json.loads((tmp_path / f"{m}-seed0" / "results.json").read_text())["config"]
+        for m in ("sgd", "imbsam", "sam")
+    }
+    assert (saved["sgd"]["adaptive"], saved["sgd"]["max_grad_norm"]) == (False, None)
+    assert (saved["imbsam"]["adaptive"], saved["imbsam"]["imbsam_normalization"]) == (True, "group")
+    assert (saved["sam"]["max_grad_norm"], saved["sam"]["imbsam_normalization"]) == (5.0, "batch")
+
+
+def test_a_finished_run_from_before_the_new_options_is_reused(tmp_path):
+    base = digits(epochs=1)
+    compare(base, tmp_path, seeds=1, methods=["sgd"], plot=False, log=lambda _: None)
+    path = tmp_path / "sgd-seed0" / "results.json"
+    results = json.loads(path.read_text())
+    for key in ("adaptive", "max_grad_norm", "imbsam_normalization"):
+        del results["config"][key]
+    path.write_text(json.dumps(results))
+    lines = []
+    compare(base, tmp_path, seeds=1, methods=["sgd"], plot=False, log=lines.append)
+    assert "(reused)" in lines[0]
