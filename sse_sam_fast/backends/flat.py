@@ -450,8 +450,12 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        # set_to_none cannot apply: p.grad must stay a view into the flat buffer
+        # p.grad must stay a view into the flat buffer, so it is zeroed in place
+        # either way; set_to_none=False keeps torch's meaning all the same: a
+        # parameter that had a gradient still has one (zero), and the base step
+        # decays it and moves its momentum, where set_to_none=True skips it
         live = self.live
         self._rows_op(lambda b: b.g[live].zero_())
-        self.seen = [False] * len(self.params)
+        if set_to_none:
+            self.seen = [False] * len(self.params)
         self._bind(live)

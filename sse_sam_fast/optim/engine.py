@@ -333,9 +333,10 @@ class GroupedSAM(torch.optim.Optimizer):
             self._open_method = None  # the backend abandoned the step: a new one can start
             raise
 
-    def _perturb(self, slot: Slot, rho: Radius, method: str) -> None:
+    def _perturb(self, slot: Slot, rho: Radius, method: str, adaptive=None) -> None:
         """Move the weights along the gradient held in ``slot``; ``method`` stays open."""
-        move: Perturbation = self._backend.perturbations([(slot, rho)], self._adaptive())[0]
+        adaptive = self._adaptive() if adaptive is None else adaptive
+        move: Perturbation = self._backend.perturbations([(slot, rho)], adaptive)[0]
         self._backend.perturb(move)
         self._open_method = method
 
@@ -349,7 +350,9 @@ class GroupedSAM(torch.optim.Optimizer):
     # ---- optimizer manners --------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With the flat-buffer backends ``p.grad`` is a view
-        into a gradient buffer and is zeroed in place, whatever ``set_to_none``."""
+        into a gradient buffer and is zeroed in place either way; as in torch,
+        ``set_to_none=False`` keeps a parameter that had a gradient in the next
+        base step (weight decay, momentum) even if no backward reaches it."""
         self._backend.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:

@@ -68,6 +68,12 @@ class SAM(GroupedSAM):
         if self._davda54:
             if model is None:
                 model = options.pop("base_optimizer", None)
+            unused = sorted(k for k in _MODEL_OPTIONS if k in options)
+            if unused:
+                raise TypeError(
+                    f"{', '.join(unused)}: options of step(closure, tail_mask) in the SAM(optimizer, model, "
+                    "rho) convention; SAM(params, base_optimizer, ...) has no model and davda54's step"
+                )
             engine = {k: options.pop(k) for k in _ENGINE_OPTIONS if k in options}
             optimizer = _davda54_base(optimizer, model, self.rho, adaptive, options)
             model, options = None, engine
@@ -111,18 +117,21 @@ class SAM(GroupedSAM):
         """``w += rho·g/(||g||+1e-16)`` with ``g`` in ``p.grad``. Zeroes the grads
         (``zero_grad``'s default; davda54/sam convention: keeps them unless
         ``zero_grad=True``)."""
+        # everything checked before the gradient moves
+        rho, adaptive, keep = self._radius(), self._adaptive(), not _zeroes(zero_grad, self._davda54)
         self._enter("first_step", None)
         self._backend.take(_ALL)
-        self._perturb(_ALL, self._radius(), "first_step")
-        if not _zeroes(zero_grad, self._davda54):
+        self._perturb(_ALL, rho, "first_step", adaptive)
+        if keep:
             self._backend.add(_ALL)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool | None = None) -> None:
         """Restore ``w``, base step with the perturbed gradient in ``p.grad``.
         Zeroes the grads (davda54/sam convention: keeps them unless ``zero_grad=True``)."""
+        keep = not _zeroes(zero_grad, self._davda54)
         self._enter("second_step", "first_step")
-        self._finish(keep_grads=not _zeroes(zero_grad, self._davda54))
+        self._finish(keep_grads=keep)
 
     def step(self, closure=None, tail_mask=None, schedule: str = "exact", scaler=None):
         """See :meth:`GroupedSAM.step`. In the davda54/sam convention, its
@@ -155,7 +164,10 @@ class SAM(GroupedSAM):
         return super().capture(loss_fn, schedule)
 
 
-_ENGINE_OPTIONS = ("backend", "bn_stats", "nonfinite", "local_perturbation", "max_grad_norm")
+# this library's options in the davda54/sam convention; the rest of **kwargs build the base
+_ENGINE_OPTIONS = ("backend", "max_grad_norm")
+# options that need a model or the one-call step: refused there rather than ignored
+_MODEL_OPTIONS = ("bn_stats", "nonfinite", "local_perturbation")
 
 
 def _zeroes(zero_grad: bool | None, davda54: bool) -> bool:
@@ -188,7 +200,10 @@ def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) ->
         ) from None
     if not groups:
         raise ValueError("params is empty: SAM got no parameters")
-    if not isinstance(groups[0], dict):
+    dicts = [isinstance(g, dict) for g in groups]
+    if any(dicts) and not all(dicts):
+        raise TypeError("params must be all tensors or all param-group dicts, not a mix")
+    if not dicts[0]:
         groups = [{"params": groups}]
     groups = [dict(g) for g in groups]  # the caller's dicts stay as they were
     for j, g in enumerate(groups):
@@ -199,6 +214,11 @@ def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) ->
     base = base_optimizer(groups, **kwargs)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"base_optimizer(...) must build a torch.optim.Optimizer, got {type(base).__name__}")
+    if not any(g["params"] for g in base.param_groups):
+        raise ValueError("params holds no parameters: every param group is empty")
+    # groups added later (add_param_group) get these too, as davda54's do
+    base.defaults.setdefault("rho", rho)
+    base.defaults.setdefault("adaptive", adaptive)
     return base
 
 

@@ -28,6 +28,7 @@ class Oracle(torch.optim.Optimizer):
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
 
     def _scale_of(self, group, p):
         return p.abs() if group["adaptive"] else torch.ones_like(p)
@@ -229,6 +230,10 @@ def test_the_wrapper_exposes_davda54s_names():
         (lambda m: SAM(m.parameters(), torch.optim.SGD, max_grad_norm=0), ValueError, "max_grad_norm"),
         (lambda m: SAM(m.parameters(), torch.optim.SGD, lr=0.1, backend="gpu"), ValueError, "backend"),
         (lambda m: SAM(m.parameters(), lambda groups: object()), TypeError, "base_optimizer"),
+        (lambda m: SAM([{"params": []}], torch.optim.SGD, lr=0.1), ValueError, "params"),
+        (lambda m: SAM([next(m.parameters()), {"params": []}], torch.optim.SGD, lr=0.1), TypeError, "params"),
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, lr=0.1, nonfinite="raise"), TypeError, "nonfinite"),
+        (lambda m: SAM(m.parameters(), torch.optim.SGD, lr=0.1, bn_stats="all"), TypeError, "bn_stats"),
     ],
 )
 def test_bad_arguments_name_the_argument(build, error, words):
@@ -270,3 +275,56 @@ def test_a_scheduler_on_the_wrapper_sees_second_step_as_the_step():
         opt.second_step(zero_grad=True)
         sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_grad_keeping_the_tensors_keeps_parameters_in_the_step(backend):
+    # zero_grad(set_to_none=False): a parameter no later backward reaches still has a
+    # (zero) gradient, so the base step decays it and moves its momentum, as in torch
+    def run(cls, **options):
+        torch.manual_seed(0)
+        a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+        params = [*a.parameters(), *b.parameters()]
+        opt = cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.1, **options)
+        x = torch.randn(8, 4)
+        for step in range(3):
+            opt.zero_grad(set_to_none=False)
+            loss = lambda: a(x).square().mean() + (b(x).square().mean() if step == 0 else 0)
+            loss().backward()
+            opt.first_step()
+            loss().backward()
+            opt.second_step()
+        return [p.detach() for p in params]
+
+    _assert_same(run(SAM, backend=backend), run(Oracle), "set_to_none=False")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_group_value_leaves_the_gradient_for_a_retry(backend):
+    model = _model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    oracle_model = _model()
+    oracle = Oracle(oracle_model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _batches(1)[0]
+    for m in (model, oracle_model):
+        F.cross_entropy(m(x), y).backward()
+    opt.param_groups[0]["adaptive"] = 1
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['adaptive'\]"):
+        opt.first_step()
+    opt.param_groups[0]["adaptive"] = False
+    opt.param_groups[0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="rho"):
+        opt.first_step()
+    opt.param_groups[0]["rho"] = 0.05
+    for m, o in ((model, opt), (oracle_model, oracle)):
+        o.first_step(zero_grad=True)
+        F.cross_entropy(m(x), y).backward()
+        o.second_step(zero_grad=True)
+    _assert_same(list(model.parameters()), list(oracle_model.parameters()), "after the retry")
+
+
+def test_a_group_added_later_gets_the_default_rho_and_adaptive():
+    model, extra = _model(), nn.Linear(3, 3)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, lr=0.1)
+    opt.add_param_group({"params": extra.parameters()})
+    assert (opt.param_groups[1]["rho"], opt.param_groups[1]["adaptive"]) == (0.3, True)
