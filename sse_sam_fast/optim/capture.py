@@ -27,14 +27,13 @@ WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisati
 class _Graph:
     """One captured step: its static inputs, the graph, and its static loss."""
 
-    def __init__(self, inputs: tuple, mask: Tensor | None, reads: list[Tensor]):
+    def __init__(self, inputs: tuple, mask: Tensor | None):
         self.inputs = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs)
         self.mask = None if mask is None else mask.clone()
         self.graph = torch.cuda.CUDAGraph()
         self.loss: Tensor | None = None
-        # tensors the replays read that the graph does not own (Adam's tensor lr):
-        # kept alive, so that their memory, and their id in the key, is never reused
-        self.reads = reads
+        # what the recorded kernels touch outside the graph's own pool (see _alive)
+        self.keep: list[Tensor] = []
 
     def load(self, inputs: tuple, mask: Tensor | None) -> None:
         for static, x in zip(self.inputs, inputs):
@@ -139,7 +138,7 @@ class CapturedStep:
         sgd = _kind(opt.optimizer) == "sgd"
         if sgd:
             be.hyperparameters_on_device()
-        graph = _Graph(inputs, mask, [g["lr"] for g in opt.param_groups if isinstance(g["lr"], Tensor)])
+        graph = _Graph(inputs, mask)
         step = lambda: opt.step(lambda: self.loss_fn(*graph.inputs), graph.mask, schedule=self.schedule)
         try:
             with torch.cuda.graph(graph.graph):
@@ -148,6 +147,7 @@ class CapturedStep:
         except Exception as err:  # nothing ran: the recorded kernels are dropped with the graph
             self._graphs[key] = None
             return self._eager(inputs, mask, f"capture failed ({type(err).__name__}: {err})")
+        graph.keep = _alive(opt)
         if sgd and not fused:
             self._graphs[key] = None
             return self._eager(inputs, mask, "the step did not take the fused SGD update")
@@ -175,6 +175,24 @@ class CapturedStep:
         if why not in self._warned:
             self._warned.add(why)
             warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=4)
+
+
+def _alive(opt) -> list[Tensor]:
+    """Every tensor a captured step reads or writes that the graph's memory pool
+    does not own: the flat buffers, the base optimizer's state and tensor
+    hyperparameters, the gradients. A graph keeps them alive: a re-layout drops
+    the backend's references, and a replay must never write into memory handed
+    out again, nor an id in a graph key be reused."""
+    be = opt._backend
+    keep = [t for b in be.buckets for t in (b.w, b.g, b.w0)]
+    keep += [t for t in getattr(be, "_momentum", []) if t is not None]
+    keep += list((getattr(be, "_hyper", None) or {}).values())
+    keep += [p.grad for p in be.params if p.grad is not None]
+    for st in opt.optimizer.state.values():
+        keep += [t for t in st.values() if isinstance(t, Tensor)]
+    for g in opt.optimizer.param_groups:
+        keep += [v for v in g.values() if isinstance(v, Tensor)]
+    return keep
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str | None:
