@@ -18,13 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import EPS, Adaptive, Backend, Perturbation, Radius, Slot
+from .base import EPS, Adaptive, Backend, Ending, Perturbation, Radius, Slot
 
 __all__ = [
     "BACKENDS",
     "EPS",
     "Adaptive",
     "Backend",
+    "Ending",
     "Perturbation",
     "Radius",
     "Slot",

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._constants import EPS
 
-__all__ = ["EPS", "Backend", "Perturbation", "Radius", "Slot"]
+__all__ = ["EPS", "Backend", "Ending", "Perturbation", "Radius", "Slot"]
 
 Slot = NewType("Slot", int)
 """A gradient set kept between passes; backends use it only as a key."""
@@ -64,6 +64,25 @@ def uniform(value) -> bool:
 def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_``'s factor, clamped at 1, on the device."""
     return (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a step ends (:meth:`Backend.finish`): the slots ``add`` join the live
+    gradients, or slot ``grads`` replaces them; the sum is clipped to the global
+    norm ``max_norm`` as ``torch.nn.utils.clip_grad_norm_`` clips (on the device;
+    under AMP after ``scaler.unscale_``); the base optimizer steps on it, through
+    ``scaler.step`` under AMP. With ``ok`` (a device bool) the step takes effect
+    only where ``ok`` is true: weights and optimizer state are otherwise left
+    bit-identical, decided on the device. ``keep_grads``: the gradient the step
+    used stays in ``p.grad`` (davda54's ``zero_grad=False``)."""
+
+    add: tuple[Slot, ...] = ()
+    grads: Slot | None = None
+    scaler: object = None
+    ok: Tensor | None = None
+    max_norm: float | None = None
+    keep_grads: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,25 +184,10 @@ class Backend(abc.ABC):
 
     # ---- ending --------------------------------------------------------------------------
     @abc.abstractmethod
-    def finish(
-        self,
-        add: Sequence[Slot] = (),
-        grads: Slot | None = None,
-        scaler=None,
-        ok: Tensor | None = None,
-        max_norm: float | None = None,
-        keep_grads: bool = False,
-    ) -> None:
-        """Restore ``w``, add the slots ``add`` to the live gradients, and step the
-        base optimizer on them (or on slot ``grads`` instead of the live ones;
-        through ``scaler.step`` under AMP). With ``max_norm`` the gradient is first
-        clipped to that global norm as ``torch.nn.utils.clip_grad_norm_`` does
-        (under AMP after ``scaler.unscale_``), on the device. With ``ok`` (a
-        device bool), the step takes effect only where ``ok`` is true: weights and
-        optimizer state are otherwise left bit-identical, decided on the device.
-        Leaves every slot empty and every gradient zero (``keep_grads``: the
-        gradient the base step used stays in ``p.grad``), also when the base step
-        raises."""
+    def finish(self, end: Ending) -> None:
+        """Restore ``w`` and step the base optimizer as ``end`` says. Leaves every
+        slot empty and every gradient zero (``end.keep_grads``: the gradient the
+        base step used stays in ``p.grad``), also when the base step raises."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -194,19 +198,28 @@ class Backend(abc.ABC):
         """The optimizer's ``zero_grad``."""
 
 
-def base_step(optimizer: torch.optim.Optimizer, scaler, clip=None) -> None:
-    """The base optimizer's own step; under AMP through the scaler, which unscales
-    the gradients and skips the step if any is inf or NaN. ``clip()`` clips the
-    unscaled gradients first (``scaler.unscale_`` is public and remembered by
-    ``scaler.step``)."""
-    if clip is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        clip()
-    if scaler is None:
+def base_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    end: Ending,
+    clip,
+    weights=lambda: [],
+) -> None:
+    """The base optimizer's own step on the live gradients, as ``end`` says:
+    under AMP through the scaler, which unscales the gradients and skips the
+    step if any is inf or NaN; ``clip()`` first clips the unscaled gradients
+    (``scaler.unscale_`` is public and remembered by ``scaler.step``); with
+    ``end.ok``, through :func:`guarded_step` with the ``weights()`` pairs."""
+    if end.max_norm is not None:
+        if end.scaler is not None:
+            end.scaler.unscale_(optimizer)
+        clip(end.max_norm)
+    if end.ok is not None:
+        guarded_step(optimizer, params, end.ok, weights())
+    elif end.scaler is None:
         optimizer.step()
     else:
-        scaler.step(optimizer)
+        end.scaler.step(optimizer)
 
 
 def _state_of(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict[int, dict]:

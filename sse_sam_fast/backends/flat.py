@@ -14,12 +14,12 @@ from .base import (
     EPS,
     Adaptive,
     Backend,
+    Ending,
     Perturbation,
     Radius,
     Slot,
     base_step,
     clip_coefficient,
-    guarded_step,
     per_group,
     uniform,
 )
@@ -405,29 +405,16 @@ class TorchBackend(Backend):
         self._rows_op(lambda b: b.g[live].mul_(coef.to(b.g.device)))
 
     @torch.no_grad()
-    def finish(
-        self,
-        add: Sequence[Slot] = (),
-        grads: Slot | None = None,
-        scaler=None,
-        ok: Tensor | None = None,
-        max_norm: float | None = None,
-        keep_grads: bool = False,
-    ) -> None:
-        if ok is not None and not self._saved:
+    def finish(self, end: Ending) -> None:
+        if end.ok is not None and not self._saved:
             self._rows_op(lambda b: b.w0.copy_(b.w))  # the weights a skipped step falls back to
         self.restore()
-        self._final_gradient(add, grads)
-        clip = None if max_norm is None else lambda: self._clip(max_norm)
+        self._final_gradient(end.add, end.grads)
         try:
-            if ok is None:
-                base_step(self.optimizer, scaler, clip)
-            else:
-                if clip is not None:
-                    clip()
-                guarded_step(self.optimizer, self.params, ok, [(b.w, b.w0) for b in self.buckets])
+            weights = lambda: [(b.w, b.w0) for b in self.buckets]
+            base_step(self.optimizer, self.params, end, self._clip, weights)
         finally:
-            self._reset(keep_grads)
+            self._reset(end.keep_grads)
 
     def _reset(self, keep_grads: bool = False) -> None:
         """Empty every slot and zero every row; ``keep_grads``: but the live one,

@@ -11,12 +11,12 @@ from .base import (
     EPS,
     Adaptive,
     Backend,
+    Ending,
     Perturbation,
     Radius,
     Slot,
     base_step,
     clip_coefficient,
-    guarded_step,
     per_group,
 )
 
@@ -153,33 +153,19 @@ class ReferenceBackend(Backend):
             self._unmove()
 
     @torch.no_grad()
-    def finish(
-        self,
-        add: Sequence[Slot] = (),
-        grads: Slot | None = None,
-        scaler=None,
-        ok: Tensor | None = None,
-        max_norm: float | None = None,
-        keep_grads: bool = False,
-    ) -> None:
+    def finish(self, end: Ending) -> None:
         self.restore()
-        for slot in add:
+        for slot in end.add:
             self.add(slot)
-        if grads is not None:
-            kept = self.slots.get(grads, {})
+        if end.grads is not None:
+            kept = self.slots.get(end.grads, {})
             for p in self.params:
                 p.grad = kept[p].clone() if p in kept else None
-        clip = None if max_norm is None else lambda: self._clip(max_norm)
+        weights = lambda: [(p, p.detach().clone()) for p in self.params]
         try:
-            if ok is None:
-                base_step(self.optimizer, scaler, clip)
-            else:
-                if clip is not None:
-                    clip()
-                weights = [(p, p.detach().clone()) for p in self.params]
-                guarded_step(self.optimizer, self.params, ok, weights)
+            base_step(self.optimizer, self.params, end, self._clip, weights)
         finally:
-            if not keep_grads:
+            if not end.keep_grads:
                 self.optimizer.zero_grad()
             self.slots.clear()
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_private
-from .base import Adaptive, Perturbation, Radius, Slot, clip_coefficient
+from .base import Adaptive, Ending, Perturbation, Radius, Slot, clip_coefficient
 from .flat import TorchBackend, _either
 
 
@@ -148,49 +148,42 @@ class TritonBackend(TorchBackend):
         self._saved = True
 
     @torch.no_grad()
-    def finish(
-        self,
-        add: Sequence[Slot] = (),
-        grads: Slot | None = None,
-        scaler=None,
-        ok: Tensor | None = None,
-        max_norm: float | None = None,
-        keep_grads: bool = False,
-    ) -> None:
+    def finish(self, end: Ending) -> None:
         first = None
-        if scaler is None and not (keep_grads and (add or max_norm is not None)):
+        if end.scaler is None and not (end.keep_grads and (end.add or end.max_norm is not None)):
             # kept gradients must be the ones the step used: the kernel stores no sum
-            first = self._fusable_sgd(add, grads, ok)
+            first = self._fusable_sgd(end.add, end.grads, end.ok)
         self.fused_last = first is not None
         if first is None:
-            super().finish(add, grads, scaler, ok, max_norm, keep_grads)
+            super().finish(end)
             return
         if self._hyper is not None and not _capturing():
             self.load_hyperparameters()  # an eager step reads the values of now
-        extra = [self.slots[slot][0] for slot in add]
+        extra = [self.slots[slot][0] for slot in end.add]
         clip = None
-        if max_norm is not None:
+        if end.max_norm is not None:
             norm = self._sumsq([self.live], plus=extra[0] if extra else None).sqrt()
-            clip = clip_coefficient(norm, max_norm)
+            clip = clip_coefficient(norm, end.max_norm)
         groups = {id(g): g for g in self.optimizer.param_groups}
         key_of = {id(p): id(g) for g in groups.values() for p in g["params"]}
+        ok = end.ok
         check = self._check_once(f"restore_sgd {first} {ok is None} {self._hyper is None} {clip is None}")
         try:
             for i, b in enumerate(self.buckets):
-                for gid, start, end in b.runs(key_of):
+                for gid, lo, hi in b.runs(key_of):
                     group = groups[gid]
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
                         b.w, b.g, self.live, b.w0 if self._saved else None, extra,
                         self._momentum_buffer(i) if momentum else None,
                         group["lr"], momentum, group["dampening"], group["weight_decay"],
-                        group["nesterov"], first, start, end, None if ok is None else ok.to(b.w.device),
+                        group["nesterov"], first, lo, hi, None if ok is None else ok.to(b.w.device),
                         self._hyper_of(group), check, clip=None if clip is None else clip.to(b.w.device),
                     )  # fmt: skip
             self._saved = False
             _torch_private.mark_stepped(self.optimizer)
         finally:
-            self._reset(keep_grads)
+            self._reset(end.keep_grads)
 
     def _fusable_sgd(self, add: Sequence[Slot], grads: Slot | None, ok: Tensor | None) -> bool | None:
         """None if the fused SGD update cannot reproduce ``optimizer.step()``

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _torch_private
-from ..backends import BACKENDS, Perturbation, Radius, Slot, make_backend
+from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
 from .capture import CapturedStep
 from .checks import check_base_state, check_count, check_rho, micro_batches, need_keys, takes_index
 from .passes import StepRun
@@ -344,7 +344,7 @@ class GroupedSAM(torch.optim.Optimizer):
         """The last official call's base step (clipped per ``max_grad_norm``). A
         scheduler attached to this wrapper counts it as the optimizer's step."""
         self._open_method = None
-        self._backend.finish(max_norm=self.max_grad_norm, **kwargs)
+        self._backend.finish(Ending(max_norm=self.max_grad_norm, **kwargs))
         _torch_private.mark_stepped(self)
 
     # ---- optimizer manners --------------------------------------------------------

@@ -291,7 +291,7 @@ class ImbSAM(GroupedSAM):
     def third_step(self) -> None:
         """Restore ``w``; base step with the perturbed tail gradient plus the head one."""
         self._enter("third_step", "second_step")
-        self._finish(add=[_HEAD])
+        self._finish(add=(_HEAD,))
 
 
 class SSESAM(GroupedSAM):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_private
-from ..backends import Perturbation
+from ..backends import Ending, Perturbation
 from . import batchnorm
 from .checks import SampleIndex, check_losses, check_mask
 from .plan import Group, StepPlan
@@ -297,8 +297,8 @@ class StepRun:
     def _finish(self, ok: Tensor | None, stats: batchnorm.RunningStats) -> None:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""
-        add = [g.slot for g in self.plan.unperturbed]
-        self.be.finish(add, scaler=self.scaler, ok=ok, max_norm=self.opt.max_grad_norm)
+        add = tuple(g.slot for g in self.plan.unperturbed)
+        self.be.finish(Ending(add, scaler=self.scaler, ok=ok, max_norm=self.opt.max_grad_norm))
         if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
             stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
         if ok is not None:
