@@ -370,11 +370,15 @@ class TorchBackend(Backend):
                 b.w0.copy_(b.w)
             for s, adaptive, start, end in runs:
                 w0, g, s = b.w0[start:end], b.g[row, start:end], s.to(b.w.device)
-                if adaptive:
-                    g = g.to(_acc(g.dtype)) * w0.to(_acc(g.dtype)).square()
-                    b.w[start:end].copy_(torch.addcmul(w0.to(g.dtype), g, s))
-                else:
+                if not adaptive:
                     torch.addcmul(w0, g, s, out=b.w[start:end])
+                    continue
+                base = w0.to(_acc(g.dtype))  # w0 itself in fp32: no copy
+                move = base.square().mul_(g)
+                if base is w0:
+                    torch.addcmul(w0, move, s, out=b.w[start:end])
+                else:
+                    b.w[start:end].copy_(torch.addcmul(base, move, s))
         self._saved = True
 
     @torch.no_grad()
