@@ -171,8 +171,9 @@ class Backend(abc.ABC):
         ``T = |w|`` is read from the unperturbed weights."""
 
     @abc.abstractmethod
-    def live_norm(self) -> Tensor | None:
-        """``||live gradients||`` as a device tensor (None: no gradient at all)."""
+    def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor | None:
+        """``||live gradients||`` (``||live + Σ plus||``, the sum not stored) as a
+        device tensor (None: no gradient at all)."""
 
     @abc.abstractmethod
     def perturb(self, move: Perturbation) -> None:

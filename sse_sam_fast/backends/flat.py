@@ -322,16 +322,19 @@ class TorchBackend(Backend):
         return b.w0 if self._saved else b.w
 
     @torch.no_grad()
-    def _norms(self, rows: Sequence[int], runs=None) -> list[Tensor]:
+    def _norms(self, rows: Sequence[int], runs=None, plus: Sequence[int] = ()) -> list[Tensor]:
         """L2 norms of gradient rows over all buckets (fp32 or wider), on the first
-        bucket's device; with ``runs``, the adaptive ranges count as ``|w|·g``."""
+        bucket's device; with ``runs``, the adaptive ranges count as ``|w|·g``;
+        with ``plus``, of each row plus those rows (summed in the storage dtype,
+        as the base step will see them)."""
         dev = self.buckets[0].w.device
         out = []
         for r in rows:
             parts = []
             for i, b in enumerate(self.buckets):
                 if runs is None:
-                    parts.append(torch.linalg.vector_norm(b.g[r], dtype=_acc(b.g.dtype)).to(dev))
+                    x = b.g[r] if not plus else b.g[[r, *plus]].sum(0, dtype=b.g.dtype)
+                    parts.append(torch.linalg.vector_norm(x, dtype=_acc(b.g.dtype)).to(dev))
                     continue
                 for (_, adaptive), start, end in runs[i]:
                     x = b.g[r, start:end].to(_acc(b.g.dtype))
@@ -356,8 +359,8 @@ class TorchBackend(Backend):
         return out
 
     @torch.no_grad()
-    def live_norm(self) -> Tensor:
-        return self._norms([self.live])[0]
+    def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor:
+        return self._norms([self.live], plus=[self.slots[slot][0] for slot in plus])[0]
 
     @torch.no_grad()
     def perturb(self, move: Perturbation) -> None:

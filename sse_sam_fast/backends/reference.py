@@ -115,8 +115,15 @@ class ReferenceBackend(Backend):
         return out
 
     @torch.no_grad()
-    def live_norm(self) -> Tensor | None:
-        grads = [torch.norm(p.grad.float()) for p in self.params if p.grad is not None]
+    def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor | None:
+        grads = []
+        for p in self.params:
+            g = p.grad
+            for slot in plus:
+                if p in self.slots[slot]:
+                    g = self.slots[slot][p] if g is None else g + self.slots[slot][p]
+            if g is not None:
+                grads.append(torch.norm(g.float()))
         return torch.norm(torch.stack(grads)) if grads else None
 
     def _move(self, move: Perturbation) -> None:

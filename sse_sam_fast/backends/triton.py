@@ -116,6 +116,12 @@ class TritonBackend(TorchBackend):
         return sumsq
 
     @torch.no_grad()
+    def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor:
+        if len(plus) != 1:
+            return super().live_norm(plus)
+        return self._sumsq([self.live], plus=self.slots[plus[0]][0]).sqrt()[0]  # one read of each row
+
+    @torch.no_grad()
     def perturbations(
         self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
     ) -> list[Perturbation]:

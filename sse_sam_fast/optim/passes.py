@@ -185,6 +185,7 @@ class StepRun:
         for g in self.plan.perturbed:
             self._perturbed_pass(g, moves[g])
         self._reduce_final()
+        self._check_sum()
         return loss
 
     def _clean_passes(self) -> Tensor:
@@ -247,6 +248,17 @@ class StepRun:
             return
         local = [g.slot for g in self.plan.unperturbed] if self.opt.local_perturbation else []
         self.be.all_reduce(local, True, self.ddp.process_group)
+
+    def _check_sum(self) -> None:
+        """fp16 only: the base step's gradient adds the unperturbed groups' clean
+        gradients to the perturbed ones, and two finite fp16 gradients can sum
+        past 65504. (A scaler's step finds that inf itself; bf16 and fp32 cannot
+        overflow there.)"""
+        add = [g.slot for g in self.plan.unperturbed]
+        if add and self.scaler is None and any(p.dtype == torch.float16 for p in self.be.params):
+            norm = self.be.live_norm(add)
+            if norm is not None:
+                self._check("final gradient", norm)
 
     # ---- the verdict and the base step ---------------------------------------------------
     def _finite(self) -> Tensor | None:

@@ -457,3 +457,27 @@ def test_a_raising_base_step_leaves_batchnorm_statistics_alone(backend):
         opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"), TAIL)
     handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_an_fp16_gradient_sum_past_the_range_skips_the_step(backend, sync_free):
+    """ImbSAM's base step adds the clean head gradient to the perturbed tail one:
+    each is finite in fp16 (4e4), their sum (8e4) is not. The step is skipped
+    and counted, never applied with an inf."""
+    if sync_free and backend == "reference":
+        pytest.skip("the reference backend always reads the verdict on the host")
+    model = nn.Linear(1, 1, bias=False).half()
+    with torch.no_grad():
+        model.weight.fill_(1e-3)  # losses of 80: finite; their gradients do not depend on w
+    before = model.weight.detach().clone()
+    base = torch.optim.SGD(model.parameters(), lr=1e-6)
+    opt = ImbSAM(base, model, 0.01, tail_weight=1.0, backend=backend)  # a linear loss: the same gradient at w + e
+    opt._force_sync_free = sync_free
+    x = torch.full((4, 1), 4e4 / 2, dtype=torch.float16)  # d l_i / d w = x_i; per group sum / B = 4e4
+    tail = torch.tensor([True, True, False, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the host verdict warns
+        opt.step(lambda: model(x).squeeze(1) * 4, tail)
+    assert torch.equal(model.weight, before)
+    assert opt.nonfinite_steps == 1
