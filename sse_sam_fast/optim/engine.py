@@ -95,9 +95,6 @@ class GroupedSAM(torch.optim.Optimizer):
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        # found once, like the parameters: their training flags are read at each step
-        modules = model.modules() if model is not None else ()
-        self._batchnorms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._backend = make_backend(backend, optimizer, params)
         self._open_method: str | None = None  # the official method that left a perturbation applied
 
@@ -171,6 +168,15 @@ class GroupedSAM(torch.optim.Optimizer):
     @state.setter
     def state(self, value) -> None:
         self.__dict__["_init_state"] = value
+
+    @property
+    def _batchnorms(self) -> list[nn.Module]:
+        """The model's BatchNorm layers, found at every step: a layer swapped in
+        after construction (``convert_sync_batchnorm``) keeps the BatchNorm policy
+        (a walk over the modules costs microseconds; ``capture`` walks them too)."""
+        if self.model is None:
+            return []
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @property
     def backend(self) -> str:

@@ -472,7 +472,7 @@ def test_an_fp16_gradient_sum_past_the_range_skips_the_step(backend, sync_free):
         model.weight.fill_(1e-3)  # losses of 80: finite; their gradients do not depend on w
     before = model.weight.detach().clone()
     base = torch.optim.SGD(model.parameters(), lr=1e-6)
-    opt = ImbSAM(base, model, 0.01, tail_weight=1.0, backend=backend)  # a linear loss: the same gradient at w + e
+    opt = ImbSAM(base, model, 0.01, tail_weight=1.0, backend=backend)  # linear: the same gradient at w + e
     opt._force_sync_free = sync_free
     x = torch.full((4, 1), 4e4 / 2, dtype=torch.float16)  # d l_i / d w = x_i; per group sum / B = 4e4
     tail = torch.tensor([True, True, False, False])
@@ -481,3 +481,23 @@ def test_an_fp16_gradient_sum_past_the_range_skips_the_step(backend, sync_free):
         opt.step(lambda: model(x).squeeze(1) * 4, tail)
     assert torch.equal(model.weight, before)
     assert opt.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_batchnorm_layer_swapped_in_after_construction_keeps_the_policy(backend):
+    # as convert_sync_batchnorm does: a new module holding the same parameters and buffers
+    def run(swap):
+        model = _bn_net()
+        opt = ssesam(model, backend)
+        if swap:
+            old, new = model[1], nn.BatchNorm1d(8)
+            new.weight, new.bias = old.weight, old.bias
+            new.running_mean, new.running_var = old.running_mean, old.running_var
+            new.num_batches_tracked = old.num_batches_tracked
+            model[1] = new
+        opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"), TAIL)
+        return [b.clone() for b in model.buffers()]
+
+    kept, swapped = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, swapped))
+    assert int(swapped[-1]) == 1  # bn_stats="clean": one update per step, by the clean forward
