@@ -96,6 +96,7 @@ class GroupedSAM(torch.optim.Optimizer):
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._backend = make_backend(backend, optimizer, params)
+        self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
 
     # SAM(params, base_optimizer_cls, ...): the davda54/sam convention, without a model
@@ -213,9 +214,24 @@ class GroupedSAM(torch.optim.Optimizer):
         return self._backend.name != "reference" and self._backend.params[0].device.type == "cuda"
 
     def _track_params(self) -> None:
-        """Parameters added to the base optimizer since the last step join the backend."""
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) > len(self._backend.params):
-            self._backend.extend(self._beyond(self.optimizer, self._backend.params))
+        """Parameters added to the base optimizer since the last step join the
+        backend; one taken out of it is refused (it would still be perturbed).
+        Each step compares a cheap signature of the param lists; only a change
+        costs a walk over the parameters."""
+        signature = tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
+        if signature == self._params_signature:
+            return
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        gone = sum(id(p) not in held for p in self._backend.params)
+        if gone:
+            raise RuntimeError(
+                f"{gone} parameters were taken out of the base optimizer after {type(self).__name__} was "
+                "built; the SAM step would still perturb them: build a new optimizer and wrapper"
+            )
+        new = self._beyond(self.optimizer, self._backend.params)
+        if new:
+            self._backend.extend(new)
+        self._params_signature = signature
 
     # ---- the configuration each method supplies --------------------------------
     def _groups(self) -> list[Group]:

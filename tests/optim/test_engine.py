@@ -554,3 +554,16 @@ def test_add_param_group_between_official_methods_restores_the_weights(backend):
     (F.cross_entropy(m(x), y) * temp).backward()
     opt.second_step()
     assert not torch.equal(temp.detach(), torch.tensor(1.5))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_parameters_taken_out_of_the_base_optimizer_are_refused(backend):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    base = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
+    opt = SAM(base, model, 0.05, backend=backend)
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    closure = lambda: F.cross_entropy(model(x), y, reduction="none")
+    opt.step(closure)
+    base.param_groups[1]["params"] = [model[1].weight, nn.Parameter(torch.zeros(2))]  # same count
+    with pytest.raises(RuntimeError, match="taken out of the base optimizer"):
+        opt.step(closure)
