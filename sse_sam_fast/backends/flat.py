@@ -100,6 +100,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    fused_last = False  # whether the last finish() fused the base step into a kernel (triton)
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
         super().__init__(optimizer, params)
@@ -333,7 +334,9 @@ class TorchBackend(Backend):
             parts = []
             for i, b in enumerate(self.buckets):
                 if runs is None:
-                    x = b.g[r] if not plus else b.g[[r, *plus]].sum(0, dtype=b.g.dtype)
+                    x = b.g[r]
+                    for q in plus:  # row by row: a list index would copy it from the host
+                        x = x + b.g[q]
                     parts.append(torch.linalg.vector_norm(x, dtype=_acc(b.g.dtype)).to(dev))
                     continue
                 for (_, adaptive), start, end in runs[i]:
@@ -377,11 +380,11 @@ class TorchBackend(Backend):
                     torch.addcmul(w0, g, s, out=b.w[start:end])
                     continue
                 base = w0.to(_acc(g.dtype))  # w0 itself in fp32: no copy
-                move = base.square().mul_(g)
+                d = base.square().mul_(g)
                 if base is w0:
-                    torch.addcmul(w0, move, s, out=b.w[start:end])
+                    torch.addcmul(w0, d, s, out=b.w[start:end])
                 else:
-                    b.w[start:end].copy_(torch.addcmul(base, move, s))
+                    b.w[start:end].copy_(torch.addcmul(base, d, s))
         self._saved = True
 
     @torch.no_grad()

@@ -57,7 +57,6 @@ class TritonBackend(TorchBackend):
 
     # ---- hyperparameters in device memory (for CUDA graphs) --------------------------
     _hyper: dict[int, Tensor] | None = None  # id(param group) -> [lr, momentum, dampening, wd]
-    fused_last = False  # whether the last finish() ran the fused restore+SGD kernel
 
     def hyperparameters_on_device(self) -> None:
         """From now on the fused SGD kernel reads each param group's hyperparameters
@@ -70,6 +69,8 @@ class TritonBackend(TorchBackend):
         """Copy the param groups' current values to device memory (four small
         fills per group, no host synchronisation)."""
         dev = self.buckets[0].w.device
+        # only the groups of now: a state loaded into the optimizer replaced the dicts
+        self._hyper = {id(g): self._hyper[id(g)] for g in self.optimizer.param_groups if id(g) in self._hyper}
         for group in self.optimizer.param_groups:
             t = self._hyper.get(id(group))
             if t is None:

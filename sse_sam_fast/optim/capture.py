@@ -16,12 +16,16 @@ step on the same batch before it is used; a graph that disagrees is dropped.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisation, compilation)
+# graph keys at most: a key that changes at every call (a scheduler moving Adam's betas)
+# would otherwise warm up forever and keep one entry per call
+MAX_KEYS = 16
 
 
 class _Graph:
@@ -58,6 +62,16 @@ class CapturedStep:
         self._graphs: dict[tuple, _Graph | None] = {}  # None: this key runs eagerly
         self._calls: dict[tuple, int] = {}
         self._warned: set[str] = set()
+        # a state loaded into the base optimizer replaces the param groups and the
+        # momentum tensors a graph reads: every graph is dropped (weakly held, so
+        # the optimizer does not keep this object alive)
+        ref = weakref.ref(self)
+        opt.optimizer.register_load_state_dict_post_hook(lambda _: ref() is not None and ref().forget())
+
+    def forget(self) -> None:
+        """Drop every graph; the next calls warm up and capture anew."""
+        self._graphs.clear()
+        self._calls.clear()
 
     def __call__(self, *inputs, tail_mask: Tensor | None = None) -> Tensor:
         why = self._refusal(inputs)
@@ -65,6 +79,12 @@ class CapturedStep:
             return self._eager(inputs, tail_mask, why)
         key = self._key(inputs, tail_mask)
         if key not in self._graphs:
+            if key not in self._calls and len(self._calls) >= MAX_KEYS:
+                why = (
+                    f"the graph key changed on more than {MAX_KEYS} calls (a value baked into a graph "
+                    "changes at every step, such as Adam's betas under OneCycleLR)"
+                )
+                return self._eager(inputs, tail_mask, why)
             self._calls[key] = self._calls.get(key, 0) + 1
             if self._calls[key] <= WARMUP:
                 return self._eager(inputs, tail_mask, side_stream=self._calls[key] == WARMUP)
@@ -78,9 +98,13 @@ class CapturedStep:
     def _refusal(self, inputs: tuple) -> str | None:
         """Why this call cannot replay a graph (None: it can). CPU: silently eager."""
         opt, be = self.opt, self.opt._backend
-        if not torch.cuda.is_available() or be.params[0].device.type != "cuda":
+        device = be.params[0].device
+        if not _graphs_on(device):
             return ""
         kind = _kind(opt.optimizer)
+        elsewhere = [
+            k for g in opt.param_groups for k, v in g.items() if isinstance(v, Tensor) and v.device != device
+        ]
         reasons = [
             (
                 kind is None,
@@ -88,25 +112,38 @@ class CapturedStep:
                 "with capturable=True and a tensor lr (lr=torch.tensor(1e-3, device='cuda'))",
             ),
             (kind == "sgd" and be.name != "triton", "a captured SGD step needs the triton backend"),
+            (
+                bool(elsewhere),
+                f"the tensor {elsewhere[0] if elsewhere else ''} is not on the parameters' device {device}: "
+                "a graph would keep its value of the capture",
+            ),
             (be.name == "reference", "the reference backend is not captured"),
             (opt._ddp is not None, "DistributedDataParallel steps are not captured"),
             (opt.nonfinite != "skip", "nonfinite='raise' reads the verdict on the host"),
             (self.schedule != "exact", "only the exact schedule is captured"),
-            (any(isinstance(x, Tensor) and not x.is_cuda for x in inputs), "inputs are not on CUDA"),
+            (
+                any(isinstance(x, Tensor) and x.device != device for x in inputs),
+                "inputs are not on the parameters' device",
+            ),
             (_random(opt.model), "dropout draws differ between a graph and the eager step"),
         ]
         return next((why for bad, why in reasons if bad), None)
 
     def _key(self, inputs: tuple, mask: Tensor | None) -> tuple:
-        be = self.opt._backend
-        be._check_layout()  # a re-bound parameter gets new buffers, hence a new key
+        """Everything a graph bakes in: a change must select another graph."""
+        opt, be = self.opt, self.opt._backend
+        opt._track_params()  # parameters added to the base optimizer join the step ...
+        be._check_layout()  # ... and a re-bound parameter gets new buffers: a new layout
         shapes = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else ("value", x) for x in inputs)
-        layout = tuple(id(b.w) for b in be.buckets)
-        branches = _baked(self.opt.optimizer)
+        layout = (tuple(id(b.w) for b in be.buckets), tuple(p.requires_grad for p in be.params))
+        # the param group dicts by identity: the fused kernel reads each one's device copy
+        groups = (tuple(map(id, opt.param_groups)), _baked(opt.optimizer))
+        model = opt.model
+        modes = (model.training, tuple(m.training for m in opt._batchnorms), opt.bn_stats)
         # ASAM and clipping choose kernels and their arguments too
-        options = (self.opt._adaptive(), self.opt.max_grad_norm)
+        options = (opt._adaptive(), opt.max_grad_norm)
         mask_shape = None if mask is None else mask.shape
-        return shapes, mask_shape, tuple(self.opt._groups()), layout, branches, options
+        return shapes, mask_shape, tuple(opt._groups()), layout, groups, modes, options
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:
@@ -141,8 +178,7 @@ class CapturedStep:
         graph = _Graph(inputs, mask)
         step = lambda: opt.step(lambda: self.loss_fn(*graph.inputs), graph.mask, schedule=self.schedule)
         try:
-            with torch.cuda.graph(graph.graph):
-                graph.loss = step()
+            graph.loss = _record(opt, graph.graph, step)
             fused = be.fused_last
         except Exception as err:  # nothing ran: the recorded kernels are dropped with the graph
             self._graphs[key] = None
@@ -175,6 +211,18 @@ class CapturedStep:
         if why not in self._warned:
             self._warned.add(why)
             warnings.warn(f"capture: running eagerly: {why}", RuntimeWarning, stacklevel=4)
+
+
+def _graphs_on(device: torch.device) -> bool:
+    """Whether steps on ``device`` can be captured."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def _record(opt, graph: torch.cuda.CUDAGraph, step: Callable[[], Tensor]) -> Tensor:
+    """Record ``step()`` into ``graph`` (nothing runs); returns its static output.
+    With :func:`_graphs_on`, the one seam where the CPU tests stand in for a GPU."""
+    with torch.cuda.graph(graph):
+        return step()
 
 
 def _alive(opt) -> list[Tensor]:

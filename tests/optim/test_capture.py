@@ -342,3 +342,133 @@ def test_re_bound_parameters_get_a_new_graph_not_the_old_buffers(device):
     assert_close(_state(model), _state(ref), torch.float32, "re-bound")
     if device == "cuda":
         assert graphed[4] and not any(graphed[5:11]) and graphed[-1]
+
+
+# ---- the capture machinery on a CPU, with a stand-in for CUDA graphs --------------------
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: replay() runs the recorded step again and
+    writes its loss into the static output, as a replay rewrites its memory."""
+
+    def __init__(self):
+        self.step, self.out, self.replays = None, None, 0
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.step())
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Everything of opt.capture but the CUDA graph itself runs on the CPU:
+    warm-ups, keys, recording (the step runs once and the state is put back, as
+    a recording runs nothing), the first-replay check and the replays."""
+    import contextlib
+
+    from sse_sam_fast.optim import capture
+
+    def record(opt, graph, step):
+        state = capture._State(opt)
+        out = step()
+        state.restore()
+        graph.step, graph.out = step, out
+        return out
+
+    monkeypatch.setattr(capture, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(capture, "_record", record)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def _capturable_adam_on_cpu(monkeypatch):
+    # torch allows capturable Adam on accelerators only; the stand-in needs it on the CPU
+    import torch.optim.adam as adam
+
+    if not hasattr(adam, "_get_capturable_supported_devices"):
+        pytest.skip("this torch has no list of capturable devices to extend")
+    devices = adam._get_capturable_supported_devices
+    monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda *a, **k: ["cpu", *devices(*a, **k)])
+
+
+@pytest.mark.parametrize(
+    "base,backend", [("sgd", "triton"), ("adam-capturable", "torch"), ("adamw-capturable", "triton")]
+)
+def test_captured_steps_replay_and_give_the_eager_update(fake_graphs, monkeypatch, base, backend):
+    if base != "sgd":
+        _capturable_adam_on_cpu(monkeypatch)
+
+    def run(api):
+        model, opt = build("ssesam", backend, base=base)
+        opt._force_sync_free = True  # as on CUDA
+        loss_fn = _ce(model)
+        captured = opt.capture(loss_fn)
+        graphed = []
+        for i, (x, y, tail) in enumerate(batches(12)):
+            if api == "capture":
+                captured(x, y, tail_mask=tail)
+                graphed.append(captured.graphed)
+            else:
+                opt.step(lambda: loss_fn(x, y), tail)
+            if i % 4 == 3:
+                opt.update_rho()
+        return _state(model), graphed
+
+    (cap, graphed), (eager, _) = run("capture"), run("step")
+    # 3 warm-ups and a checked recording, then replays; stage 2 (from call 8) anew
+    assert graphed == [False] * 4 + [True] * 4 + [False] * 4
+    assert all(torch.equal(a, b) for a, b in zip(cap, eager))
+
+
+def test_loading_a_state_drops_the_graphs(fake_graphs):
+    model, opt = build("sam", "triton")
+    captured = opt.capture(_ce(model))
+    data = list(batches(10))
+    graphed = []
+    for i, (x, y, tail) in enumerate(data):
+        if i == 5:
+            opt.load_state_dict(opt.state_dict())  # new param-group dicts and state tensors
+        captured(x, y, tail_mask=tail)
+        graphed.append(captured.graphed)
+    assert graphed == [False] * 4 + [True] + [False] * 4 + [True]
+
+
+def test_a_key_that_changes_at_every_call_stops_warming_up(fake_graphs):
+    from sse_sam_fast.optim.capture import MAX_KEYS
+
+    model, opt = build("sam", "triton")
+    captured = opt.capture(_ce(model))
+    with pytest.warns(RuntimeWarning, match="key changed on more than"):
+        for b in range(2, MAX_KEYS + 4):  # a new batch size, hence a new key, every call
+            x, y, tail = next(batches(1, sizes=(b,)))
+            captured(x, y, tail_mask=tail)
+    assert len(captured._calls) == MAX_KEYS
+
+
+def test_the_key_names_modes_and_frozen_parameters():
+    model, opt = build("ssesam", "triton")
+    captured = opt.capture(_ce(model))
+    x, y, _ = next(batches(1))
+    key = captured._key((x, y), None)
+    for change, undo in (
+        (lambda: model.eval(), lambda: model.train()),
+        (lambda: setattr(opt, "bn_stats", "all"), lambda: setattr(opt, "bn_stats", "clean")),
+        (lambda: model[0].weight.requires_grad_(False), lambda: model[0].weight.requires_grad_(True)),
+    ):
+        change()
+        assert captured._key((x, y), None) != key
+        undo()
+        assert captured._key((x, y), None) == key
+
+
+def test_a_tensor_hyperparameter_elsewhere_is_refused(fake_graphs):
+    model, opt = build("ssesam", "torch", base="adam-capturable")
+    opt.param_groups[0]["lr"] = torch.tensor(1e-2, device="meta")  # not the parameters' device
+    captured = opt.capture(_ce(model))
+    x, y, _ = next(batches(1))
+    assert "not on the parameters' device" in captured._refusal((x, y))
