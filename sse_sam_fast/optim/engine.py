@@ -216,9 +216,9 @@ class GroupedSAM(torch.optim.Optimizer):
     def _track_params(self) -> None:
         """Parameters added to the base optimizer since the last step join the
         backend; one taken out of it is refused (it would still be perturbed).
-        Each step compares a cheap signature of the param lists; only a change
-        costs a walk over the parameters."""
-        signature = tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
+        Each step compares the parameters' identities (microseconds; the backend
+        holds them, so no id is reused); only a change costs more."""
+        signature = tuple(tuple(map(id, g["params"])) for g in self.optimizer.param_groups)
         if signature == self._params_signature:
             return
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}

@@ -567,3 +567,8 @@ def test_parameters_taken_out_of_the_base_optimizer_are_refused(backend):
     base.param_groups[1]["params"] = [model[1].weight, nn.Parameter(torch.zeros(2))]  # same count
     with pytest.raises(RuntimeError, match="taken out of the base optimizer"):
         opt.step(closure)
+    base.param_groups[1]["params"] = [model[1].weight, model[1].bias]
+    opt.step(closure)
+    base.param_groups[1]["params"][1] = nn.Parameter(torch.zeros(2))  # swapped in place
+    with pytest.raises(RuntimeError, match="taken out of the base optimizer"):
+        opt.step(closure)
