@@ -140,20 +140,30 @@ def test_cuda_what_cannot_be_graphed_runs_eagerly_with_a_warning(base, backend, 
 
 
 def test_a_graph_keeps_alive_what_it_touches():
+    import gc
+    import weakref
+
     from sse_sam_fast.optim.capture import _alive
 
     model, opt = build("ssesam", "triton")
     x, y, tail = next(batches())
     opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
-    be, kept = opt._backend, {id(t) for t in _alive(opt)}
-    old = [b.w for b in be.buckets] + [b.g for b in be.buckets] + [m for m in be._momentum if m is not None]
-    assert old and all(id(t) in kept for t in old)
-    assert all(id(st["momentum_buffer"]) in kept for st in opt.optimizer.state.values())
-    with torch.no_grad():  # a re-layout replaces the backend's buffers; a graph holds the old ones
+    be = opt._backend
+    touched = [t for b in be.buckets for t in (b.w, b.g)] + [m for m in be._momentum if m is not None]
+    touched += [st["momentum_buffer"] for st in opt.optimizer.state.values()]
+    refs = [weakref.ref(t) for t in touched]
+    kept = _alive(opt)
+    del touched
+    with torch.no_grad():  # a re-layout: the backend drops its buffers
         for p in model.parameters():
             p.data = p.data.clone()
     be._check_layout()
-    assert all(id(b.w) != id(t) for b in be.buckets for t in old)
+    opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)  # new momentum views
+    gc.collect()
+    assert all(r() is not None for r in refs)  # a graph holding `kept` still has its memory
+    del kept
+    gc.collect()
+    assert any(r() is None for r in refs)  # and without it they were gone
 
 
 def test_the_graph_key_names_what_an_adam_graph_bakes_in():
