@@ -155,7 +155,8 @@ class StepRun:
         """The step; returns the mean loss at ``w``. Any exception leaves the
         weights and BatchNorm statistics bit-identical and the gradients zero."""
         be = self.be
-        stats = batchnorm.RunningStats(self.opt._batchnorms)  # before the first forward
+        self.batchnorms = self.opt._batchnorms  # one walk over the modules per step
+        stats = batchnorm.RunningStats(self.batchnorms)  # before the first forward
         try:
             plan = self.plan
             self.batches = [self._prepare(plan, c, m) for c, m in zip(self.closures, self.masks)]
@@ -227,7 +228,7 @@ class StepRun:
 
     def _perturbed_pass(self, g: Group, move: Perturbation) -> None:
         self.be.perturb(move)
-        with batchnorm.frozen(self.opt._batchnorms, self.opt.bn_stats):
+        with batchnorm.frozen(self.batchnorms, self.opt.bn_stats):
             for mb in self.batches:
                 if not self._runs(g, mb):
                     continue
