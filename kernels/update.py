@@ -23,7 +23,9 @@ computed (already clamped, like ``clip_coef_clamped`` in
 ``torch.nn.utils.clip_grad_norm_``, e.g. from ``grouped_sumsq(g, [grad_row],
 plus=extra_row)``); it is read from memory, so a replayed CUDA graph uses the
 value of the step.  Values that the unfused sequence "``w.copy_(w0)``, then
-``p.grad.add_(extra)``, then ``p.grad.mul_(clip)``, then ``SGD.step``" keeps in
+``p.grad.add_(extra)``, then ``p.grad.mul_(clip)`` (the fp32 factor: ``clip``
+has one dimension; a 0-dim CUDA factor would be rounded to the gradient's dtype
+first), then ``SGD.step``" keeps in
 tensors (the summed and the clipped gradient, the momentum buffer) are
 rounded to their storage dtype (round-to-nearest-even) where it stores them, and
 are used rounded.  torch also rounds its temporaries (``d + weight_decay * w``,

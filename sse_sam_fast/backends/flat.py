@@ -412,7 +412,9 @@ class TorchBackend(Backend):
         """Scale the live rows as ``clip_grad_norm_`` scales the gradients."""
         coef = clip_coefficient(self.live_norm(), max_norm)
         live = self.live
-        self._rows_op(lambda b: b.g[live].mul_(coef.to(b.g.device)))
+        # a one-element factor multiplies in fp32 on every device (a 0-dim CUDA one
+        # would be rounded to an fp16 gradient's dtype first), as the fused kernel does
+        self._rows_op(lambda b: b.g[live].mul_(coef.reshape(1).to(b.g.device)))
 
     @torch.no_grad()
     def finish(self, end: Ending) -> None:

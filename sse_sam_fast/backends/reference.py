@@ -183,7 +183,7 @@ class ReferenceBackend(Backend):
             norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
             coef = clip_coefficient(norm, max_norm)
             for g in grads:
-                g.mul_(coef.to(g.device))
+                g.mul_(coef.reshape(1).to(g.device))  # in fp32 on every device, as the others
 
     @torch.no_grad()
     def abort(self) -> None:

@@ -53,6 +53,17 @@ def make(shape, dtype, device, seed, scale=1.0):
     return (scale * torch.randn(shape, generator=gen)).to(dtype=dtype, device=device)
 
 
+def assert_same_sum(actual, expected, name):
+    """Two norms of the same elements: bit for bit through the interpreter, which
+    has one order of summation; compiled, Triton picks the reduction layout from
+    the pointers' alignment and the sizes' divisibility, so calls that differ in
+    those may sum in another order (fp32, a few ulps)."""
+    if actual.device.type == "cpu":
+        assert torch.equal(actual, expected), name
+    else:
+        torch.testing.assert_close(actual, expected, rtol=3e-6, atol=0, msg=name)
+
+
 def assert_same_bits(actual, expected, name):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
     a = actual.detach().cpu().reshape(-1).view(_BITS[actual.dtype])
@@ -105,7 +116,7 @@ def test_grouped_sumsq_weighted_summed_ranged(n, dtype, use_plus, use_w, rng, de
     assert torch.equal(grouped_sumsq(g, rows, w=w, plus=plus, start=start, end=end), out)
     sliced_w = None if w is None else w[start:end].contiguous()
     sliced = grouped_sumsq(g[:, start:end].contiguous(), rows, w=sliced_w, plus=plus)
-    assert torch.equal(out, sliced), "a range differs from the same elements copied out"
+    assert_same_sum(out, sliced, "a range differs from the same elements copied out")
     if start == end:
         assert not out.any()
 
@@ -128,14 +139,14 @@ def test_grouped_sumsq_plus_and_w_round_as_torch(dtype, device):
     for kw, stored in cases:
         for s, e in ((0, n), (start, end)):
             got = grouped_sumsq(g, [0, 2], start=s, end=e, **kw)
-            assert torch.equal(got, grouped_sumsq(stored, [0, 1], start=s, end=e)), (sorted(kw), s, e)
+            assert_same_sum(got, grouped_sumsq(stored, [0, 1], start=s, end=e), f"{sorted(kw)} {s} {e}")
 
 
 def test_grouped_sumsq_defaults_are_the_plain_norm(device):
     g = make((3, 3000), torch.bfloat16, device, seed=8)
     plain = grouped_sumsq(g, [1, 2])
     assert torch.equal(grouped_sumsq(g, [1, 2], w=None, plus=None, start=0, end=3000), plain)
-    assert torch.equal(grouped_sumsq(g, [1, 2], w=torch.ones_like(g[0])), plain)
+    assert_same_sum(grouped_sumsq(g, [1, 2], w=torch.ones_like(g[0])), plain, "w = 1")
     assert grouped_sumsq(g, [], w=g[0], plus=1).shape == (0,)
 
 
@@ -279,7 +290,10 @@ def test_restore_sgd_clip_is_the_stored_product(dtype, device):
     flag = torch.tensor(True, device=device)
     for coef in (torch.tensor(0.37, device=device), torch.tensor([0.37], device=device)):
         clipped = g.clone()
-        clipped[2] = (g[2] + g[0]).mul_(coef)
+        # the fp32 factor, one rounding of the product (a 0-dim CUDA factor would be
+        # rounded to the gradient's dtype first by mul_: the library multiplies by
+        # a one-element tensor, and so does this reference)
+        clipped[2] = (g[2] + g[0]).mul_(coef.reshape(1))
         want = run(clipped, [])
         for kw in (dict(), dict(ok=flag), dict(hyper=hyper), dict(ok=flag, hyper=hyper)):
             for got, ref, what in zip(run(g, [0], clip=coef, **kw), want, ("w", "buf")):
