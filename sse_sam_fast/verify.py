@@ -186,7 +186,7 @@ class Case:
 
     method: str = "ssesam"  # sam | imbsam | ssesam
     model: str = "mlp"  # mlp | bn_cnn
-    base: str = "sgd"  # sgd | nesterov | adam | groups
+    base: str = "sgd"  # sgd | nesterov | adam | adam-graph | groups
     steps: int = 6
     batch: int = 24
     dtype: torch.dtype = torch.float32
@@ -217,8 +217,12 @@ class Case:
             next(model.parameters()).requires_grad_(False)
         model = model.to(device=device, dtype=self.dtype)
         params = list(model.parameters())
-        if self.base == "adam":
-            base = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3)
+        if self.base in ("adam", "adam-graph"):
+            # adam-graph: on CUDA built for capture (a device lr, capturable), which
+            # opt.capture graphs; elsewhere the same update as adam
+            graph = self.base == "adam-graph" and torch.device(device).type == "cuda"
+            lr = torch.tensor(1e-2, device=device) if graph else 1e-2
+            base = torch.optim.Adam(params, lr=lr, weight_decay=1e-3, capturable=graph)
         elif self.base == "groups":
             base = torch.optim.SGD(
                 [{"params": params[:2], "lr": 0.2}, {"params": params[2:]}],
@@ -349,6 +353,7 @@ def default_cases(dtypes=(torch.float32,)) -> list[Case]:
         Case(method="imbsam", base="adam", unused=True),
         Case(method="sam", base="groups", frozen=True),
         Case(method="ssesam", model="bn_cnn", base="adam", masks="alternate"),
+        Case(method="sam", model="bn_cnn", base="adam-graph"),  # graphed by --capture on CUDA
         Case(method="imbsam", masks="alternate", hparams={"normalization": "group"}),
         Case(method="imbsam", model="bn_cnn", hparams={"normalization": "group"}),
     ]
