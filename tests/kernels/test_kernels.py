@@ -17,6 +17,7 @@ from sse_sam_fast.verify import assert_close
 
 pytest.importorskip("triton")
 
+from bits import BITS, assert_same_bits  # noqa: E402  (tests/kernels/bits.py)
 from sse_sam_fast.kernels import grouped_sumsq, perturb_, restore_sgd_  # noqa: E402
 
 SIZES = (0, 1, 7, 97, 4097, 98432)
@@ -24,41 +25,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 EPS = 1e-16  # added to the norm by the published code; a literal here, so the library constant is tested too
 ALIGN_BYTES = 128
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
-# Integer views for bit-for-bit comparisons (-0.0 vs 0.0, NaN payloads).
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def assert_same_bits(actual, expected, name):
-    """Bit-for-bit equality; report how many elements differ and the first one."""
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().cpu().reshape(-1)
-    e = expected.detach().cpu().reshape(-1)
-    differ = a.view(_BITS[a.dtype]) != e.view(_BITS[e.dtype])
-    if differ.any():
-        first = int(differ.nonzero()[0])
-        raise AssertionError(
-            f"{name} ({a.dtype}): {int(differ.sum())} of {a.numel()} elements differ in their bits "
-            f"(first index {first}: actual {a[first].item()!r}, expected {e[first].item()!r})"
-        )
 
 
 def dtype_id(dtype):
@@ -162,14 +128,14 @@ def test_perturb_then_copy_restores_bitwise(dtype, device):
     w = make(n, dtype, device, seed=80)
     w[:5] = torch.tensor([-0.0, info.tiny * info.eps, -info.tiny, info.max, -math.inf], dtype=dtype)
     # A NaN with a non-default payload.
-    w.view(_BITS[dtype])[5] = 0x7FC00001 if dtype == torch.float32 else 0x7E01
+    w.view(BITS[dtype])[5] = 0x7FC00001 if dtype == torch.float32 else 0x7E01
     g = make((2, n), dtype, device, seed=81)
     sums = grouped_sumsq(g, [1])
     w0 = torch.empty_like(w)
     w_before = w.clone()
 
     perturb_(w, w0, g, (1, sums[0], rho_for(n)), save=True)
-    moved = w.view(_BITS[dtype]) != w_before.view(_BITS[dtype])
+    moved = w.view(BITS[dtype]) != w_before.view(BITS[dtype])
     assert int(moved.sum()) > n // 2, "the perturbation did not move w"
     w.copy_(w0)
     assert_same_bits(w, w_before, "w after perturb_ and w.copy_(w0)")

@@ -16,6 +16,7 @@ from sse_sam_fast.verify import assert_close
 
 pytest.importorskip("triton")
 
+from bits import assert_same_bits  # noqa: E402  (tests/kernels/bits.py)
 from sse_sam_fast.kernels import grouped_sumsq, perturb_, restore_sgd_  # noqa: E402
 
 EPS = 1e-16
@@ -24,24 +25,6 @@ SIZES = (1000, 3000)
 # (start, end) as fractions are awkward: explicit ranges per size, None = N.
 # Empty at the start and at the end, ending mid-block, block-aligned, a tail.
 RANGES = ((0, 0), (None, None), (5, 1500), (1024, 2048), (999, None), (0, 1))
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
-
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def dtype_id(dtype):
@@ -62,14 +45,6 @@ def assert_same_sum(actual, expected, name):
         assert torch.equal(actual, expected), name
     else:
         torch.testing.assert_close(actual, expected, rtol=3e-6, atol=0, msg=name)
-
-
-def assert_same_bits(actual, expected, name):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    a = actual.detach().cpu().reshape(-1).view(_BITS[actual.dtype])
-    e = expected.detach().cpu().reshape(-1).view(_BITS[expected.dtype])
-    differ = a != e
-    assert not differ.any(), f"{name}: {int(differ.sum())} of {a.numel()} elements differ in their bits"
 
 
 def bounds(rng, n):
