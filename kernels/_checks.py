@@ -20,16 +20,21 @@ def _check_grad_buffer(g) -> None:
         raise ValueError("g must be contiguous (row stride N)")
 
 
+def _check_like(t, name: str, shape: tuple, ref: torch.Tensor, ref_name: str) -> None:
+    """t: a contiguous tensor of ``shape`` with ``ref``'s dtype and device."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {_describe(t)}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def _check_norm_weight(w, g: torch.Tensor) -> None:
     """w (the ASAM weights of a norm): contiguous 1-D (N,), g's dtype and device."""
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != g.shape[1]:
-        raise ValueError(f"w must be a 1-D tensor of shape ({g.shape[1]},), got {_describe(w)}")
-    if w.dtype != g.dtype:
-        raise ValueError(f"w must have g's dtype {g.dtype}, got {w.dtype}")
-    if w.device != g.device:
-        raise ValueError(f"w must be on g's device {g.device}, got {w.device}")
-    if not w.is_contiguous():
-        raise ValueError("w must be contiguous")
+    _check_like(w, "w", (g.shape[1],), g, "g")
 
 
 def _check_bool(value, name: str) -> None:
@@ -58,14 +63,7 @@ def _check_bucket(w, g) -> None:
 
 def _check_snapshot(w0, w: torch.Tensor, g: torch.Tensor) -> None:
     """w0: contiguous, w's shape, dtype and device, no memory shared with w or g."""
-    if not isinstance(w0, torch.Tensor) or w0.shape != w.shape:
-        raise ValueError(f"w0 must be a tensor of shape ({w.shape[0]},), got {_describe(w0)}")
-    if w0.dtype != w.dtype:
-        raise ValueError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
-    if w0.device != w.device:
-        raise ValueError(f"w0 must be on w's device {w.device}, got {w0.device}")
-    if not w0.is_contiguous():
-        raise ValueError("w0 must be contiguous")
+    _check_like(w0, "w0", tuple(w.shape), w, "w")
     # The kernels read one buffer while other programs write the other: an
     # overlap would mix perturbed and saved values.
     for name, other in (("w", w), ("g", g)):

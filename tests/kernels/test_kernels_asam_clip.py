@@ -292,12 +292,12 @@ def test_bad_new_arguments_name_the_argument():
     w, w0, g = torch.zeros(8), torch.zeros(8), torch.zeros(2, 8)
     add = (0, torch.zeros(()), 0.1)
     sumsq_cases = [
-        (dict(w=torch.zeros(7)), "w must be a 1-D tensor of shape"),
-        (dict(w=torch.zeros(2, 8)), "w must be a 1-D tensor of shape"),
+        (dict(w=torch.zeros(7)), "w must be a tensor of shape"),
+        (dict(w=torch.zeros(2, 8)), "w must be a tensor of shape"),
         (dict(w=torch.zeros(8).half()), "w must have g's dtype"),
         (dict(w=torch.zeros(8, device="meta")), "w must be on g's device"),
         (dict(w=torch.zeros(16)[::2]), "w must be contiguous"),
-        (dict(w=[0.0] * 8), "w must be a 1-D tensor"),
+        (dict(w=[0.0] * 8), "w must be a tensor of shape"),
         (dict(plus=2), "plus: row 2 out of range"),
         (dict(plus=-1), "plus: row -1 out of range"),
         (dict(plus=True), "plus: row must be an int"),
