@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._constants import EPS
+from .._saved import Saved
 
 __all__ = ["EPS", "Backend", "Ending", "Perturbation", "Radius", "Slot"]
 
@@ -242,7 +243,7 @@ def guarded_step(
     device: that step reads ``ok`` on the host instead.
     """
     before = _state_of(optimizer, params)
-    saved = [(t, t.clone()) for st in before.values() for t in st.values() if isinstance(t, Tensor)]
+    saved = Saved([t for st in before.values() for t in st.values() if isinstance(t, Tensor)])
     optimizer.step()
     after = _state_of(optimizer, params)
     same = after.keys() == before.keys() and all(
@@ -256,15 +257,11 @@ def guarded_step(
                 optimizer.state[p] = before[id(p)]
             else:
                 optimizer.state.pop(p, None)
-        for t, old in saved:
-            t.copy_(old)
+        saved.restore()
         for w, w_before in weights:
             w.copy_(w_before)
         return
     if same:
-        for t, old in saved:
-            # a state tensor kept on the CPU (Adam's step count unless capturable)
-            # needs the verdict there: that one copy synchronises
-            torch.where(ok.to(t.device), t, old, out=t)
+        saved.keep_if(ok)
         for w, w_before in weights:
             torch.where(ok.to(w.device), w, w_before, out=w)

@@ -1,0 +1,58 @@
+"""Saved: a bitwise copy of many tensors, restored or selected on the device."""
+
+import torch
+
+from sse_sam_fast._saved import Saved
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(3, 4, generator=g),
+        torch.tensor(-0.0),  # a sign bit a round trip through arithmetic would lose
+        torch.tensor(7, dtype=torch.int64),  # num_batches_tracked, a 0-dim int
+        torch.randn(5, generator=g).half(),
+        torch.randn(4, 6, generator=g).t(),  # not contiguous: kept apart
+    ]
+
+
+def _bits(ts):
+    return [t.clone() for t in ts]
+
+
+def _same(a, b):
+    """Bit for bit (-0.0 is not 0.0, NaN payloads count)."""
+    raw = lambda t: t.contiguous().reshape(-1).view(torch.uint8)
+    return all(x.dtype == y.dtype and torch.equal(raw(x), raw(y)) for x, y in zip(a, b))
+
+
+def _scribble(ts):
+    for t in ts:
+        t.fill_(float("nan") if t.is_floating_point() else 99)
+
+
+def test_restore_gives_back_every_bit():
+    ts = _tensors()
+    before = _bits(ts)
+    saved = Saved(ts)
+    _scribble(ts)
+    saved.restore()
+    assert _same(ts, before)
+
+
+def test_keep_if_selects_on_the_device():
+    ts = _tensors()
+    before = _bits(ts)
+    saved = Saved(ts)
+    _scribble(ts)
+    after = _bits(ts)
+    saved.keep_if(torch.tensor(True))
+    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(ts, after))
+    saved.keep_if(torch.tensor(False))  # the NaNs do not leak into the kept values
+    assert _same(ts, before)
+
+
+def test_nothing_to_save():
+    saved = Saved([])
+    saved.restore()
+    saved.keep_if(torch.tensor(False))
