@@ -151,14 +151,19 @@ def _check_capture(cfg: TrainConfig) -> None:
         )
 
 
+# the SAM-family options and the methods that have them
+METHOD_OPTIONS = {
+    "adaptive": ("sam", "imbsam", "ssesam"),
+    "max_grad_norm": ("sam", "imbsam", "ssesam"),
+    "imbsam_normalization": ("imbsam",),
+}
+
+
 def for_method(cfg: TrainConfig, opt: str) -> TrainConfig:
     """``cfg`` for method ``opt``, the SAM-family options that ``opt`` does not
     have reset (``compare`` hands one set of options to every method)."""
-    reset = {}
-    if opt == "sgd":
-        reset.update(adaptive=False, max_grad_norm=None)
-    if opt != "imbsam":
-        reset.update(imbsam_normalization="batch")
+    defaults = TrainConfig()
+    reset = {f: getattr(defaults, f) for f, methods in METHOD_OPTIONS.items() if opt not in methods}
     return dataclasses.replace(cfg, opt=opt, **reset)
 
 
@@ -166,12 +171,12 @@ def _check_method_options(cfg: TrainConfig) -> None:
     """The SAM-family options must reach a method that has them."""
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
         raise OptionError("--max-grad-norm", f"expected a finite number > 0, got {cfg.max_grad_norm}")
-    if cfg.opt == "sgd":
-        for field in ("adaptive", "max_grad_norm"):
-            if getattr(cfg, field) not in (False, None):
-                raise OptionError(option_name(field), "applies to sam, imbsam and ssesam, not --opt sgd")
-    if cfg.imbsam_normalization != "batch" and cfg.opt != "imbsam":
-        raise OptionError("--imbsam-normalization", f"applies to --opt imbsam only (the method is {cfg.opt})")
+    defaults = TrainConfig()
+    for field, methods in METHOD_OPTIONS.items():
+        if cfg.opt not in methods and getattr(cfg, field) != getattr(defaults, field):
+            raise OptionError(
+                option_name(field), f"applies to --opt {', '.join(methods)} only (the method is {cfg.opt})"
+            )
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
