@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .._saved import Saved
+
 WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisation, compilation)
 # graph keys at most: a key that changes at every call (a scheduler moving Adam's betas)
 # would otherwise warm up forever and keep one entry per call
@@ -285,11 +287,10 @@ class _State:
         self.tensors += list(opt.model.buffers())
         if opt._skipped_device is not None:
             self.tensors.append(opt._skipped_device)
-        self.saved = [t.clone() for t in self.tensors]
+        self.saved = Saved(self.tensors)
 
     def now(self) -> list[Tensor]:
         return [t.clone() for t in self.tensors]
 
     def restore(self) -> None:
-        for t, s in zip(self.tensors, self.saved):
-            t.copy_(s)
+        self.saved.restore()
