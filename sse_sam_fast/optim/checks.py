@@ -32,6 +32,13 @@ def real(name: str, value, accepted: str) -> float:
         raise ValueError(f"{name} must be {accepted}, got {value!r:.40}") from None
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag: exactly True or False (1, "yes" or a tensor are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r:.40}")
+    return value
+
+
 def check_rho(name: str, value) -> float:
     """A radius or a weight: a finite real number >= 0, as a float."""
     accepted = "a finite real number >= 0"

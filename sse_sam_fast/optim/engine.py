@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from .. import _torch_private
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
 from .capture import CapturedStep
-from .checks import check_base_state, check_count, check_rho, micro_batches, need_keys, takes_index
+from .checks import (
+    check_base_state,
+    check_bool,
+    check_count,
+    check_rho,
+    micro_batches,
+    need_keys,
+    takes_index,
+)
 from .passes import StepRun
 from .plan import SCHEDULES, Group, StepPlan
 
@@ -80,8 +88,7 @@ class GroupedSAM(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
     ):
         params = self._check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation)
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {adaptive!r:.40}")
+        check_bool("adaptive", adaptive)
         if max_grad_norm is not None:
             max_grad_norm = check_rho("max_grad_norm", max_grad_norm)
             if max_grad_norm == 0:
@@ -118,8 +125,7 @@ class GroupedSAM(torch.optim.Optimizer):
             raise ValueError(f"bn_stats must be 'clean' or 'all', got {bn_stats!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if not isinstance(local_perturbation, bool):
-            raise TypeError(f"local_perturbation must be a bool, got {local_perturbation!r}")
+        check_bool("local_perturbation", local_perturbation)
         if model is None and self._davda54:
             return self._beyond(optimizer, [])
         if not any(p.requires_grad for p in model.parameters()):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..backends import Slot
-from .checks import check_count, check_rho, check_schedule, need_keys
+from .checks import check_bool, check_count, check_rho, check_schedule, need_keys
 from .engine import GroupedSAM
 from .plan import Group
 
@@ -106,11 +106,10 @@ class SAM(GroupedSAM):
     def _adaptive(self):
         if not self._davda54:
             return self.adaptive
-        flags = tuple(g.get("adaptive", self.adaptive) for g in self.param_groups)
-        bad = next((j for j, a in enumerate(flags) if not isinstance(a, bool)), None)
-        if bad is not None:
-            raise TypeError(f"param_groups[{bad}]['adaptive'] must be a bool, got {flags[bad]!r:.40}")
-        return flags
+        return tuple(
+            check_bool(f"param_groups[{j}]['adaptive']", g.get("adaptive", self.adaptive))
+            for j, g in enumerate(self.param_groups)
+        )
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool | None = None) -> None:
@@ -173,9 +172,7 @@ _MODEL_OPTIONS = ("bn_stats", "nonfinite", "local_perturbation")
 def _zeroes(zero_grad: bool | None, davda54: bool) -> bool:
     if zero_grad is None:
         return not davda54  # the official methods zero; davda54/sam's keep by default
-    if not isinstance(zero_grad, bool):
-        raise TypeError(f"zero_grad must be a bool, got {zero_grad!r:.40}")
-    return zero_grad
+    return check_bool("zero_grad", zero_grad)
 
 
 def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) -> torch.optim.Optimizer:
@@ -188,8 +185,7 @@ def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) ->
             f"optimizer class such as torch.optim.SGD, got {type(base_optimizer).__name__}; or pass an "
             "optimizer instance first: SAM(optimizer, model, rho)"
         )
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive must be a bool, got {adaptive!r:.40}")
+    check_bool("adaptive", adaptive)
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or of param-group dicts, got a Tensor")
     try:
@@ -208,9 +204,7 @@ def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) ->
     groups = [dict(g) for g in groups]  # the caller's dicts stay as they were
     for j, g in enumerate(groups):
         g["rho"] = check_rho(f"param group {j}'s rho", g.get("rho", rho))
-        g.setdefault("adaptive", adaptive)
-        if not isinstance(g["adaptive"], bool):
-            raise TypeError(f"param group {j}'s adaptive must be a bool, got {g['adaptive']!r:.40}")
+        g["adaptive"] = check_bool(f"param group {j}'s adaptive", g.get("adaptive", adaptive))
     base = base_optimizer(groups, **kwargs)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"base_optimizer(...) must build a torch.optim.Optimizer, got {type(base).__name__}")
