@@ -203,8 +203,8 @@ def _davda54_base(params, base_optimizer, rho: float, adaptive, kwargs: dict) ->
         groups = [{"params": groups}]
     groups = [dict(g) for g in groups]  # the caller's dicts stay as they were
     for j, g in enumerate(groups):
-        g["rho"] = check_rho(f"param group {j}'s rho", g.get("rho", rho))
-        g["adaptive"] = check_bool(f"param group {j}'s adaptive", g.get("adaptive", adaptive))
+        g["rho"] = check_rho(f"param_groups[{j}]['rho']", g.get("rho", rho))
+        g["adaptive"] = check_bool(f"param_groups[{j}]['adaptive']", g.get("adaptive", adaptive))
     base = base_optimizer(groups, **kwargs)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"base_optimizer(...) must build a torch.optim.Optimizer, got {type(base).__name__}")
