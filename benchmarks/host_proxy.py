@@ -1,10 +1,25 @@
-"""A host-bound proxy on a CPU: many tiny layers, so that a step's time is the
-Python and dispatch work per parameter and per layer rather than arithmetic,
-as a GPU step is at CIFAR sizes. Prints the median time of a sync-free SSE-SAM
-step (the path a CUDA step takes) and the kernel-launching ops a ResNet-32 step
-dispatches, from torch.profiler.
+"""The host work of a step, measured on a CPU.
 
-    python benchmarks/host_proxy.py [--base adam|sgd] [--backend torch]
+On a GPU at CIFAR sizes a step is bound by the host: Python, dispatch and
+launches, not arithmetic. This script builds a model with ResNet-32's tensor
+structure (95 parameters, 31 BatchNorm layers) but almost no arithmetic, and
+splits a sync-free SSE-SAM step (the path a CUDA step takes) into phases by
+wrapping the closure, ``torch.autograd.backward`` and the base optimizer's
+``step``:
+
+- model: the forwards and backwards (with the backend's gradient hooks);
+- base: the base optimizer's own ``step()`` (0 where a kernel fuses it);
+- engine: everything else, the library's own host work and launches.
+
+Per step it prints the engine's microseconds, the operators it dispatches that
+launch work (views and other metadata-only operators left out) and, for the
+triton backend, its kernel launches. The triton backend runs with its kernels
+stubbed out (``--backend triton``; the launchers and their checks run, the
+kernels do not, so the numbers it computes are wrong and only its host time
+means anything). An eager SGD step (``foreach=True``, as on CUDA) on the same
+model is the scale.
+
+    python benchmarks/host_proxy.py [--base sgd|adam] [--backend torch|triton] [--steps 200]
 
 Only comparisons between two versions of the code on one machine mean anything.
 """
@@ -12,60 +27,145 @@ Only comparisons between two versions of the code on one machine mean anything.
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.profiler import ProfilerActivity, profile
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend accepts CPU tensors
 
-from sse_sam_fast import SSESAM
-from sse_sam_fast.train.registry import MODELS
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from sse_sam_fast import SSESAM  # noqa: E402
+
+METADATA = {"aten.view.default", "aten.detach.default", "aten.slice.Tensor", "aten.select.int",
+            "aten.split_with_sizes.default", "aten.split.Tensor", "aten.as_strided.default",
+            "aten.promote_types.default", "aten._reshape_alias.default", "aten.unsqueeze.default",
+            "aten.expand.default", "aten.t.default", "aten.alias.default"}  # fmt: skip
 
 
-def build(model: nn.Module, base: str, backend: str) -> SSESAM:
-    if base == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    sse = SSESAM(opt, model, 0.05, 0.1, backend=backend)
-    sse._force_sync_free = True  # the device verdict a CUDA step takes
-    return sse
+def proxy_model() -> nn.Module:
+    """ResNet-32's tensors without its arithmetic: 31 BatchNorm layers, 95 parameters."""
+    layers = [m for _ in range(31) for m in (nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4), nn.ReLU())]
+    return nn.Sequential(*layers, nn.Linear(4, 4))
+
+
+class Phases:
+    """Host time and dispatched operators per phase of a step."""
+
+    def __init__(self):
+        self.phase = "engine"
+        self.time = collections.Counter()
+        self.ops = collections.Counter()
+        self.launches = 0
+
+    def wrap(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            outer, start = self.phase, time.perf_counter()
+            self.phase = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.time[name] += time.perf_counter() - start
+                self.phase = outer
+
+        return wrapped
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self, phases: Phases):
+        super().__init__()
+        self.phases = phases
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) not in METADATA:
+            self.phases.ops[self.phases.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stub_kernels(phases: Phases) -> None:
+    """Replace every Triton kernel by a launch counter: the launchers still run."""
+    from sse_sam_fast.kernels import norms, perturb, update
+
+    class Stub:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                phases.launches += 1
+
+            return launch
+
+    for module in (norms, perturb, update):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                setattr(module, name, Stub())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", choices=("adam", "sgd"), default="adam")
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--base", choices=("sgd", "adam"), default="sgd")
+    parser.add_argument("--backend", choices=("torch", "triton"), default="torch")
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    phases = Phases()
+    if args.backend == "triton":
+        stub_kernels(phases)
+    torch.autograd.backward = phases.wrap("model", torch.autograd.backward)
 
-    layers = [m for _ in range(60) for m in (nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU())]
-    model = nn.Sequential(*layers, nn.Linear(8, 4))
-    opt = build(model, args.base, args.backend)
-    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    closure = lambda: F.cross_entropy(model(x), y, reduction="none")
-    times = []
-    for i in range(45):
+    def build(model):
+        if args.base == "adam":
+            return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
+
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    mask = y >= 3  # two tail samples of eight
+
+    sgd_model = proxy_model()
+    sgd = build(sgd_model)
+    sgd_times = []
+    for i in range(args.steps + 10):
         start = time.perf_counter()
-        opt.step(closure, y >= 2)
-        if i >= 5:
-            times.append(time.perf_counter() - start)
-    print(f"proxy (60 x Linear(8, 8) + BatchNorm): median step {1e3 * statistics.median(times):.2f} ms")
+        sgd.zero_grad()
+        F.cross_entropy(sgd_model(x), y).backward()
+        sgd.step()
+        if i >= 10:
+            sgd_times.append(time.perf_counter() - start)
+    sgd_step = statistics.median(sgd_times)
 
-    model = MODELS["resnet32"](100)
-    opt = build(model, args.base, args.backend)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
-    closure = lambda: F.cross_entropy(model(x), y, reduction="none")
-    for _ in range(3):
-        opt.step(closure, y >= 50)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        opt.step(closure, y >= 50)
-    counts = {e.key: e.count for e in prof.key_averages()}
-    shown = ("aten::where", "aten::clone", "aten::cat", "aten::_foreach_copy_")
-    print("resnet32 step: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in shown))
+    model = proxy_model()
+    base = build(model)
+    opt = SSESAM(base, model, 0.05, 0.1, backend=args.backend)
+    opt._force_sync_free = True  # the device verdict a CUDA step takes
+    base.step = phases.wrap("base", base.step)
+    closure = phases.wrap("model", lambda: F.cross_entropy(model(x), y, reduction="none"))
+    step = phases.wrap("total", opt.step)
+    print(f"eager SGD step (forward, backward, foreach step): median {1e6 * sgd_step:.0f} us")
+    for stage in (1, 2):
+        if stage == 2:
+            opt.rho_is[0] = 0.0  # what update_rho() sets at the stage switch
+        for _ in range(10):
+            step(closure, mask)
+        phases.time.clear()
+        phases.launches = 0
+        with CountOps(phases):
+            step(closure, mask)
+        ops, launches = dict(phases.ops), phases.launches
+        phases.ops.clear()
+        phases.time.clear()
+        for _ in range(args.steps):
+            step(closure, mask)
+        t = {k: 1e6 * v / args.steps for k, v in phases.time.items()}
+        engine = t["total"] - t.get("model", 0) - t.get("base", 0)
+        print(
+            f"SSE-SAM stage {stage}, {args.backend} backend, base {args.base}: engine {engine:.0f} us/step "
+            f"({1e-6 * engine / sgd_step:.2f} eager SGD steps), model {t.get('model', 0):.0f}, "
+            f"base {t.get('base', 0):.0f}; engine operators {ops.get('total', 0)}, "
+            f"base operators {ops.get('base', 0)}, kernel launches {launches}"
+        )
 
 
 if __name__ == "__main__":
