@@ -40,16 +40,54 @@ def test_restore_gives_back_every_bit():
     assert _same(ts, before)
 
 
+def _same_or_nan(a, b):
+    return all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all()) for x, y in zip(a, b))
+
+
 def test_keep_if_selects_on_the_device():
     ts = _tensors()
     before = _bits(ts)
     saved = Saved(ts)
     _scribble(ts)
-    after = _bits(ts)
-    saved.keep_if(torch.tensor(True))
-    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(ts, after))
     saved.keep_if(torch.tensor(False))  # the NaNs do not leak into the kept values
     assert _same(ts, before)
+
+    _scribble(ts)
+    after = _bits(ts)
+    saved.save(ts)
+    saved.keep_if(torch.tensor(True))
+    assert _same_or_nan(ts, after)
+    saved.restore()  # what keep_if kept is the saved copy from then on
+    assert _same_or_nan(ts, after)
+
+
+def test_one_saved_serves_many_steps_and_follows_new_tensors():
+    ts = _tensors()
+    saved = Saved(ts)
+    for step in range(3):  # the same tensors: the views and buffers of the first layout
+        before = _bits(ts)
+        saved.save(ts)
+        _scribble(ts)
+        saved.restore()
+        assert _same(ts, before)
+        for t in ts:
+            t.add_(1)
+    assert saved.layouts == 1
+
+    changes = [
+        lambda: ts[2].__setattr__("data", torch.tensor(11, dtype=torch.int64)),  # same object, new memory
+        lambda: ts.__setitem__(0, torch.randn(2, 2)),  # another tensor in the list
+        lambda: ts.append(torch.ones(3)),  # one more
+        lambda: ts.pop(1),  # one fewer
+    ]
+    for layouts, change in enumerate(changes, start=2):
+        change()
+        before = _bits(ts)
+        saved.save(ts)
+        assert saved.layouts == layouts
+        _scribble(ts)
+        saved.restore()
+        assert _same(ts, before)
 
 
 def test_nothing_to_save():

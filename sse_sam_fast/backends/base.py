@@ -110,6 +110,7 @@ class Backend(abc.ABC):
         self.optimizer = optimizer
         self.params = list(params)
         self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
+        self._state_copy = Saved()  # the optimizer state a guarded step may take back
 
     def extend(self, params: Sequence[Tensor]) -> None:
         """Parameters the base optimizer holds from now on (``add_param_group``)."""
@@ -199,29 +200,29 @@ class Backend(abc.ABC):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The optimizer's ``zero_grad``."""
 
+    def _clip(self, max_norm: float) -> None:
+        """Clip the live gradients to the global norm ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does, without a host synchronisation."""
+        raise NotImplementedError
 
-def base_step(
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[Tensor],
-    end: Ending,
-    clip,
-    weights=lambda: [],
-) -> None:
-    """The base optimizer's own step on the live gradients, as ``end`` says:
-    under AMP through the scaler, which unscales the gradients and skips the
-    step if any is inf or NaN; ``clip()`` first clips the unscaled gradients
-    (``scaler.unscale_`` is public and remembered by ``scaler.step``); with
-    ``end.ok``, through :func:`guarded_step` with the ``weights()`` pairs."""
-    if end.max_norm is not None:
-        if end.scaler is not None:
-            end.scaler.unscale_(optimizer)
-        clip(end.max_norm)
-    if end.ok is not None:
-        guarded_step(optimizer, params, end.ok, weights())
-    elif end.scaler is None:
-        optimizer.step()
-    else:
-        end.scaler.step(optimizer)
+    def base_step(self, end: Ending, weights=lambda: []) -> None:
+        """The base optimizer's own step on the live gradients, as ``end`` says:
+        under AMP through the scaler, which unscales the gradients and skips the
+        step if any is inf or NaN; :meth:`_clip` first clips the unscaled
+        gradients (``scaler.unscale_`` is public and remembered by
+        ``scaler.step``); with ``end.ok``, through :func:`guarded_step` with the
+        ``weights()`` pairs."""
+        optimizer = self.optimizer
+        if end.max_norm is not None:
+            if end.scaler is not None:
+                end.scaler.unscale_(optimizer)
+            self._clip(end.max_norm)
+        if end.ok is not None:
+            guarded_step(optimizer, self.params, end.ok, weights(), self._state_copy)
+        elif end.scaler is None:
+            optimizer.step()
+        else:
+            end.scaler.step(optimizer)
 
 
 def _state_of(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict[int, dict]:
@@ -234,16 +235,17 @@ def guarded_step(
     params: Sequence[Tensor],
     ok: Tensor,
     weights: Sequence[tuple[Tensor, Tensor]],
+    saved: Saved,
 ) -> None:
     """``optimizer.step()``, taken back on the device where ``ok`` is false.
 
     ``weights``: ``(w, w_before)`` pairs covering the parameters. The optimizer
-    state is copied before the step and selected after it. A step that creates
+    state is copied into ``saved`` before the step and selected after it. A step that creates
     state (the first one) or replaces a state tensor cannot be taken back on the
     device: that step reads ``ok`` on the host instead.
     """
     before = _state_of(optimizer, params)
-    saved = Saved([t for st in before.values() for t in st.values() if isinstance(t, Tensor)])
+    saved.save([t for st in before.values() for t in st.values() if isinstance(t, Tensor)])
     optimizer.step()
     after = _state_of(optimizer, params)
     same = after.keys() == before.keys() and all(

@@ -18,7 +18,6 @@ from .base import (
     Perturbation,
     Radius,
     Slot,
-    base_step,
     clip_coefficient,
     per_group,
     uniform,
@@ -424,7 +423,7 @@ class TorchBackend(Backend):
         self._final_gradient(end.add, end.grads)
         try:
             weights = lambda: [(b.w, b.w0) for b in self.buckets]
-            base_step(self.optimizer, self.params, end, self._clip, weights)
+            self.base_step(end, weights)
         finally:
             self._reset(end.keep_grads)
 

@@ -15,7 +15,6 @@ from .base import (
     Perturbation,
     Radius,
     Slot,
-    base_step,
     clip_coefficient,
     per_group,
 )
@@ -170,7 +169,7 @@ class ReferenceBackend(Backend):
                 p.grad = kept[p].clone() if p in kept else None
         weights = lambda: [(p, p.detach().clone()) for p in self.params]
         try:
-            base_step(self.optimizer, self.params, end, self._clip, weights)
+            self.base_step(end, weights)
         finally:
             if not end.keep_grads:
                 self.optimizer.zero_grad()

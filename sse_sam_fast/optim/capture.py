@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._saved import Saved
+from . import batchnorm
 
 WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisation, compilation)
 # graph keys at most: a key that changes at every call (a scheduler moving Adam's betas)
@@ -140,12 +141,15 @@ class CapturedStep:
         layout = (tuple(id(b.w) for b in be.buckets), tuple(p.requires_grad for p in be.params))
         # the param group dicts by identity: the fused kernel reads each one's device copy
         groups = (tuple(map(id, opt.param_groups)), _baked(opt.optimizer))
-        model = opt.model
-        modes = (model.training, tuple(m.training for m in opt._batchnorms), opt.bn_stats)
+        model, batchnorms = opt.model, opt._batchnorms
+        modes = (model.training, tuple(m.training for m in batchnorms), opt.bn_stats)
+        # the running statistics a graph updates, by the number of their layout in the
+        # step's copy: a buffer replaced (bn.running_mean = ...) makes a new one
+        stats = opt._stats.follow(batchnorm.running_stats(batchnorms))
         # ASAM and clipping choose kernels and their arguments too
         options = (opt._adaptive(), opt.max_grad_norm)
         mask_shape = None if mask is None else mask.shape
-        return shapes, mask_shape, tuple(opt._groups()), layout, groups, modes, options
+        return shapes, mask_shape, tuple(opt._groups()), layout, groups, modes, stats, options
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:
@@ -230,9 +234,10 @@ def _record(opt, graph: torch.cuda.CUDAGraph, step: Callable[[], Tensor]) -> Ten
 def _alive(opt) -> list[Tensor]:
     """Every tensor a captured step reads or writes that the graph's memory pool
     does not own: the flat buffers, the base optimizer's state and tensor
-    hyperparameters, the gradients. A graph keeps them alive: a re-layout drops
-    the backend's references, and a replay must never write into memory handed
-    out again, nor an id in a graph key be reused."""
+    hyperparameters, the gradients, the BatchNorm statistics, and the copies a
+    step saves of those statistics and of the optimizer state. A graph keeps
+    them alive: a re-layout drops the backend's references, and a replay must
+    never write into memory handed out again, nor an id in a graph key be reused."""
     be = opt._backend
     keep = [t for b in be.buckets for t in (b.w, b.g, b.w0)]
     keep += [t for t in getattr(be, "_momentum", []) if t is not None]
@@ -242,6 +247,8 @@ def _alive(opt) -> list[Tensor]:
         keep += [t for t in st.values() if isinstance(t, Tensor)]
     for g in opt.optimizer.param_groups:
         keep += [v for v in g.values() if isinstance(v, Tensor)]
+    keep += batchnorm.running_stats(opt._batchnorms)
+    keep += opt._stats.buffers() + be._state_copy.buffers()
     return keep
 
 

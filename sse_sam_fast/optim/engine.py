@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _torch_private
+from .._saved import Saved
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
 from .capture import CapturedStep
 from .checks import (
@@ -105,6 +106,7 @@ class GroupedSAM(torch.optim.Optimizer):
         self._backend = make_backend(backend, optimizer, params)
         self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
+        self._stats = Saved()  # the BatchNorm statistics a step may have to take back
 
     # SAM(params, base_optimizer_cls, ...): the davda54/sam convention, without a model
     _davda54 = False

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_private
+from .._saved import Saved
 from ..backends import Ending, Perturbation
 from . import batchnorm
 from .checks import SampleIndex, check_losses, check_mask
@@ -156,7 +157,8 @@ class StepRun:
         weights and BatchNorm statistics bit-identical and the gradients zero."""
         be = self.be
         self.batchnorms = self.opt._batchnorms  # one walk over the modules per step
-        stats = batchnorm.RunningStats(self.batchnorms)  # before the first forward
+        stats = self.opt._stats
+        stats.save(batchnorm.running_stats(self.batchnorms))  # before the first forward
         try:
             plan = self.plan
             self.batches = [self._prepare(plan, c, m) for c, m in zip(self.closures, self.masks)]
@@ -269,7 +271,7 @@ class StepRun:
         dev = self.checks[0][1].device
         return torch.stack([c.to(dev) for _, c in self.checks]).all()
 
-    def _verdict(self, ok: Tensor, stats: batchnorm.RunningStats) -> bool:
+    def _verdict(self, ok: Tensor, stats: Saved) -> bool:
         """Read the verdict on the host (the step's late synchronisation); on a
         failure abandon the step per ``nonfinite``. Returns whether it was skipped."""
         if ok.item():
@@ -307,7 +309,7 @@ class StepRun:
         finally:
             p.grad = kept
 
-    def _finish(self, ok: Tensor | None, stats: batchnorm.RunningStats) -> None:
+    def _finish(self, ok: Tensor | None, stats: Saved) -> None:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""
         add = tuple(g.slot for g in self.plan.unperturbed)

@@ -203,6 +203,43 @@ def test_the_graph_key_names_the_sgd_branches_a_graph_bakes_in():
         group[name] = old
 
 
+def test_the_graph_key_names_the_batchnorm_statistics_a_graph_updates():
+    """A graph writes the running statistics where they were at its capture:
+    values changed in place keep the graph, a buffer replaced must not replay it."""
+    model, opt = build("ssesam", "torch")
+    loss_fn = lambda x, y: F.cross_entropy(model(x), y, reduction="none")
+    captured = opt.capture(loss_fn)
+    x, y, tail = next(batches())
+    opt.step(lambda: loss_fn(x, y), tail)
+    key = captured._key((x, y), None)
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    assert captured._key((x, y), None) == key
+    bn.running_mean = torch.zeros(16)
+    replaced = captured._key((x, y), None)
+    assert replaced != key
+    opt.step(lambda: loss_fn(x, y), tail)
+    assert captured._key((x, y), None) == replaced
+    bn.running_mean = torch.zeros(16)
+    assert captured._key((x, y), None) not in (key, replaced)
+
+
+def test_a_graph_keeps_alive_the_statistics_and_the_copies_a_step_saves():
+    from sse_sam_fast.optim.capture import _alive
+
+    model, opt = build("ssesam", "torch", base="adam")
+    opt._force_sync_free = True  # the guarded base step saves the Adam state
+    x, y, tail = next(batches())
+    for _ in range(2):  # the first Adam step creates its state
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    kept = {id(t) for t in _alive(opt)}
+    copies = opt._stats.buffers() + opt._backend._state_copy.buffers()
+    assert len(copies) == 3  # fp32 and int64 statistics, fp32 Adam state
+    assert all(id(t) in kept for t in copies)
+    assert all(id(t) in kept for t in (model[1].running_mean, model[1].num_batches_tracked))
+
+
 # ---- the issue's requirements, each on the CPU (eager: checks the test's own logic)
 # ---- and on CUDA (graphed) ------------------------------------------------------------
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
