@@ -64,7 +64,7 @@ def test_keep_if_selects_on_the_device():
 def test_one_saved_serves_many_steps_and_follows_new_tensors():
     ts = _tensors()
     saved = Saved(ts)
-    for step in range(3):  # the same tensors: the views and buffers of the first layout
+    for _ in range(3):  # the same tensors: the views and buffers of the first layout
         before = _bits(ts)
         saved.save(ts)
         _scribble(ts)
