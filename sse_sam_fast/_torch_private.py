@@ -17,7 +17,7 @@ GradScaler's current scale, which has no public device-side accessor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -68,31 +68,28 @@ def capturable_adam(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def sgd_has_momentum(optimizer: torch.optim.SGD, params: Sequence[Tensor]) -> bool:
-    """Whether every one of ``params`` already has its momentum buffer."""
-    return all(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params)
-
-
 def sgd_momentum_buffers(
-    optimizer: torch.optim.SGD, params: Sequence[Tensor], view_of: Callable[[Tensor], Tensor]
+    optimizer: torch.optim.SGD, params: Sequence[Tensor], views: Sequence[Tensor], start: bool = True
 ) -> bool | None:
-    """Point ``optimizer.state[p]["momentum_buffer"]`` at ``view_of(p)`` for the
-    ``params`` that use momentum. Returns True if the buffers start now (SGD's
-    first step: the kernel sets them instead of decaying them), False if they
-    continue (values loaded from a state_dict or made by a plain ``step()`` are
-    copied into the views first), None if some exist and some do not (the fused
-    step cannot reproduce that)."""
+    """Point ``optimizer.state[p]["momentum_buffer"]`` at ``views[i]`` for the
+    ``params`` (those that use momentum). Returns True if the buffers start now
+    (SGD's first step: the kernel sets them instead of decaying them), False if
+    they continue (values loaded from a state_dict or made by a plain ``step()``
+    are copied into the views first), None if the fused step cannot reproduce
+    it: some buffers exist and some do not, or none does and ``start`` is False
+    (a step to be taken back on the device cannot create state)."""
     state = optimizer.state
-    current = [state.get(p, {}).get("momentum_buffer") for p in params]
+    current = [None if st is None else st.get("momentum_buffer") for st in map(state.get, params)]
     if all(s is None for s in current):
+        if not start:
+            return None
         # a first step, or optimizer.state emptied since (a state_dict saved before any step)
-        for p in params:
-            state[p]["momentum_buffer"] = view_of(p)
+        for p, view in zip(params, views):
+            state[p]["momentum_buffer"] = view
         return True
     if any(s is None for s in current):
         return None
-    for p, s in zip(params, current):
-        view = view_of(p)
+    for p, s, view in zip(params, current, views):
         if s is not view:
             view.copy_(s)
             state[p]["momentum_buffer"] = view

@@ -76,16 +76,19 @@ def test_momentum_buffers_start_continue_or_refuse():
     model = nn.Linear(3, 2)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    views = {id(p): torch.zeros_like(p) for p in params}
-    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is True
-    assert all(opt.state[p]["momentum_buffer"] is views[id(p)] for p in params)
+    views = [torch.zeros_like(p) for p in params]
+    # a step taken back on the device cannot create the buffers
+    assert _torch_private.sgd_momentum_buffers(opt, params, views, start=False) is None
+    assert not opt.state
+    assert _torch_private.sgd_momentum_buffers(opt, params, views) is True
+    assert all(opt.state[p]["momentum_buffer"] is v for p, v in zip(params, views))
     # a buffer that is not the view (loaded from a state_dict) is copied into it
     opt.state[params[0]]["momentum_buffer"] = torch.ones_like(params[0])
-    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is False
-    assert opt.state[params[0]]["momentum_buffer"] is views[id(params[0])]
-    assert torch.equal(views[id(params[0])], torch.ones_like(params[0]))
+    assert _torch_private.sgd_momentum_buffers(opt, params, views, start=False) is False
+    assert opt.state[params[0]]["momentum_buffer"] is views[0]
+    assert torch.equal(views[0], torch.ones_like(params[0]))
     del opt.state[params[1]]["momentum_buffer"]
-    assert _torch_private.sgd_momentum_buffers(opt, params, lambda p: views[id(p)]) is None
+    assert _torch_private.sgd_momentum_buffers(opt, params, views) is None
 
 
 def test_mark_stepped_silences_the_scheduler_order_warning():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -100,6 +101,7 @@ class TritonBackend(TorchBackend):
         super()._flatten(rows)
         self._momentum: list[Tensor | None] = [None] * len(self.buckets)
         self._momentum_views: dict[int, Tensor] = {}
+        self._sgd: _SGDLayout | None = None
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
 
     @torch.no_grad()
@@ -171,14 +173,13 @@ class TritonBackend(TorchBackend):
         if end.max_norm is not None:
             norm = self._sumsq([self.live], plus=extra[0] if extra else None).sqrt()
             clip = clip_coefficient(norm, end.max_norm)
-        groups = {id(g): g for g in self.optimizer.param_groups}
-        key_of = {id(p): id(g) for g in groups.values() for p in g["params"]}
+        groups, runs = self.optimizer.param_groups, self._sgd_layout().runs
         ok = end.ok
         check = self._check_once(f"restore_sgd {first} {ok is None} {self._hyper is None} {clip is None}")
         try:
             for i, b in enumerate(self.buckets):
-                for gid, lo, hi in b.runs(key_of):
-                    group = groups[gid]
+                for j, lo, hi in runs[i]:
+                    group = groups[j]
                     momentum = group["momentum"]
                     self._k.restore_sgd_(
                         b.w, b.g, self.live, b.w0 if self._saved else None, extra,
@@ -202,14 +203,29 @@ class TritonBackend(TorchBackend):
             seen = _either(seen, self.slots[slot][1])
         if not all(seen):  # a parameter without a gradient must be skipped, as step() does
             return None
-        group_of = self._group_of()
-        with_momentum = [p for p in self.params if group_of[id(p)]["momentum"] != 0]
-        if ok is not None and not _torch_private.sgd_has_momentum(self.optimizer, with_momentum):
-            return None  # a guarded first step creates state: the generic path decides it on the host
-        return _torch_private.sgd_momentum_buffers(self.optimizer, with_momentum, self._momentum_view)
+        layout = self._sgd_layout()
+        # a step taken back on the device cannot create state: the generic path
+        # decides a guarded first step on the host
+        return _torch_private.sgd_momentum_buffers(
+            self.optimizer, layout.with_momentum, layout.momentum_views, start=ok is None
+        )
 
-    def _group_of(self) -> dict[int, dict]:
-        return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+    def _sgd_layout(self) -> _SGDLayout:
+        """What the fused update needs of the param groups, made again only when
+        a group's parameters or whether it uses momentum changed (per step it
+        was a walk over every parameter)."""
+        groups = self.optimizer.param_groups
+        key = tuple((tuple(map(id, g["params"])), g["momentum"] != 0) for g in groups)
+        if self._sgd is None or self._sgd.key != key:
+            index = {id(p): j for j, g in enumerate(groups) for p in g["params"]}
+            with_momentum = [p for p in self.params if groups[index[id(p)]]["momentum"] != 0]
+            self._sgd = _SGDLayout(
+                key,
+                [b.runs(index) for b in self.buckets],
+                with_momentum,
+                [self._momentum_view(p) for p in with_momentum],
+            )
+        return self._sgd
 
     def _momentum_buffer(self, i: int) -> Tensor:
         """Bucket ``i``'s flat momentum buffer and its per-parameter views."""
@@ -223,3 +239,13 @@ class TritonBackend(TorchBackend):
     def _momentum_view(self, p: Tensor) -> Tensor:
         self._momentum_buffer(self._bucket_of[id(p)])
         return self._momentum_views[id(p)]
+
+
+@dataclass
+class _SGDLayout:
+    """The fused SGD update's view of the param groups (:meth:`TritonBackend._sgd_layout`)."""
+
+    key: tuple  # per param group: its parameters' ids, and whether it uses momentum
+    runs: list[list[tuple[int, int, int]]]  # per bucket: (param group index, start, end)
+    with_momentum: list[Tensor]  # the parameters whose group uses momentum ...
+    momentum_views: list[Tensor]  # ... and their views of the flat momentum buffers

@@ -158,3 +158,35 @@ def test_auto_never_picks_triton_for_float64(monkeypatch):
     fp64.dtype, fp32.dtype = torch.float64, torch.float32
     assert resolve_backend("auto", [fp32]) == "triton"
     assert resolve_backend("auto", [fp32, fp64]) == "torch"
+
+
+def test_the_fused_update_follows_param_group_changes_between_steps():
+    """The fused update's view of the param groups is kept from step to step;
+    turning momentum off in a group, or moving a parameter to another group,
+    must be seen at the next step, as torch's own step sees it."""
+    from torch import nn
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        first, last = list(model[0].parameters()), list(model[2].parameters())
+        base = torch.optim.SGD(
+            [{"params": first}, {"params": last, "lr": 0.05, "momentum": 0.5}], lr=0.1, momentum=0.9
+        )
+        opt = SAM(base, model, 0.1, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        fused = []
+        for i in range(7):
+            x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+            if i == 3:
+                base.param_groups[1]["momentum"] = 0.0
+            if i == 5:  # the first layer's bias moves to the second group
+                bias = base.param_groups[0]["params"].pop()
+                base.param_groups[1]["params"].append(bias)
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+            fused.append(opt._backend.fused_last if backend == "triton" else None)
+        return [p.detach().clone() for p in model.parameters()], fused
+
+    (triton, fused), (torch_, _) = run("triton"), run("torch")
+    assert fused[2:] == [True] * 5  # the first step creates the momentum buffers
+    assert_close(triton, torch_, torch.float32, "param groups changed")
