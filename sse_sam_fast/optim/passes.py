@@ -42,6 +42,7 @@ class MicroBatch:
     losses: Tensor | None = None  # exact: the clean forward, dropped once its backwards ran
     index: dict[str, Tensor] | None = None  # split: the sample indices of head and tail
     counts: dict[str, int] = field(default_factory=dict)  # samples of each group's members
+    weights: dict[tuple, Tensor] = field(default_factory=dict)  # see StepRun._weights
 
 
 class StepRun:
@@ -54,7 +55,7 @@ class StepRun:
         # split needs the sample indices on the host anyway, a scaler reads its own
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
-        self.checks: list[tuple[str, Tensor]] = []  # (pass name, device bool: finite)
+        self.checks: list[tuple[str, tuple[Tensor, ...]]] = []  # (pass name, values finite if it was)
         self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
 
@@ -104,9 +105,14 @@ class StepRun:
         return self.sync_free or self.ddp is not None or mb.counts[g.members] > 0
 
     def _check(self, name: str, value: Tensor) -> None:
-        # isfinite(...).all(), not isfinite(sum): fp16 losses that are each finite
-        # can sum past 65504
-        self.checks.append((name, torch.isfinite(value).all()))
+        """Remember what decides whether ``value`` is finite: a scalar itself; of a
+        vector its minimum and maximum (one launch; NaN propagates into both, an
+        infinity is one of them). Not its sum: fp16 losses that are each finite
+        can sum past 65504. All are tested at once by :meth:`_finite`."""
+        if value.dim() == 0:
+            self.checks.append((name, (value,)))
+        elif value.numel():
+            self.checks.append((name, tuple(torch.aminmax(value))))
 
     def _count(self, g: Group) -> int | Tensor:
         """The normaliser of group ``g``'s loss: ``B``, or with ``per_group`` the
@@ -137,10 +143,13 @@ class StepRun:
             self.normalisers[g.members] = n
         return self.normalisers[g.members]
 
-    def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
-        with torch.enable_grad():
-            # d L_k / d l_i = c_k / n_k for the samples of group k (n_k = B, or the
-            # group's count), 0 for the others
+    def _weights(self, g: Group, mb: MicroBatch, losses: Tensor) -> Tensor:
+        """``d L_k / d l_i``: ``c_k / n_k`` for the samples of group ``k`` (``n_k = B``,
+        or the group's count), 0 for the others. Made once per step for the clean
+        and the perturbed pass of a group (a few launches each)."""
+        key = (g, losses.shape, losses.dtype)
+        w = mb.weights.get(key)
+        if w is None:
             n = self._count(g)
             if isinstance(n, Tensor):
                 w = torch.ones_like(losses, requires_grad=False).mul_((g.weight / n).to(losses))
@@ -148,7 +157,12 @@ class StepRun:
                 w = torch.full_like(losses, g.weight / n, requires_grad=False)
             if not self.split and g.members != "all":
                 w = torch.where(mb.mask if g.members == "tail" else ~mb.mask, w, 0.0)
-            out = torch.dot(losses, w)
+            mb.weights[key] = w
+        return w
+
+    def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
+        with torch.enable_grad():
+            out = torch.dot(losses, self._weights(g, mb, losses))
             (out if self.scaler is None else self.scaler.scale(out)).backward(retain_graph=retain)
 
     # ---- the step ------------------------------------------------------------------------
@@ -192,7 +206,7 @@ class StepRun:
         return loss
 
     def _clean_passes(self) -> Tensor:
-        loss_sum, dtype = 0.0, None
+        sums, dtype = [], None  # summed per pass, then together (no 0.0 + tensor launch)
         for mb in self.batches:
             mine = [g for g in self.plan.groups if self._runs(g, mb)]
             if self.split:
@@ -201,18 +215,18 @@ class StepRun:
                     losses = self._call(mb, idx, idx.numel())
                     self._backward(g, mb, losses)
                     self.be.accumulate(g.slot)
-                    loss_sum = loss_sum + losses.detach().sum(dtype=_accumulation(losses.dtype))
+                    sums.append(losses.detach().sum(dtype=_accumulation(losses.dtype)))
                     dtype = losses.dtype
                     self._check(f"clean {g.members}", losses.detach())
             else:
                 for i, g in enumerate(mine):
                     self._backward(g, mb, mb.losses, retain=i + 1 < len(mine))
                     self.be.accumulate(g.slot)
-                loss_sum = loss_sum + mb.losses.detach().sum(dtype=_accumulation(mb.losses.dtype))
+                sums.append(mb.losses.detach().sum(dtype=_accumulation(mb.losses.dtype)))
                 self._check("clean forward", mb.losses.detach())
                 dtype, mb.losses = mb.losses.dtype, None  # frees the graph of a micro-batch no group used
         # a fp16 sum of finite losses can overflow: summed in fp32, returned in the losses' dtype
-        return (loss_sum / self.total).to(dtype)
+        return (sum(sums[1:], sums[0]) / self.total).to(dtype)
 
     def _perturbations(self) -> dict[Group, Perturbation]:
         """Every group's norm (checked for finiteness) and the moves of the perturbed ones."""
@@ -268,16 +282,21 @@ class StepRun:
         """Whether every pass was finite, as one device bool (None: nothing checked)."""
         if not self.checks:
             return None
-        dev = self.checks[0][1].device
-        return torch.stack([c.to(dev) for _, c in self.checks]).all()
+        return self._flags().all()
+
+    def _flags(self) -> Tensor:
+        """Per value of ``self.checks``, whether it is finite: one test for all."""
+        dev = self.checks[0][1][0].device
+        # cat promotes (fp16 extremes, fp32 norms) without rounding a finite value to inf
+        return torch.isfinite(torch.cat([v.reshape(1).to(dev) for _, vs in self.checks for v in vs]))
 
     def _verdict(self, ok: Tensor, stats: Saved) -> bool:
         """Read the verdict on the host (the step's late synchronisation); on a
         failure abandon the step per ``nonfinite``. Returns whether it was skipped."""
         if ok.item():
             return False
-        flags = torch.stack([c.to(ok.device) for _, c in self.checks]).tolist()
-        first = self.checks[flags.index(False)][0]
+        names = [name for name, vs in self.checks for _ in vs]
+        first = names[self._flags().tolist().index(False)]
         self.be.abort()
         stats.restore()
         if self.scaler is not None:

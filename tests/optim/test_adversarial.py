@@ -471,8 +471,9 @@ def test_load_state_dict_is_all_or_nothing(backend, method, damage, error, words
 # ---- non-finite values in every pass of every method -------------------------------------------
 def poisoned(model, which, kind, bad=None, value=float("nan")):
     """A closure whose ``which``-th call (1-based) has a non-finite ``value``: in the
-    input batch (``input``), the losses (``loss``) or the gradient of the ``bad``
-    samples (``grad``, through test_passes.PoisonGrad)."""
+    input batch (``input``), the losses (``loss``: multiplied; ``shift``: added, so
+    that only the losses are non-finite, not the gradients) or the gradient of the
+    ``bad`` samples (``grad``, through test_passes.PoisonGrad)."""
     calls = []
 
     def closure():
@@ -485,6 +486,8 @@ def poisoned(model, which, kind, bad=None, value=float("nan")):
         if hit and kind == "grad":
             out = PoisonGrad.apply(out, bad)
         losses = F.cross_entropy(out, Y, reduction="none")
+        if hit and kind == "shift":
+            return losses + torch.where(torch.arange(len(losses)) == 3, value, 0.0)
         return losses * value if hit and kind == "loss" else losses
 
     return closure
@@ -515,6 +518,9 @@ PASSES = {
     "ssesam-perturbed-head-backward": ("ssesam", 2, "grad", ~TAIL, float("nan")),
     "ssesam-perturbed-tail-forward": ("ssesam", 3, "loss", None, float("nan")),
     "ssesam-perturbed-tail-backward-inf": ("ssesam", 3, "grad", TAIL, INF),
+    # one loss -inf, every gradient finite: only the loss check can see it
+    "sam-clean-forward-minus-inf": ("sam", 1, "shift", None, -INF),
+    "ssesam-perturbed-tail-forward-minus-inf": ("ssesam", 3, "shift", None, -INF),
 }
 
 
