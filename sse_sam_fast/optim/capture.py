@@ -279,8 +279,7 @@ def _baked(optimizer: torch.optim.Optimizer) -> tuple:
 
 
 def _random(model: nn.Module) -> bool:
-    dropouts = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
-    return any(m.training and m.p > 0 for m in dropouts)
+    return any(m.training and m.p > 0 for m in batchnorm.find_layers(model, nn.modules.dropout._DropoutNd))
 
 
 class _State:

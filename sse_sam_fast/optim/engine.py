@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .. import _torch_private
 from .._saved import Saved
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
+from . import batchnorm
 from .capture import CapturedStep
 from .checks import (
     check_base_state,
@@ -185,7 +186,7 @@ class GroupedSAM(torch.optim.Optimizer):
         (a walk over the modules costs microseconds; ``capture`` walks them too)."""
         if self.model is None:
             return []
-        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return batchnorm.find_layers(self.model, nn.modules.batchnorm._BatchNorm)
 
     @property
     def backend(self) -> str:

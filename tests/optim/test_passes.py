@@ -502,3 +502,17 @@ def test_a_batchnorm_layer_swapped_in_after_construction_keeps_the_policy(backen
     kept, swapped = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(kept, swapped))
     assert int(swapped[-1]) == 1  # bn_stats="clean": one update per step, by the clean forward
+
+
+def test_the_layer_walk_finds_each_layer_once_as_model_modules_does():
+    from sse_sam_fast.optim.batchnorm import find_layers
+
+    shared = nn.BatchNorm1d(4)
+    inner = nn.Sequential(nn.Linear(4, 4), shared, nn.Dropout(0.1))
+    model = nn.Sequential(inner, nn.ReLU(), inner, shared, nn.BatchNorm1d(4))
+    model.register_module("absent", None)  # a slot left empty: skipped
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+    expected = [m for m in model.modules() if isinstance(m, kinds)]
+    found = find_layers(model, kinds)
+    assert len(found) == 3 and {id(m) for m in found} == {id(m) for m in expected}
+    assert find_layers(shared, nn.BatchNorm1d) == [shared]  # the root itself counts
