@@ -16,8 +16,8 @@ launch work (views and other metadata-only operators left out) and, for the
 triton backend, its kernel launches. The triton backend runs with its kernels
 stubbed out (``--backend triton``; the launchers and their checks run, the
 kernels do not, so the numbers it computes are wrong and only its host time
-means anything). An eager SGD step (``foreach=True``, as on CUDA) on the same
-model is the scale.
+means anything). An eager step of the base optimizer alone (``foreach=True``,
+as on CUDA) on the same model is the scale.
 
     python benchmarks/host_proxy.py [--base sgd|adam] [--backend torch|triton] [--steps 200]
 
@@ -124,17 +124,17 @@ def main() -> None:
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     mask = y >= 3  # two tail samples of eight
 
-    sgd_model = proxy_model()
-    sgd = build(sgd_model)
-    sgd_times = []
+    plain_model = proxy_model()
+    plain = build(plain_model)
+    plain_times = []
     for i in range(args.steps + 10):
         start = time.perf_counter()
-        sgd.zero_grad()
-        F.cross_entropy(sgd_model(x), y).backward()
-        sgd.step()
+        plain.zero_grad()
+        F.cross_entropy(plain_model(x), y).backward()
+        plain.step()
         if i >= 10:
-            sgd_times.append(time.perf_counter() - start)
-    sgd_step = statistics.median(sgd_times)
+            plain_times.append(time.perf_counter() - start)
+    plain_step = statistics.median(plain_times)
 
     model = proxy_model()
     base = build(model)
@@ -143,7 +143,7 @@ def main() -> None:
     base.step = phases.wrap("base", base.step)
     closure = phases.wrap("model", lambda: F.cross_entropy(model(x), y, reduction="none"))
     step = phases.wrap("total", opt.step)
-    print(f"eager SGD step (forward, backward, foreach step): median {1e6 * sgd_step:.0f} us")
+    print(f"eager {args.base} step (forward, backward, foreach step): median {1e6 * plain_step:.0f} us")
     for stage in (1, 2):
         if stage == 2:
             opt.rho_is[0] = 0.0  # what update_rho() sets at the stage switch
@@ -162,7 +162,7 @@ def main() -> None:
         engine = t["total"] - t.get("model", 0) - t.get("base", 0)
         print(
             f"SSE-SAM stage {stage}, {args.backend} backend, base {args.base}: engine {engine:.0f} us/step "
-            f"({1e-6 * engine / sgd_step:.2f} eager SGD steps), model {t.get('model', 0):.0f}, "
+            f"({1e-6 * engine / plain_step:.2f} eager {args.base} steps), model {t.get('model', 0):.0f}, "
             f"base {t.get('base', 0):.0f}; engine operators {ops.get('total', 0)}, "
             f"base operators {ops.get('base', 0)}, kernel launches {launches}"
         )
