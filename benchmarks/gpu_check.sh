@@ -3,12 +3,13 @@
 # and Triton preinstalled and no network (the lent H100/H200: torch 2.11,
 # Triton 3.6). Each step has its own time limit, in seconds; together 560, and
 # under 590 with the 5 s grace a killed step gets:
-#   env 2 x 10 | install 50 | cuda_tests 200 | verify 100 | bench 140 | profile 50
+#   env 2 x 10 | install 50 | cuda_tests 185 | verify 100 | bench 140 | profile 35 | host 25
 # A step that fails or runs out of time is recorded and the next one runs.
 # Everything goes under $OUT (default ./gpu_out), 8 files at most:
-#   summary.txt   environment, each step's command, exit status, time and last line
-#   install.txt cuda_tests.txt verify.txt bench.txt profile.txt   each step's output
-#   bench.json bench.png                                           the bench's tables
+#   summary.txt   environment, each step's command, exit status, time and last line,
+#                 and at its end the install's output
+#   cuda_tests.txt verify.txt bench.txt profile.txt host.txt   each step's output
+#   bench.json bench.png                                       the bench's tables
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -59,25 +60,33 @@ if [ "$DEVICE" = cuda ]; then
     # the compiled kernels, capture and the loop's --capture on the GPU
     # the step and capture tests first, the kernel variants (also run interpreted on CPU) last:
     # what a time limit cuts is what the CPU suite covers best
-    step cuda_tests 200 env TRITON_INTERPRET=0 $PY -m pytest -m cuda -q -p no:cacheprovider \
+    step cuda_tests 185 env TRITON_INTERPRET=0 $PY -m pytest -m cuda -q -p no:cacheprovider \
         tests/optim tests/backends tests/train tests/test_bench.py tests/kernels
     VERIFY=(--backend triton --device cuda --capture --dtypes float32)
     BENCH=(--device cuda --models resnet32 resnet34 --steps 20 --warmup 3)
     PROFILE=(--device cuda --model resnet32 --steps 3)
+    HOST=(--device cuda --steps 100)
 else
     skip install "not on $DEVICE"
     skip cuda_tests "not on $DEVICE"
     VERIFY=(--backend torch --device cpu --capture --dtypes float32 --steps 2)
     BENCH=(--device cpu --models resnet32 --methods ssesam sam --batch 16 --steps 1 --warmup 0)
     PROFILE=(--device cpu --model resnet32 --batch 8 --steps 1)
+    HOST=(--device cpu --steps 20)
 fi
 # every method through opt.step, the official methods and opt.capture against the published loop
 step verify 100 $PY -m sse_sam_fast verify "${VERIFY[@]}"
 # eager SGD, captured SGD, published, exact eager and captured: SSE-SAM stages 1 and 2, SAM, ImbSAM
 step bench 140 $PY -m sse_sam_fast bench --part whole --out "$OUT" "${BENCH[@]}"
 # kernels, launches, copies and host synchronisations per step, eager against captured
-step profile 50 $PY benchmarks/profile_step.py "${PROFILE[@]}"
+step profile 35 $PY benchmarks/profile_step.py "${PROFILE[@]}"
+# the library's own host time per sync-free step (engine), both flat backends
+step host 25 bash -c "$PY benchmarks/host_proxy.py ${HOST[*]} --backend triton && $PY benchmarks/host_proxy.py ${HOST[*]} --backend torch"
 
 rm -f "$OUT"/*.tmp  # a bench.json being rewritten when its step ran out of time
+if [ -f "$OUT/install.txt" ]; then  # at most 8 files come back
+    { echo "== install output"; cat "$OUT/install.txt"; } >>"$OUT/summary.txt"
+    rm -f "$OUT/install.txt"
+fi
 echo "gpu_check: total $((SECONDS - start)) s, status $status" | tee -a "$OUT/summary.txt"
 exit $status

@@ -1,4 +1,4 @@
-"""The host work of a step, measured on a CPU.
+"""The host work the library adds to a step, measured on a CPU (or a GPU).
 
 On a GPU at CIFAR sizes a step is bound by the host: Python, dispatch and
 launches, not arithmetic. This script builds a model with ResNet-32's tensor
@@ -13,13 +13,14 @@ wrapping the closure, ``torch.autograd.backward`` and the base optimizer's
 
 Per step it prints the engine's microseconds, the operators it dispatches that
 launch work (views and other metadata-only operators left out) and, for the
-triton backend, its kernel launches. The triton backend runs with its kernels
-stubbed out (``--backend triton``; the launchers and their checks run, the
-kernels do not, so the numbers it computes are wrong and only its host time
-means anything). An eager step of the base optimizer alone (``foreach=True``,
-as on CUDA) on the same model is the scale.
+triton backend, its kernel launches. On a CPU the triton backend runs with its
+kernels stubbed out (the launchers and their checks run, the kernels do not,
+so the numbers it computes are wrong and only its host time means anything);
+with ``--device cuda`` they run, and the times are the host's time to issue a
+step (a sync-free step never waits for the device). An eager step of the base
+optimizer alone (``foreach=True``, as on CUDA) on the same model is the scale.
 
-    python benchmarks/host_proxy.py [--base sgd|adam] [--backend torch|triton] [--steps 200]
+    python benchmarks/host_proxy.py [--base sgd|adam] [--backend torch|triton] [--steps 200] [--device cuda]
 
 Only comparisons between two versions of the code on one machine mean anything.
 """
@@ -32,14 +33,12 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend accepts CPU tensors
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from sse_sam_fast import SSESAM  # noqa: E402
+from sse_sam_fast import SSESAM
 
 METADATA = {"aten.view.default", "aten.detach.default", "aten.slice.Tensor", "aten.select.int",
             "aten.split_with_sizes.default", "aten.split.Tensor", "aten.as_strided.default",
@@ -86,21 +85,27 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def stub_kernels(phases: Phases) -> None:
-    """Replace every Triton kernel by a launch counter: the launchers still run."""
+def count_launches(phases: Phases, run: bool) -> None:
+    """Count the launches of every Triton kernel; ``run=False`` stubs them out
+    (the launchers and their checks still run)."""
     from sse_sam_fast.kernels import norms, perturb, update
 
-    class Stub:
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 phases.launches += 1
+                if run:
+                    self.kernel[grid](*args, **kwargs)
 
             return launch
 
     for module in (norms, perturb, update):
         for name in dir(module):
             if name.endswith("_kernel"):
-                setattr(module, name, Stub())
+                setattr(module, name, Counted(getattr(module, name)))
 
 
 def main() -> None:
@@ -108,12 +113,17 @@ def main() -> None:
     parser.add_argument("--base", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--backend", choices=("torch", "triton"), default="torch")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--device", default="cpu", help="cpu (kernels stubbed) or cuda (kernels run)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
     torch.manual_seed(0)
     torch.set_num_threads(1)
     phases = Phases()
     if args.backend == "triton":
-        stub_kernels(phases)
+        if not gpu:
+            os.environ["TRITON_INTERPRET"] = "1"  # the triton backend accepts CPU tensors
+        count_launches(phases, run=gpu)
     torch.autograd.backward = phases.wrap("model", torch.autograd.backward)
 
     def build(model):
@@ -121,10 +131,11 @@ def main() -> None:
             return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
         return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
 
-    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    x, y = torch.randn(8, 4, device=device), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device=device)
     mask = y >= 3  # two tail samples of eight
+    sync = torch.cuda.synchronize if gpu else lambda: None
 
-    plain_model = proxy_model()
+    plain_model = proxy_model().to(device)
     plain = build(plain_model)
     plain_times = []
     for i in range(args.steps + 10):
@@ -136,7 +147,8 @@ def main() -> None:
             plain_times.append(time.perf_counter() - start)
     plain_step = statistics.median(plain_times)
 
-    model = proxy_model()
+    sync()
+    model = proxy_model().to(device)
     base = build(model)
     opt = SSESAM(base, model, 0.05, 0.1, backend=args.backend)
     opt._force_sync_free = True  # the device verdict a CUDA step takes
@@ -155,9 +167,11 @@ def main() -> None:
             step(closure, mask)
         ops, launches = dict(phases.ops), phases.launches
         phases.ops.clear()
+        sync()
         phases.time.clear()
         for _ in range(args.steps):
             step(closure, mask)
+        sync()  # host times: a sync-free step never waits for the device inside
         t = {k: 1e6 * v / args.steps for k, v in phases.time.items()}
         engine = t["total"] - t.get("model", 0) - t.get("base", 0)
         print(

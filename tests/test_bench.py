@@ -174,6 +174,8 @@ def test_gpu_check_fits_ten_minutes_and_eight_files():
     limits = [int(n) for n in re.findall(r"^\s*step \w+ (\d+) ", text, re.M)]
     env = [int(n) for n in re.findall(r"timeout (\d+) ", text)]
     grace = 5 * len(limits)  # timeout -k 5: a step that ignores SIGTERM is killed 5 s later
-    assert len(limits) == 5 and sum(limits) + sum(env) + grace <= 600, (limits, env)
+    assert len(limits) == 6 and sum(limits) + sum(env) + grace <= 600, (limits, env)
     logs = set(re.findall(r"^\s*step (\w+) ", text, re.M)) | {"summary"}
-    assert len(logs) + len({"bench.json", "bench.png"}) <= 8
+    merged = set(re.findall(r'rm -f "\$OUT/(\w+)\.txt"', text))  # appended to summary.txt at the end
+    assert merged <= logs - {"summary"}
+    assert len(logs - merged) + len({"bench.json", "bench.png"}) <= 8
