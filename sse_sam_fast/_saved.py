@@ -102,3 +102,4 @@ class Saved:
             torch._foreach_copy_(vs, self.parts[key])
         for t, old in self.apart:
             torch.where(ok.to(t.device), t, old, out=t)
+            old.copy_(t)

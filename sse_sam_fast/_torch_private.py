@@ -77,11 +77,12 @@ def sgd_momentum_buffers(
     they continue (values loaded from a state_dict or made by a plain ``step()``
     are copied into the views first), None if the fused step cannot reproduce
     it: some buffers exist and some do not, or none does and ``start`` is False
-    (a step to be taken back on the device cannot create state)."""
+    (a step to be taken back on the device cannot create state). No parameter
+    with momentum: True, and nothing to do."""
     state = optimizer.state
     current = [None if st is None else st.get("momentum_buffer") for st in map(state.get, params)]
     if all(s is None for s in current):
-        if not start:
+        if not start and params:
             return None
         # a first step, or optimizer.state emptied since (a state_dict saved before any step)
         for p, view in zip(params, views):

@@ -89,6 +89,8 @@ def test_momentum_buffers_start_continue_or_refuse():
     assert torch.equal(views[0], torch.ones_like(params[0]))
     del opt.state[params[1]]["momentum_buffer"]
     assert _torch_private.sgd_momentum_buffers(opt, params, views) is None
+    # SGD without momentum: nothing to start or continue, the fused step may run
+    assert _torch_private.sgd_momentum_buffers(opt, [], [], start=False) is True
 
 
 def test_mark_stepped_silences_the_scheduler_order_warning():

@@ -190,3 +190,27 @@ def test_the_fused_update_follows_param_group_changes_between_steps():
     (triton, fused), (torch_, _) = run("triton"), run("torch")
     assert fused[2:] == [True] * 5  # the first step creates the momentum buffers
     assert_close(triton, torch_, torch.float32, "param groups changed")
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_sgd_without_momentum_takes_the_fused_update_from_the_first_step(sync_free):
+    """No momentum buffer to create: even a step taken back on the device (the
+    sync-free path, and every captured SGD step) is fused from the start."""
+    from torch import nn
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3), model, 0.1, backend=backend)
+        opt._force_sync_free = sync_free
+        g = torch.Generator().manual_seed(1)
+        fused = []
+        for _ in range(3):
+            x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+            fused.append(opt._backend.fused_last)
+        return [p.detach().clone() for p in model.parameters()], fused
+
+    (triton, fused), (torch_, _) = run("triton"), run("torch")
+    assert fused == [True] * 3
+    assert_close(triton, torch_, torch.float32, "plain SGD")

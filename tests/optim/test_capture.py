@@ -20,6 +20,8 @@ def build(method="ssesam", backend="torch", device="cpu", base="sgd", dropout=0.
     model = nn.Sequential(*layers).to(device)
     if base == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    elif base == "sgd-plain":  # torch's defaults: no momentum
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
     elif base in ("adam-capturable", "adamw-capturable"):
         cls = torch.optim.Adam if base == "adam-capturable" else torch.optim.AdamW
         lr = torch.tensor(1e-2, device=device)
@@ -444,10 +446,12 @@ def _capturable_adam_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "base,backend", [("sgd", "triton"), ("adam-capturable", "torch"), ("adamw-capturable", "triton")]
-)
+    "base,backend",
+    [("sgd", "triton"), ("sgd-plain", "triton"), ("adam-capturable", "torch"),
+     ("adamw-capturable", "triton")],
+)  # fmt: skip
 def test_captured_steps_replay_and_give_the_eager_update(fake_graphs, monkeypatch, base, backend):
-    if base != "sgd":
+    if not base.startswith("sgd"):
         _capturable_adam_on_cpu(monkeypatch)
 
     def run(api):

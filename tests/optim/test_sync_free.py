@@ -137,3 +137,30 @@ def test_raise_policy_reads_the_verdict_on_the_host():
     steps(model, opt, [TAIL])
     with pytest.raises(FloatingPointError, match="clean forward"):
         opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none") * float("nan"), TAIL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("replace", ["object", "memory"])
+def test_statistics_and_state_replaced_between_steps_are_taken_back_too(replace, base, backend):
+    """The copies a step takes back are kept from step to step; a BatchNorm
+    buffer and an optimizer state tensor replaced since the last step (a new
+    object, or the same object over new memory) must be the ones saved."""
+    model, opt = build("ssesam", backend, base)
+    steps(model, opt, [TAIL, TAIL])
+    bn, p = model[1], model[0].weight
+    key = "momentum_buffer" if base == "sgd" else "exp_avg"
+    with torch.no_grad():
+        new_var, new_state = bn.running_var + 1.0, opt.optimizer.state[p][key] * 0.5
+    if replace == "object":
+        bn.running_var = new_var
+        opt.optimizer.state[p][key] = new_state
+    else:
+        bn.running_var.data = new_var
+        opt.optimizer.state[p][key].data = new_state
+    before = everything(model, opt)
+    nan_input = X.clone()
+    nan_input[0, 0] = float("nan")  # reaches the running statistics of the clean forward
+    opt.step(lambda: F.cross_entropy(model(nan_input), Y, reduction="none"), TAIL)
+    assert_bitwise(everything(model, opt), before)
+    assert opt.nonfinite_steps == 1
