@@ -6,6 +6,12 @@ selected one tensor at a time, that is two launches per tensor, hundreds per
 step on a GPU that is already bound by the host. Saved as one flat buffer per
 (device, dtype), it is a handful: ``torch.cat`` to save, one ``torch.where`` to
 select, one multi-tensor copy back.
+
+One :class:`Saved` serves step after step. Its flat views of the tensors and its
+copies are made once and reused while the tensors are the same objects over the
+same memory: checking their addresses costs a fifth of the host time of making
+a view of each (ResNet-32 with Adam, 285 state tensors, on the development CPU),
+and the views cost more than the copies they serve.
 """
 
 from __future__ import annotations
