@@ -55,7 +55,7 @@ class StepRun:
         # split needs the sample indices on the host anyway, a scaler reads its own
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
-        self.checks: list[tuple[str, tuple[Tensor, ...]]] = []  # (pass name, values finite if it was)
+        self.checks: list[tuple[str, tuple[Tensor, ...]]] = []  # (pass name, values finite iff it was)
         self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
 
