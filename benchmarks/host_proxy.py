@@ -7,7 +7,7 @@ splits a sync-free SSE-SAM step (the path a CUDA step takes) into phases by
 wrapping the closure, ``torch.autograd.backward`` and the base optimizer's
 ``step``:
 
-- model: the forwards and backwards (with the backend's gradient hooks);
+- model: the forwards and backwards (autograd's accumulation of ``p.grad`` included);
 - base: the base optimizer's own ``step()`` (0 where a kernel fuses it);
 - engine: everything else, the library's own host work and launches.
 
@@ -178,7 +178,8 @@ def main() -> None:
             f"SSE-SAM stage {stage}, {args.backend} backend, base {args.base}: engine {engine:.0f} us/step "
             f"({1e-6 * engine / plain_step:.2f} eager {args.base} steps), model {t.get('model', 0):.0f}, "
             f"base {t.get('base', 0):.0f}; engine operators {ops.get('total', 0)}, "
-            f"base operators {ops.get('base', 0)}, kernel launches {launches}"
+            f"base operators {ops.get('base', 0)}, model operators {ops.get('model', 0)}, "
+            f"kernel launches {launches}"
         )
 
 

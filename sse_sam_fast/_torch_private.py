@@ -12,7 +12,9 @@ never a wrong update. The names are unchanged from torch 2.0 to 2.13 (the GPU
 machines run 2.11).
 
 Under AMP the engine takes norms of unscaled gradients, so it reads the
-GradScaler's current scale, which has no public device-side accessor.
+GradScaler's current scale, which has no public device-side accessor. A step
+taken back on the device uses the fused optimizers' ``found_inf`` argument,
+which only GradScaler's private protocol sets.
 """
 
 from __future__ import annotations
@@ -66,6 +68,28 @@ def capturable_adam(optimizer: torch.optim.Optimizer) -> bool:
         g.get("capturable") is True and isinstance(g.get("lr"), Tensor) and not g.get("differentiable")
         for g in optimizer.param_groups
     )
+
+
+def skips_on_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` takes a device flag ``found_inf`` and skips the
+    whole update inside its kernel where it is set (the protocol GradScaler
+    uses): torch's SGD, Adam and AdamW built with ``fused=True``, without hooks."""
+    return (
+        type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+        and getattr(optimizer, "_step_supports_amp_scaling", False) is True
+        and all(g.get("fused") is True for g in optimizer.param_groups)
+        and _has_hooks(optimizer) is False
+    )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()`` that leaves weights and state as they were where the
+    float device flag ``found_inf`` is 1 (see :func:`skips_on_found_inf`)."""
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def sgd_momentum_buffers(

@@ -44,9 +44,12 @@ def triton_available() -> bool:
 
 def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
     """``auto``: ``triton`` when the parameters are CUDA tensors of a dtype the
-    kernels compute and Triton imports, else ``torch``."""
+    kernels compute and Triton imports, else ``torch``; ``reference`` for
+    parameters whose storage another system owns (FSDP2's DTensor shards)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto" and not all(type(p.data) is torch.Tensor for p in params):
+        return "reference"
     if name == "auto":
         on_cuda = all(p.device.type == "cuda" for p in params)
         # the kernels compute float32, bfloat16 and float16 parameters only

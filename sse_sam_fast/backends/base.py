@@ -4,7 +4,8 @@ A grouped-perturbation step (``sse_sam_fast.optim``) needs a place to keep
 several gradient sets between passes and a handful of operations on them. The
 engine names a set by an opaque :data:`Slot`; the backend decides where it
 lives (a dict of per-parameter clones, or a row of a flat buffer) and how many
-rows it needs. "Live" gradients are what autograd writes: ``p.grad``.
+rows it needs. "Live" gradients are what autograd writes: ``p.grad``, where ``None`` means
+no gradient, as in ``torch.optim``; no backend hooks into autograd.
 
 A parameter that got no gradient in a pass is absent from that pass; one
 absent from every pass of the final gradient is skipped by the base optimizer,
@@ -33,6 +34,7 @@ from typing import ClassVar, NewType, Union
 import torch
 from torch import Tensor
 
+from .. import _torch_private
 from .._constants import EPS
 from .._saved import Saved
 
@@ -110,6 +112,7 @@ class Backend(abc.ABC):
         self.optimizer = optimizer
         self.params = list(params)
         self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
+        self.lasting: set[Slot] = set()  # slots kept from one step to the next (see export)
         self._state_copy = Saved()  # the optimizer state a guarded step may take back
 
     def extend(self, params: Sequence[Tensor]) -> None:
@@ -137,8 +140,24 @@ class Backend(abc.ABC):
     # ---- gradient sets ---------------------------------------------------------------
     @property
     def holding(self) -> bool:
-        """Whether any slot holds a gradient (a step is in progress)."""
-        return bool(self.slots)
+        """Whether a slot of the step holds a gradient (a step is in progress)."""
+        return any(slot not in self.lasting for slot in self.slots)
+
+    def _end_step(self) -> None:
+        """Empty the step's slots; the lasting ones stay."""
+        self.slots = {slot: v for slot, v in self.slots.items() if slot in self.lasting}
+
+    # ---- state kept across steps ------------------------------------------------------
+    # A method may keep a gradient set from one step to the next (a perturbation it
+    # reuses): it names the slot in ``lasting``; ``finish`` and ``abort`` then leave
+    # it, and ``export``/``load`` carry it through ``state_dict``.
+    @abc.abstractmethod
+    def export(self, slot: Slot) -> list[Tensor | None]:
+        """The set in ``slot``, one tensor per parameter (None: no gradient), copies."""
+
+    @abc.abstractmethod
+    def load(self, slot: Slot, values: Sequence[Tensor | None]) -> None:
+        """``slot`` := ``values`` (as :meth:`export` gives them), converted as ``copy_`` does."""
 
     def holds(self, slot: Slot) -> bool:
         """Whether ``slot`` holds a gradient."""
@@ -156,13 +175,21 @@ class Backend(abc.ABC):
     def accumulate(self, slot: Slot) -> None:
         """``slot += live`` (``:=`` if the slot is empty); live gradients := none."""
 
+    def show(self) -> None:
+        """``p.grad`` := the live gradients, for a caller that reads them between
+        passes (davda54's ``first_step(zero_grad=False)``). The flat backends keep
+        them in a row until then; the reference keeps them in ``p.grad``."""
+        return None
+
     @abc.abstractmethod
     def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:
         """Multiply the gradients of ``slots`` by a device scalar (AMP's ``1/scale``)."""
 
     @abc.abstractmethod
-    def all_reduce(self, slots: Sequence[Slot], live: bool, group) -> None:
-        """Average ``slots`` (and the live gradients if ``live``) over a process group."""
+    def all_reduce(self, slots: Sequence[Slot], live: bool, dist) -> None:
+        """Average ``slots`` (and the live gradients if ``live``) over the processes of
+        ``dist`` (:mod:`sse_sam_fast.optim.distribution`); a parameter has a gradient
+        afterwards where any process gave it one."""
 
     # ---- norms and moves ---------------------------------------------------------------
     @abc.abstractmethod
@@ -210,15 +237,21 @@ class Backend(abc.ABC):
         under AMP through the scaler, which unscales the gradients and skips the
         step if any is inf or NaN; :meth:`_clip` first clips the unscaled
         gradients (``scaler.unscale_`` is public and remembered by
-        ``scaler.step``); with ``end.ok``, through :func:`guarded_step` with the
-        ``weights()`` pairs."""
+        ``scaler.step``); with ``end.ok``, through torch's own skip where the
+        optimizer has one (fused SGD, Adam, AdamW: ``found_inf``), else through
+        :func:`guarded_step` with the ``weights()`` pairs."""
         optimizer = self.optimizer
         if end.max_norm is not None:
             if end.scaler is not None:
                 end.scaler.unscale_(optimizer)
             self._clip(end.max_norm)
         if end.ok is not None:
-            guarded_step(optimizer, self.params, end.ok, weights(), self._state_copy)
+            if _torch_private.skips_on_found_inf(optimizer) and all(
+                p in optimizer.state for p in self.params if p.grad is not None
+            ):  # the optimizer skips inside its kernel: nothing to copy (a first step creates state)
+                _torch_private.step_unless(optimizer, (~end.ok).float())
+            else:
+                guarded_step(optimizer, self.params, end.ok, weights(), self._state_copy)
         elif end.scaler is None:
             optimizer.step()
         else:

@@ -4,7 +4,6 @@ buffers."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -26,9 +25,21 @@ from .base import (
 ALIGN_BYTES = 128  # segment alignment inside a flat buffer (apex uses the same)
 
 
+def owned(p: Tensor) -> bool:
+    """Whether the flat backends can re-bind ``p.data`` into their buffers: a plain
+    tensor, not a subclass whose storage another system owns (a DTensor shard)."""
+    return type(p.data) is torch.Tensor
+
+
 def _either(a: list[bool], b: list[bool]) -> list[bool]:
     """Presence of a gradient in the sum of two gradient sets, parameter by parameter."""
     return [x or y for x, y in zip(a, b)]
+
+
+def _magnitude(w: Tensor) -> Tensor:
+    """ASAM's ``T = |w|``. For real weights ``w`` itself serves: ``T g`` only enters
+    a norm, and ``w²`` is ``|w|²`` bit for bit; a complex ``w²`` is not."""
+    return w.abs() if w.is_complex() else w
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -85,14 +96,24 @@ class Bucket:
 
 
 class TorchBackend(Backend):
-    """Flat buffers, one per (device, dtype), with each ``p.data`` and ``p.grad``
-    a view into them: a phase is a few torch ops on whole buffers, and norms stay
-    device tensors (no host synchronisation).
+    """Flat buffers, one per (device, dtype): each ``p.data`` is a view into the
+    bucket's weight buffer, so perturbing and restoring are a few torch ops on
+    whole buffers, and norms stay device tensors (no host synchronisation).
 
-    Gradient sets are rows of a per-bucket 2-D buffer, added on demand. Handing
-    the live gradients to a slot only relabels a row and points ``p.grad`` at
-    another (zeroed) row, so no gradient is ever copied between passes. Rows
-    that are neither live nor in a slot are kept zero.
+    Gradients belong to autograd: ``p.grad`` is whatever the backward left, and
+    ``None`` means "no gradient", as in ``torch.optim``. Between passes the
+    backend moves them into gradient sets kept as rows of a per-bucket 2-D
+    buffer (one multi-tensor copy or add per (device, dtype), :meth:`_gather`)
+    and sets ``p.grad`` back to None. A row in use is zero wherever its
+    parameters have no gradient (and in the padding), so a whole-row norm is
+    the norm of the set; a free row may hold anything. Handing the live
+    gradients to a slot only relabels a row.
+
+    The base step sees ``p.grad`` as views of the final row (None for a
+    parameter without a gradient); afterwards ``p.grad`` is None again, as
+    after ``optimizer.zero_grad()``, unless the caller keeps it (davda54's
+    ``zero_grad=False``): then the views stay bound and a later backward
+    accumulates into them in place.
 
     Restore: exact copy from the snapshot ``w0`` (see :mod:`.base`). This moves
     no more data than subtracting.
@@ -102,37 +123,18 @@ class TorchBackend(Backend):
     fused_last = False  # whether the last finish() fused the base step into a kernel (triton)
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
+        foreign = [type(p.data).__name__ for p in params if not owned(p)]
+        if foreign:
+            raise ValueError(
+                f"backend={self.name!r} keeps parameters in its own flat buffers and cannot take "
+                f"parameters whose storage another system owns (a {foreign[0]}, e.g. FSDP2's shards); "
+                "use backend='reference' (or 'auto')"
+            )
         super().__init__(optimizer, params)
         self.slots: dict[Slot, tuple[int, list[bool]]] = {}  # slot -> (row, which params have a gradient)
         self._saved = False  # whether w0 holds the weights of an applied perturbation
+        self._bound = False  # whether p.grad are views of the live row (kept gradients)
         self._flatten(rows=2)
-        self._hooks: dict[int, object] = {}
-        self._hook_new()
-
-    def _hook_new(self) -> None:
-        """Autograd writes into our views in place, so a zero gradient and "no
-        gradient" look alike; a hook per parameter tells them apart, at the cost
-        of one Python call per parameter per backward pass. Frozen parameters
-        cannot carry one: they get it when a step finds them unfrozen."""
-        if len(self._hooks) == len(self.params):
-            return
-        ref = weakref.ref(self)
-
-        def make_hook(i: int):
-            def hook(_: Tensor) -> None:
-                backend = ref()
-                if backend is not None:
-                    backend.seen[i] = True
-
-            return hook
-
-        for i, p in enumerate(self.params):
-            if i not in self._hooks and p.requires_grad:
-                self._hooks[i] = p.register_post_accumulate_grad_hook(make_hook(i))
-
-    def __del__(self):
-        for h in getattr(self, "_hooks", {}).values():
-            h.remove()
 
     # ---- layout -----------------------------------------------------------------
     def _flatten(self, rows: int) -> None:
@@ -142,7 +144,7 @@ class TorchBackend(Backend):
         self.buckets = [Bucket(ps, rows) for ps in by_key.values()]
         self._ptrs = [p.data_ptr() for p in self.params]
         self.live = 0
-        self.seen = [False] * len(self.params)
+        self.seen = [False] * len(self.params)  # which parameters have a gradient in the live row
         self._index_views()
 
     @property
@@ -159,14 +161,13 @@ class TorchBackend(Backend):
                 for p, v in zip(b.params, b.views(r)):
                     views[index[id(p)]] = v
             self._views.append(views)
-        self._bind(self.live)
 
     def _check_layout(self) -> None:
         """Parameters re-bound behind our back (``model.to(...)``, assigning
         ``.data``) would otherwise be trained as detached copies."""
         if all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs)):
             return
-        if self.slots:
+        if self.holding:
             self._abandon()
             raise RuntimeError(
                 "model parameters were re-bound (e.g. model.to() or p.data = ...) in the middle "
@@ -175,20 +176,30 @@ class TorchBackend(Backend):
             )
         self._relayout()
 
+    @torch.no_grad()
     def _relayout(self) -> None:
         """New flat buffers for the parameters as they are now; the gradients of a
-        backward the user already ran (official methods) move along."""
-        old = [
-            None if g is None or (g is v and not seen) else g
-            for g, v, seen in zip((p.grad for p in self.params), self._views[self.live], self.seen)
-        ]
-        old += [p.grad for p in self.params[len(old) :]]  # parameters added since
-        self._flatten(self.rows)
-        with torch.no_grad():
-            for i, (g, v) in enumerate(zip(old, self._views[self.live])):
-                if g is not None:
-                    v.copy_(g)
-                    self.seen[i] = True
+        backward the user already ran (official methods) move along, converted
+        as ``copy_`` converts."""
+        views, n = self._views[self.live], len(self._views[self.live])
+
+        def current(i: int, p: Tensor) -> Tensor | None:
+            g = p.grad
+            if i >= n:  # a parameter added since
+                return g
+            if self._bound:
+                return views[i].clone() if g is views[i] else g
+            if not self.seen[i]:
+                return g
+            return views[i].clone() if g is None else views[i] + g
+
+        old = [current(i, p) for i, p in enumerate(self.params)]
+        self._unbind()
+        self._reflatten()
+        for i, (g, v) in enumerate(zip(old, self._views[self.live])):
+            if g is not None:
+                v.copy_(g)
+                self.seen[i] = True
 
     @torch.no_grad()
     def _abandon(self) -> None:
@@ -199,20 +210,114 @@ class TorchBackend(Backend):
             for p, off in zip(b.params, b.offsets):
                 if p.data_ptr() != b.w[off:].data_ptr():
                     p.data.copy_(b.w[off : off + p.numel()].view_as(p))
-        self.slots.clear()
-        for p in self.params:
-            p.grad = None
+        self._end_step()
+        self._unbind()
+        self._reflatten()
+
+    def _reflatten(self) -> None:
+        """New buffers; the lasting slots move along (zeros for parameters added since)."""
+        kept = {slot: self.export(slot) for slot in self.slots}
+        kept = {slot: v + [None] * (len(self.params) - len(v)) for slot, v in kept.items()}
+        self.slots = {}
         self._flatten(self.rows)
+        for slot, values in kept.items():
+            self.load(slot, values)
 
     def extend(self, params: Sequence[Tensor]) -> None:
         super().extend(params)
         self._relayout()
-        self._hook_new()
 
-    def _bind(self, row: int) -> None:
-        for p, v in zip(self.params, self._views[row]):
-            if p.grad is not v:
-                p.grad = v
+    # ---- state kept across steps ------------------------------------------------------
+    def export(self, slot: Slot) -> list[Tensor | None]:
+        if slot not in self.slots:
+            return [None] * len(self.params)
+        row, seen = self.slots[slot]
+        return [v.clone() if s else None for v, s in zip(self._views[row], seen)]
+
+    @torch.no_grad()
+    def load(self, slot: Slot, values: Sequence[Tensor | None]) -> None:
+        self.slots.pop(slot, None)
+        row = self._free_row()
+        self._rows_op(lambda b: b.g[row].zero_())
+        for v, x in zip(self._views[row], values):
+            if x is not None:
+                v.copy_(x)
+        self.slots[slot] = (row, [x is not None for x in values])
+
+    # ---- autograd's gradients and the rows ------------------------------------------
+    @torch.no_grad()
+    def _gather(self, row: int | None = None, seen: list[bool] | None = None) -> None:
+        """Move ``p.grad`` into ``row`` (default the live row), whose presence list
+        ``seen`` it updates: added where the row holds gradients, copied where it
+        holds none (and the parameters without a gradient zeroed, so the row is a
+        valid set); ``p.grad`` := None, or the row's view while the live row is
+        bound (:meth:`_bind`). One multi-tensor operation, none when no parameter
+        has a new gradient."""
+        live = row is None or row == self.live
+        row, seen = (self.live, self.seen) if live else (row, seen)
+        views = self._views[row]
+        grads = [p.grad for p in self.params]
+        if live and self._bound:
+            # the views are p.grad: autograd accumulated into them in place, and a
+            # tensor that replaced one (p.grad = g) is the whole gradient
+            moved = [(i, g) for i, (v, g) in enumerate(zip(views, grads)) if g is not None and g is not v]
+            dropped = [i for i, (g, s) in enumerate(zip(grads, seen)) if s and g is None]
+            if moved:
+                torch._foreach_copy_([views[i] for i, _ in moved], [g for _, g in moved])
+                for i, _ in moved:
+                    seen[i] = True
+                    self.params[i].grad = views[i]
+            if dropped:  # set to None by the caller: no gradient any more
+                torch._foreach_zero_([views[i] for i in dropped])
+                for i in dropped:
+                    seen[i] = False
+            return
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return
+        try:
+            if any(seen):
+                torch._foreach_add_([views[i] for i in present], [grads[i] for i in present])
+            else:
+                torch._foreach_copy_([views[i] for i in present], [grads[i] for i in present])
+        except RuntimeError:
+            sparse = [i for i in present if grads[i].layout != torch.strided]
+            if sparse:  # looked for only here: a check per step would cost host time
+                raise ValueError(
+                    f"parameter {sparse[0]} of the optimizer got a {grads[sparse[0]].layout} gradient; the "
+                    "SAM family perturbs along dense gradients (nn.Embedding(sparse=False))"
+                ) from None
+            raise
+            absent = [views[i] for i, g in enumerate(grads) if g is None]
+            if absent:
+                torch._foreach_zero_(absent)
+        for i in present:
+            seen[i] = True
+            self.params[i].grad = None
+
+    def _valid_live(self) -> None:
+        """Make the live row a valid set before whole-row operations read it: a row
+        without any gradient may hold a freed set's values."""
+        self._gather()
+        if not any(self.seen):
+            live = self.live
+            self._rows_op(lambda b: b.g[live].zero_())
+
+    def _bind(self) -> None:
+        """``p.grad`` := the live row's views (None where no gradient), for the
+        base step and for gradients kept after it."""
+        for p, v, s in zip(self.params, self._views[self.live], self.seen):
+            p.grad = v if s else None
+        self._bound = True
+
+    def show(self) -> None:
+        self._valid_live()
+        self._bind()
+
+    def _unbind(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self._bound = False
 
     def _free_row(self) -> int:
         used = {self.live} | {r for r, _ in self.slots.values()}
@@ -233,43 +338,26 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def begin(self) -> None:
         self._check_layout()
-        self._hook_new()
-        if self.slots:
+        if self.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
-        dirty = any(self.seen) or any(p.grad is not v for p, v in zip(self.params, self._views[self.live]))
-        if dirty:
-            live = self.live
-            self._rows_op(lambda b: b.g[live].zero_())
-            self.seen = [False] * len(self.params)
-            self._bind(live)
+        self._unbind()  # stray gradients are not part of the step
+        self.seen = [False] * len(self.params)
 
     @torch.no_grad()
     def adopt(self, copy_weights: bool = False) -> None:
         self._check_layout()
-        self._hook_new()
-        for i, (p, v) in enumerate(zip(self.params, self._views[self.live])):
-            g = p.grad
-            if g is v:
-                continue
-            if g is None:
-                v.zero_()
-                self.seen[i] = False
-            else:
-                v.copy_(g)
-                self.seen[i] = True
-            p.grad = v
+        self._gather()
 
     # ---- gradient sets ---------------------------------------------------------------
     @torch.no_grad()
     def take(self, slot: Slot) -> None:
-        if slot in self.slots:  # a slot re-taken: its old row is free again
-            row, _ = self.slots.pop(slot)
-            self._rows_op(lambda b: b.g[row].zero_())
-        row = self._free_row()
+        self._gather()
+        if self._bound:  # the live row becomes the slot's
+            self._unbind()
+        self.slots.pop(slot, None)  # a slot re-taken: its old row is free again
         self.slots[slot] = (self.live, self.seen)
-        self.live = row
+        self.live = self._free_row()
         self.seen = [False] * len(self.params)
-        self._bind(self.live)
 
     @torch.no_grad()
     def accumulate(self, slot: Slot) -> None:
@@ -277,16 +365,25 @@ class TorchBackend(Backend):
             self.take(slot)
             return
         row, seen = self.slots[slot]
-        live = self.live
-        self._rows_op(lambda b: (b.g[row].add_(b.g[live]), b.g[live].zero_()))
-        self.slots[slot] = (row, _either(seen, self.seen))
-        self.seen = [False] * len(self.params)
+        if self._bound or any(self.seen):  # gradients gathered into the live row join too
+            self._gather()
+            self._unbind()
+            live = self.live
+            self._rows_op(lambda b: b.g[row].add_(b.g[live]))
+            self.slots[slot] = (row, _either(seen, self.seen))
+            self.seen = [False] * len(self.params)
+        else:
+            self._gather(row, seen)
 
     @torch.no_grad()
     def add(self, slot: Slot) -> None:
+        self._gather()
         row, seen = self.slots[slot]
         live = self.live
-        self._rows_op(lambda b: b.g[live].add_(b.g[row]))
+        if any(self.seen):
+            self._rows_op(lambda b: b.g[live].add_(b.g[row]))
+        else:  # the live row holds no set: it may hold anything
+            self._rows_op(lambda b: b.g[live].copy_(b.g[row]))
         self.seen = _either(self.seen, seen)
 
     @torch.no_grad()
@@ -296,14 +393,19 @@ class TorchBackend(Backend):
             self._rows_op(lambda b: b.g[row].mul_(inv_scale.to(b.g.device)))
 
     @torch.no_grad()
-    def all_reduce(self, slots: Sequence[Slot], live: bool, group) -> None:
-        """Average gradient rows over the process group: one collective per row and bucket."""
-        world = torch.distributed.get_world_size(group)
-        rows = [self.slots[slot][0] for slot in slots] + ([self.live] if live else [])
+    def all_reduce(self, slots: Sequence[Slot], live: bool, dist) -> None:
+        """Average gradient rows over ``dist``'s processes: one collective per row
+        and bucket. A parameter has a gradient where any process gave it one, as
+        DDP's reducer decides (:meth:`~sse_sam_fast.optim.distribution.DDP.union`)."""
+        if live:
+            self._valid_live()
+        sets = [self.slots[slot] for slot in slots] + ([(self.live, self.seen)] if live else [])
         for b in self.buckets:
-            for r in rows:
-                torch.distributed.all_reduce(b.g[r], group=group)
-                b.g[r].div_(world)
+            for r, _ in sets:
+                dist.all_reduce_(b.g[r])
+                b.g[r].div_(dist.world)
+        for (_, seen), now in zip(sets, dist.union([seen for _, seen in sets])):
+            seen[:] = now
 
     # ---- norms and moves -------------------------------------------------------------
     def _runs(self, rho: Radius, adaptive: Adaptive) -> list[list[tuple[tuple[float, bool], int, int]]]:
@@ -341,7 +443,7 @@ class TorchBackend(Backend):
                 for (_, adaptive), start, end in runs[i]:
                     x = b.g[r, start:end].to(_acc(b.g.dtype))
                     if adaptive:
-                        x = x * self._base(b)[start:end]
+                        x = x * _magnitude(self._base(b)[start:end])
                     parts.append(torch.linalg.vector_norm(x).to(dev))
             out.append(parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts)))
         return out
@@ -362,6 +464,7 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor:
+        self._valid_live()
         return self._norms([self.live], plus=[self.slots[slot][0] for slot in plus])[0]
 
     @torch.no_grad()
@@ -379,7 +482,8 @@ class TorchBackend(Backend):
                     torch.addcmul(w0, g, s, out=b.w[start:end])
                     continue
                 base = w0.to(_acc(g.dtype))  # w0 itself in fp32: no copy
-                d = base.square().mul_(g)
+                d = _magnitude(base).square()
+                d = d.mul_(g) if d.dtype == g.dtype else d * g  # complex g: |w|² is real
                 if base is w0:
                     torch.addcmul(w0, d, s, out=b.w[start:end])
                 else:
@@ -395,16 +499,16 @@ class TorchBackend(Backend):
 
     # ---- ending --------------------------------------------------------------------------
     def _final_gradient(self, add: Sequence[Slot], grads: Slot | None) -> None:
-        """Live gradients := the base step's gradient; absent parameters get ``p.grad = None``."""
+        """The live row := the base step's gradient, bound to ``p.grad`` (None where
+        no parameter of it has a gradient)."""
         for slot in add:
             self.add(slot)
         if grads is not None:
+            self._gather()
             row, seen = self.slots.pop(grads)
             self.live, self.seen = row, seen
-            self._bind(row)
-        for p, s in zip(self.params, self.seen):
-            if not s:
-                p.grad = None
+        self._valid_live()
+        self._bind()
 
     @torch.no_grad()
     def _clip(self, max_norm: float) -> None:
@@ -428,18 +532,15 @@ class TorchBackend(Backend):
             self._reset(end.keep_grads)
 
     def _reset(self, keep_grads: bool = False) -> None:
-        """Empty every slot and zero every row; ``keep_grads``: but the live one,
-        whose gradient stays in ``p.grad`` as after a plain ``optimizer.step()``."""
-        self.slots.clear()
+        """Empty the step's slots (their rows are free: nothing is zeroed); ``keep_grads``:
+        the live row stays bound to ``p.grad``, as after a plain ``optimizer.step()``."""
+        self._end_step()
         if keep_grads:
-            for b in self.buckets:
-                for r in range(b.g.shape[0]):
-                    if r != self.live:
-                        b.g[r].zero_()
+            if not self._bound:  # the fused update read the row without binding it
+                self._bind()
             return
-        self._rows_op(lambda b: b.g.zero_())
+        self._unbind()
         self.seen = [False] * len(self.params)
-        self._bind(self.live)
 
     @torch.no_grad()
     def abort(self) -> None:
@@ -448,12 +549,14 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        # p.grad must stay a view into the flat buffer, so it is zeroed in place
-        # either way; set_to_none=False keeps torch's meaning all the same: a
-        # parameter that had a gradient still has one (zero), and the base step
-        # decays it and moves its momentum, where set_to_none=True skips it
+        """As ``optimizer.zero_grad``: ``set_to_none=False`` keeps a parameter that
+        had a gradient in the next base step (weight decay, momentum) with a zero
+        gradient; its ``p.grad`` is then a zeroed view of the live row."""
+        if set_to_none:
+            self._unbind()
+            self.seen = [False] * len(self.params)
+            return
+        self._gather()
         live = self.live
         self._rows_op(lambda b: b.g[live].zero_())
-        if set_to_none:
-            self.seen = [False] * len(self.params)
-        self._bind(live)
+        self._bind()

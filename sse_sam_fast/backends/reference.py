@@ -72,6 +72,15 @@ class ReferenceBackend(Backend):
                 acc[p] = p.grad.clone()
         self.optimizer.zero_grad()
 
+    def export(self, slot: Slot) -> list[Tensor | None]:
+        grads = self.slots.get(slot, {})
+        return [grads[p].clone() if p in grads else None for p in self.params]
+
+    @torch.no_grad()
+    def load(self, slot: Slot, values: Sequence[Tensor | None]) -> None:
+        pairs = [(p, v) for p, v in zip(self.params, values) if v is not None]
+        self.slots[slot] = {p: torch.empty_like(p).copy_(v) for p, v in pairs}
+
     @torch.no_grad()
     def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:
         for slot in slots:
@@ -79,14 +88,23 @@ class ReferenceBackend(Backend):
                 g.mul_(inv_scale.to(g.device))
 
     @torch.no_grad()
-    def all_reduce(self, slots: Sequence[Slot], live: bool, group) -> None:
-        world = torch.distributed.get_world_size(group)
-        tensors = [g for slot in slots for g in self.slots[slot].values()]
+    def all_reduce(self, slots: Sequence[Slot], live: bool, dist) -> None:
+        """Average per parameter, in the order of ``self.params`` on every process;
+        a parameter with a gradient on any process gets the average on all
+        (zeros stand in for the missing ones), as DDP's reducer gives it."""
+        sets = [self.slots[slot] for slot in slots]
         if live:
-            tensors += [p.grad for p in self.params if p.grad is not None]
-        for t in tensors:
-            torch.distributed.all_reduce(t, group=group)
-            t.div_(world)
+            sets.append({p: p.grad for p in self.params if p.grad is not None})
+        present = dist.union([[p in grads for p in self.params] for grads in sets])
+        for grads, now in zip(sets, present):
+            for p, there in zip(self.params, now):
+                if there and p not in grads:
+                    grads[p] = torch.zeros_like(p)
+                    if live and grads is sets[-1]:
+                        p.grad = grads[p]
+                if there:
+                    dist.all_reduce_(grads[p])
+                    grads[p].div_(dist.world)
 
     def _unperturbed(self, p: Tensor) -> Tensor:
         return self._saved[p] if self._saved is not None else p
@@ -122,7 +140,7 @@ class ReferenceBackend(Backend):
                 if p in self.slots[slot]:
                     g = self.slots[slot][p] if g is None else g + self.slots[slot][p]
             if g is not None:
-                grads.append(torch.norm(g.float()))
+                grads.append(torch.norm(g if g.is_complex() else g.float()))  # .float() drops imaginary parts
         return torch.norm(torch.stack(grads)) if grads else None
 
     def _move(self, move: Perturbation) -> None:
@@ -173,7 +191,7 @@ class ReferenceBackend(Backend):
         finally:
             if not end.keep_grads:
                 self.optimizer.zero_grad()
-            self.slots.clear()
+            self._end_step()
 
     def _clip(self, max_norm: float) -> None:
         """``clip_grad_norm_``'s loop, written out: per-parameter norms, their norm."""
@@ -187,7 +205,7 @@ class ReferenceBackend(Backend):
     @torch.no_grad()
     def abort(self) -> None:
         self.restore()  # the copy within step(); an official method's move is subtracted
-        self.slots.clear()
+        self._end_step()
         self.optimizer.zero_grad()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -122,6 +122,7 @@ class TritonBackend(TorchBackend):
     def live_norm(self, plus: Sequence[Slot] = ()) -> Tensor:
         if len(plus) != 1:
             return super().live_norm(plus)
+        self._valid_live()
         return self._sumsq([self.live], plus=self.slots[plus[0]][0]).sqrt()[0]  # one read of each row
 
     @torch.no_grad()
@@ -158,6 +159,7 @@ class TritonBackend(TorchBackend):
 
     @torch.no_grad()
     def finish(self, end: Ending) -> None:
+        self._valid_live()
         first = None
         if end.scaler is None and not (end.keep_grads and (end.add or end.max_norm is not None)):
             # kept gradients must be the ones the step used: the kernel stores no sum

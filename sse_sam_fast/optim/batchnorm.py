@@ -1,4 +1,10 @@
-"""BatchNorm running statistics around a step."""
+"""Running statistics of the normalisation layers around a step.
+
+The layers are every ``torch.nn.modules.batchnorm._NormBase``: BatchNorm (and
+SyncBatchNorm) and InstanceNorm with ``track_running_stats=True``. A skipped or
+refused step puts their statistics back bit for bit; ``bn_stats="clean"`` keeps
+the forwards at perturbed weights from updating them.
+"""
 
 from __future__ import annotations
 
@@ -36,16 +42,23 @@ def frozen(batchnorms: Sequence[nn.Module], policy: str):
     not update them: no copy, no launch, and bit-identical (a NaN batch cannot
     reach the running statistics)."""
     layers = _tracking(batchnorms) if policy == "clean" else []
+    # InstanceNorm hands its statistics to F.instance_norm whatever the flag says:
+    # they are hidden from it instead
+    hidden = [m for m in layers if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+    kept = [(m._buffers["running_mean"], m._buffers["running_var"]) for m in hidden]
     # object.__setattr__: a plain flag needs none of Module.__setattr__'s checks for
-    # parameters, buffers and submodules, which make a switch about 12 times as
-    # costly on the host (ResNet-32's 31 layers, on the development CPU)
+    # parameters, buffers and submodules, which cost host time at every perturbed pass
     for m in layers:
         object.__setattr__(m, "track_running_stats", False)
+    for m in hidden:
+        m._buffers["running_mean"] = m._buffers["running_var"] = None
     try:
         yield
     finally:
         for m in layers:
             object.__setattr__(m, "track_running_stats", True)
+        for m, (mean, var) in zip(hidden, kept):
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
 
 
 def running_stats(batchnorms: Sequence[nn.Module]) -> list[Tensor]:

@@ -92,12 +92,16 @@ def check_losses(losses, batch: int | None = None) -> Tensor:
     return losses
 
 
-def check_mask(tail_mask, losses: Tensor | None = None) -> Tensor:
+def check_mask(tail_mask, losses: Tensor | None = None, device: torch.device | None = None) -> Tensor:
+    """``tail_mask`` for ``losses`` (exact), or before any forward (split) for
+    parameters on ``device``."""
     if not isinstance(tail_mask, Tensor) or tail_mask.dtype != torch.bool:
         raise TypeError(f"tail_mask must be a bool tensor of shape (B,), got {tail_mask!r:.80}")
     if losses is None:
         if tail_mask.dim() != 1 or tail_mask.numel() == 0:
             raise ValueError(f"tail_mask must have shape (B,) with B >= 1, got {tuple(tail_mask.shape)}")
+        if device is not None and tail_mask.device != device:
+            raise ValueError(f"tail_mask is on {tail_mask.device}, the parameters on {device}")
         return tail_mask
     if tail_mask.shape != losses.shape:
         raise ValueError(

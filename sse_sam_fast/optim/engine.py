@@ -15,7 +15,6 @@ the official per-call methods.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from .. import _torch_private
 from .._saved import Saved
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
-from . import batchnorm
+from . import batchnorm, distribution
 from .capture import CapturedStep
 from .checks import (
     check_base_state,
@@ -103,7 +102,7 @@ class GroupedSAM(torch.optim.Optimizer):
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
-        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._dist = distribution.strategy(model)  # single process or DDP: global counts and averages
         self._backend = make_backend(backend, optimizer, params)
         self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
@@ -139,6 +138,16 @@ class GroupedSAM(torch.optim.Optimizer):
             raise ValueError(
                 f"model has {len(missing)} trainable parameters that the optimizer does not hold "
                 f"(first: {missing[0]!r}); build the base optimizer from model.parameters()"
+            )
+        sparse = [
+            f"{name}.weight" if name else "weight"
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
+        ]
+        if sparse:
+            raise ValueError(
+                f"{sparse[0]} gets sparse gradients (nn.Embedding/EmbeddingBag with sparse=True); the SAM "
+                "family perturbs along the dense gradient and its norm: build the layer with sparse=False"
             )
         ours = [p for p in model.parameters() if id(p) in held]
         return ours + self._beyond(optimizer, ours)
@@ -186,7 +195,7 @@ class GroupedSAM(torch.optim.Optimizer):
         (a walk over the modules costs microseconds; ``capture`` walks them too)."""
         if self.model is None:
             return []
-        return batchnorm.find_layers(self.model, nn.modules.batchnorm._BatchNorm)
+        return batchnorm.find_layers(self.model, nn.modules.batchnorm._NormBase)
 
     @property
     def backend(self) -> str:
@@ -312,8 +321,7 @@ class GroupedSAM(torch.optim.Optimizer):
             scaler = None
         groups = tuple(self._groups())
         plan = StepPlan(groups, split=self._split(schedule, closures[0], groups))
-        sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
-        with sync:  # the engine averages gradients itself (see StepRun)
+        with self._dist.no_sync():  # the engine averages gradients itself (see distribution)
             return StepRun(self, plan, closures, masks, scaler).run()
 
     def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:
@@ -349,7 +357,9 @@ class GroupedSAM(torch.optim.Optimizer):
             if not takes_index(closure):
                 raise TypeError("schedule='split' needs a closure that takes sample indices: closure(idx)")
             return True
-        return takes_index(closure) and not any(m.training for m in self._batchnorms)
+        # InstanceNorm is per sample: only BatchNorm in training mode couples the samples
+        coupled = [m for m in self._batchnorms if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return takes_index(closure) and not any(m.training for m in coupled)
 
     # ---- official-method helpers --------------------------------------------------
     def _enter(self, method: str, after: str | None) -> None:

@@ -61,7 +61,14 @@ class SAM(GroupedSAM):
       the loss) after the caller's first backward.
     """
 
-    def __init__(self, optimizer, model=None, rho: float = 0.05, adaptive: bool = False, **options):
+    def __init__(self, optimizer=None, model=None, rho: float = 0.05, adaptive: bool = False, **options):
+        if optimizer is None and "params" in options:  # SAM(params=..., base_optimizer=..., ...)
+            optimizer = options.pop("params")
+        if optimizer is None:
+            raise TypeError(
+                "SAM() needs an optimizer and a model, SAM(optimizer, model, rho), or davda54/sam's "
+                "SAM(params, base_optimizer, rho, **kwargs)"
+            )
         self.rho = check_rho("rho", rho)
         # a model second means the optimizer-first convention, whatever came first
         self._davda54 = not isinstance(optimizer, torch.optim.Optimizer) and not isinstance(model, nn.Module)
@@ -123,6 +130,7 @@ class SAM(GroupedSAM):
         self._perturb(_ALL, rho, "first_step", adaptive)
         if keep:
             self._backend.add(_ALL)
+            self._backend.show()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool | None = None) -> None:

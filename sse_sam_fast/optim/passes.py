@@ -1,21 +1,15 @@
 """The pass runners: one call of ``step()`` carrying out a :class:`StepPlan`
 over one or more micro-batches.
 
-Two ways to end a step, chosen per step:
-
-- host verdict: every finiteness flag is read at once after the passes (one
-  synchronisation) and a non-finite step is abandoned before the base step;
-- device verdict (sync-free, the flat backends on CUDA): the flags reduce to a
-  device bool ``ok``, the base step runs, and weights, optimizer state and
-  BatchNorm statistics are selected back on the device where ``ok`` is false.
-  Empty groups are not dropped from the plan (that needs counts on the host):
-  they run with a zero gradient, and the ``1e-16`` in the norm makes their
-  perturbation exactly zero.
+A step ends on a host or a device verdict (:mod:`.verdict`). With a device
+verdict (sync-free) empty groups are not dropped from the plan (that needs
+counts on the host): they run with a zero gradient, and the ``1e-16`` in the
+norm makes their perturbation exactly zero. Processes are the distribution
+strategy's business (:mod:`.distribution`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +22,7 @@ from ..backends import Ending, Perturbation
 from . import batchnorm
 from .checks import SampleIndex, check_losses, check_mask
 from .plan import Group, StepPlan
+from .verdict import Verdict
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -50,24 +45,41 @@ class StepRun:
     verdict and the base step, through the optimizer's backend."""
 
     def __init__(self, opt, plan: StepPlan, closures: Sequence[Callable], masks: Sequence, scaler):
-        self.opt, self.be, self.ddp, self.scaler = opt, opt._backend, opt._ddp, scaler
+        self.opt, self.be, self.dist, self.scaler = opt, opt._backend, opt._dist, scaler
         self.split = plan.split
         # split needs the sample indices on the host anyway, a scaler reads its own
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
-        self.checks: list[tuple[str, tuple[Tensor, ...]]] = []  # (pass name, values finite iff it was)
+        self.verdict = Verdict(on_device=self.sync_free)
+        self.grads_before: list | None = None  # p.grad before the first closure: (g, (version, copy))
+        self.closure_backward = False  # the closure called backward() itself
         self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
 
     # ---- before any backward -------------------------------------------------------
     def _call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
+        first = self.grads_before is None
+        if first:  # a closure that calls backward() does so at every call: the first tells
+            grads = [p.grad for p in self.be.params]  # None after every step; a copy only of stray ones
+            self.grads_before = [(g, None if g is None else (g._version, g.detach().clone())) for g in grads]
         with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
-            return check_losses(mb.closure() if idx is None else mb.closure(idx), n)
+            losses = mb.closure() if idx is None else mb.closure(idx)
+        if first and any(
+            p.grad is not g or (g is not None and g._version != v[0])
+            for p, (g, v) in zip(self.be.params, self.grads_before)
+        ):
+            self.closure_backward = True
+            raise ValueError(
+                "the closure called backward() (the gradients changed while it ran): in "
+                "opt.step(closure, tail_mask) the closure returns the per-sample losses, shape (B,), "
+                "and the optimizer runs every backward itself; nothing was changed"
+            )
+        return check_losses(losses, n)
 
     def _prepare(self, plan: StepPlan, closure, mask) -> MicroBatch:
         """exact: the clean forward runs here; split: the mask gives each group's samples."""
         if plan.split:
-            mask = check_mask(mask)
+            mask = check_mask(mask, device=self.be.params[0].device)
             index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
             index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
             return MicroBatch(closure, mask, mask.shape[0], index=index)
@@ -92,27 +104,16 @@ class StepRun:
             for mb, t in zip(self.batches, tails):
                 mb.counts.update(tail=t, head=mb.size - t)
         keys = sorted(self.batches[0].counts)
-        totals = [sum(mb.counts[k] for mb in self.batches) for k in keys]
-        if self.ddp is not None:
-            t = torch.tensor(totals, dtype=torch.float64, device=next(self.ddp.parameters()).device)
-            torch.distributed.all_reduce(t, group=self.ddp.process_group)
-            totals = t.tolist()
+        totals = self.dist.totals([sum(mb.counts[k] for mb in self.batches) for k in keys])
         return {k: total == 0 for k, total in zip(keys, totals)}
 
     def _runs(self, g: Group, mb: MicroBatch) -> bool:
         # a micro-batch without samples of the group skips its pass, but under DDP
         # the forwards must match across processes (buffer broadcasts)
-        return self.sync_free or self.ddp is not None or mb.counts[g.members] > 0
+        return self.sync_free or self.dist.lockstep or mb.counts[g.members] > 0
 
     def _check(self, name: str, value: Tensor) -> None:
-        """Remember what decides whether ``value`` is finite: a scalar itself; of a
-        vector its minimum and maximum (one launch; NaN propagates into both, an
-        infinity is one of them). Not its sum: fp16 losses that are each finite
-        can sum past 65504. All are tested at once by :meth:`_finite`."""
-        if value.dim() == 0:
-            self.checks.append((name, (value,)))
-        elif value.numel():
-            self.checks.append((name, tuple(torch.aminmax(value))))
+        self.verdict.check(name, value)
 
     def _count(self, g: Group) -> int | Tensor:
         """The normaliser of group ``g``'s loss: ``B``, or with ``per_group`` the
@@ -131,16 +132,7 @@ class StepRun:
             else:
                 tail = torch.stack([mb.mask.sum() for mb in self.batches]).sum()
                 n = tail if g.members == "tail" else self.total - tail
-            if self.ddp is not None:
-                dev = next(self.ddp.parameters()).device
-                n = torch.as_tensor(n, dtype=torch.float32, device=dev)
-                torch.distributed.all_reduce(n, group=self.ddp.process_group)
-                n = n.clamp_min(1) / torch.distributed.get_world_size(self.ddp.process_group)
-            elif isinstance(n, Tensor):
-                n = n.clamp_min(1).float()
-            else:
-                n = max(n, 1)
-            self.normalisers[g.members] = n
+            self.normalisers[g.members] = self.dist.normaliser(n)
         return self.normalisers[g.members]
 
     def _weights(self, g: Group, mb: MicroBatch, losses: Tensor) -> Tensor:
@@ -155,8 +147,11 @@ class StepRun:
                 w = torch.ones_like(losses, requires_grad=False).mul_((g.weight / n).to(losses))
             else:
                 w = torch.full_like(losses, g.weight / n, requires_grad=False)
-            if not self.split and g.members != "all":
-                w = torch.where(mb.mask if g.members == "tail" else ~mb.mask, w, 0.0)
+            # in place, without ~mask or a 0-d zero: one launch per group (weights are finite)
+            if not self.split and g.members == "tail":
+                w.mul_(mb.mask)
+            elif not self.split and g.members == "head":
+                w.masked_fill_(mb.mask, 0.0)
             mb.weights[key] = w
         return w
 
@@ -180,14 +175,17 @@ class StepRun:
             self.plan = plan if self.sync_free else plan.without(self._empty(plan))
             be.begin()
             loss = self._passes()
-            ok = self._finite()
+            ok = self.verdict.ok()
             if ok is not None and not self.sync_free:
-                if self._verdict(ok, stats):
+                if self.verdict.settle(self.opt, ok, lambda: (be.abort(), stats.restore()), self.scaler):
                     return loss
                 ok = None
         except BaseException:
             be.abort()
             stats.restore()
+            if self.closure_backward:  # the gradients as the caller left them
+                for p, (g, v) in zip(be.params, self.grads_before):
+                    p.grad = None if g is None else v[1]
             raise
         try:
             self._finish(ok, stats)
@@ -233,8 +231,8 @@ class StepRun:
         be, plan = self.be, self.plan
         if self.scaler is not None and plan.perturbed:
             be.unscale([g.slot for g in plan.perturbed], _torch_private.inverse_scale(self.scaler))
-        if self.ddp is not None and not self.opt.local_perturbation:
-            be.all_reduce([g.slot for g in plan.groups], False, self.ddp.process_group)
+        if not self.opt.local_perturbation:
+            self.dist.average(be, [g.slot for g in plan.groups], False)
         moves = be.perturbations([(g.slot, g.rho) for g in plan.groups], self.opt._adaptive())
         for g, move in zip(plan.groups, moves):
             # under a scaler an inf gradient is the scaler's to handle (skip and back off)
@@ -261,10 +259,8 @@ class StepRun:
         """Under DDP, average the final gradient: the live rows, and the
         unperturbed groups' rows that finish() adds to them (already averaged
         before the perturbation unless perturbing locally)."""
-        if self.ddp is None:
-            return
         local = [g.slot for g in self.plan.unperturbed] if self.opt.local_perturbation else []
-        self.be.all_reduce(local, True, self.ddp.process_group)
+        self.dist.average(self.be, local, True)
 
     def _check_sum(self) -> None:
         """fp16 only: the base step's gradient adds the unperturbed groups' clean
@@ -277,57 +273,7 @@ class StepRun:
             if norm is not None:
                 self._check("final gradient", norm)
 
-    # ---- the verdict and the base step ---------------------------------------------------
-    def _finite(self) -> Tensor | None:
-        """Whether every pass was finite, as one device bool (None: nothing checked)."""
-        if not self.checks:
-            return None
-        return self._flags().all()
-
-    def _flags(self) -> Tensor:
-        """Per value of ``self.checks``, whether it is finite: one test for all."""
-        dev = self.checks[0][1][0].device
-        # cat promotes (fp16 extremes, fp32 norms) without rounding a finite value to inf
-        return torch.isfinite(torch.cat([v.reshape(1).to(dev) for _, vs in self.checks for v in vs]))
-
-    def _verdict(self, ok: Tensor, stats: Saved) -> bool:
-        """Read the verdict on the host (the step's late synchronisation); on a
-        failure abandon the step per ``nonfinite``. Returns whether it was skipped."""
-        if ok.item():
-            return False
-        names = [name for name, vs in self.checks for _ in vs]
-        first = names[self._flags().tolist().index(False)]
-        self.be.abort()
-        stats.restore()
-        if self.scaler is not None:
-            self._report_inf_to_scaler()
-        opt = self.opt
-        if opt.nonfinite == "raise":
-            raise FloatingPointError(f"non-finite value in the {first} pass; the step was not applied")
-        opt._count_skipped(1)
-        # a fixed text, so the default filter shows it once per call site; the count lives
-        # in nonfinite_steps. stacklevel 5: _verdict, run, step, torch.optim's step
-        # wrapper, then the caller
-        warnings.warn(
-            f"{type(opt).__name__}: non-finite value in the {first} pass; step skipped, weights unchanged "
-            "(see nonfinite_steps)",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        return True
-
-    def _report_inf_to_scaler(self) -> None:
-        """One policy with and without a scaler: a non-finite loss must make the
-        scaler back off as an inf gradient does. Stepping it on a gradient holding
-        an inf records exactly that (public calls only); the step is skipped."""
-        p = self.be.params[0]
-        kept = p.grad
-        p.grad = torch.full_like(p, float("inf"))
-        try:
-            self.scaler.step(self.opt.optimizer)
-        finally:
-            p.grad = kept
-
+    # ---- the base step -------------------------------------------------------------------
     def _finish(self, ok: Tensor | None, stats: Saved) -> None:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""

@@ -17,7 +17,9 @@ def sgd(model, **kw):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kw)
 
 
-def test_torch_backend_views_and_in_place_zero_grad():
+def test_weights_are_views_and_gradients_are_autograds():
+    """Weights live in the flat buffer; p.grad is autograd's, None meaning no
+    gradient, and zero_grad keeps torch's two meanings."""
     m = mlp()
     opt = SSESAM(sgd(m), m, 0.05, 0.1, backend="torch")
     bucket = opt._backend.buckets[0]
@@ -27,12 +29,15 @@ def test_torch_backend_views_and_in_place_zero_grad():
         assert (p.data_ptr() - base) % 128 == 0  # segments aligned within the buffer
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
     F.cross_entropy(m(x), y).backward()
-    grads = [p.grad for p in m.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
     opt.zero_grad()
-    assert all(p.grad is g and not g.any() for p, g in zip(m.parameters(), grads))
+    assert all(p.grad is None for p in m.parameters())
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
-    assert all(not p.grad.any() for p in m.parameters())
+    assert all(p.grad is None for p in m.parameters())  # as after optimizer.zero_grad()
     assert not bucket.w[m[0].weight.numel() : 64].any()  # padding stays zero
+    assert not any(hasattr(p, "_post_accumulate_grad_hooks") and p._post_accumulate_grad_hooks
+                   for p in m.parameters())  # fmt: skip
 
 
 def test_rebound_parameters_are_reflattened():
@@ -91,3 +96,20 @@ def test_mixed_dtypes_make_several_buckets_with_one_global_norm():
             assert len(opt._backend.buckets) == 2
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+class _Shard(torch.Tensor):
+    """A tensor subclass standing in for a storage another system owns (FSDP2's DTensor)."""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parameters_another_system_owns_are_refused_and_auto_picks_reference(backend):
+    pytest.importorskip("triton") if backend == "triton" else None
+    m = mlp()
+    m[2].weight = nn.Parameter(m[2].weight.detach().clone().as_subclass(_Shard))
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="another system owns.*_Shard.*reference"):
+        SAM(sgd(m), m, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing was re-bound
+    assert type(m[2].weight.data) is _Shard
+    assert SAM(sgd(m), m, backend="auto").backend == "reference"

@@ -249,6 +249,12 @@ STEP_INPUTS = {
     "mask-float": (clean, {"tail_mask": TAIL.float()}, TypeError, "tail_mask must be a bool"),
     "mask-missing": (clean, {"tail_mask": None}, TypeError, "tail_mask"),
     "mask-on-meta": (clean, {"tail_mask": TAIL.to("meta")}, ValueError, "tail_mask is on meta"),
+    "split-mask-on-meta": (
+        clean,
+        {"tail_mask": TAIL.to("meta"), "schedule": "split"},
+        ValueError,
+        "tail_mask is on meta, the parameters on cpu",
+    ),
     "schedule-name": (clean, {"schedule": "fast"}, ValueError, "schedule"),
     "split-without-index": (
         lambda m: lambda: clean(m)(),
@@ -735,3 +741,193 @@ def test_ddp_shards_without_a_group_follow_one_process(backend, tmp_path):
     for x, y, tail in _ddp_shards():
         opt.step(clean(model, x, y), tail)
     assert_close(torch.load(out), [p.detach() for p in model.parameters()], torch.float32, f"DDP {backend}")
+
+
+# ---- DDP: a parameter used on one process only ----------------------------------------------------
+class _Branchy(nn.Module):
+    """``extra`` takes part only when asked: under DDP, on one process only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.extra = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x, use_extra: bool):
+        out = self.body(x)
+        return out + self.extra(x) if use_extra else out
+
+
+def _unused_worker(rank, world, init, backend, method, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(_Branchy(), find_unused_parameters=True)
+    opt = _unused_opt(method, model, backend)
+    for x, y, tail in _ddp_batches_unused():
+        shard = slice(rank * 6, (rank + 1) * 6)
+        opt.step(lambda: F.cross_entropy(model(x[shard], rank == 0), y[shard], reduction="none"), tail[shard])
+    torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
+
+
+def _unused_opt(method, model, backend):
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    if method == "sam":
+        return SAM(base, model, 0.1, backend=backend)
+    return SSESAM(base, model, 0.05, 0.11, backend=backend)
+
+
+def _ddp_batches_unused():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        yield x, y, y == 2
+
+
+@pytest.mark.parametrize("method", ["sam", "ssesam"])
+def test_ddp_a_parameter_used_on_one_process_steps_on_every_process(backend, method, tmp_path):
+    """find_unused_parameters=True and ``extra`` used by rank 0's shard only: both
+    replicas take the update of one process on the whole batch (DDP's reducer
+    would give rank 1 the averaged gradient too). Per-parameter gradient hooks
+    left ``extra`` out of rank 1's step, and the replicas drifted apart."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "params.pt")
+    mp.spawn(_unused_worker, args=(2, f"file://{tmp_path}/pg", backend, method, out), nprocs=2, join=True)
+    model = _Branchy()
+    opt = _unused_opt(method, model, backend)
+    for x, y, tail in _ddp_batches_unused():
+        opt.step(
+            lambda: torch.cat([F.cross_entropy(model(x[:6], True), y[:6], reduction="none"),
+                               F.cross_entropy(model(x[6:], False), y[6:], reduction="none")]),
+            tail,
+        )  # fmt: skip
+    expected = [p.detach() for p in model.parameters()]
+    for rank in (0, 1):
+        assert_close(torch.load(f"{out}.{rank}"), expected, torch.float32, f"DDP rank {rank} {backend}")
+
+
+# ---- a closure that calls backward() itself -------------------------------------------------------
+@pytest.mark.parametrize("retain", [True, False])
+@pytest.mark.parametrize("method", ["sam", "ssesam"])
+def test_a_closure_that_calls_backward_is_refused_and_changes_nothing(backend, method, retain):
+    """The davda54/sam habit in the one-call step: with retain_graph the step
+    applied a different update without a word, without it torch's raw "backward
+    through the graph a second time" came out."""
+    model, opt = trained(method, backend)
+    x_grads = [torch.full_like(p, 0.5) for p in model.parameters()]  # gradients the caller left
+    for p, g in zip(model.parameters(), x_grads):
+        p.grad = g.clone()
+    before = snapshot(model, opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def closure():
+        losses = F.cross_entropy(model(X), Y, reduction="none")
+        losses.mean().backward(retain_graph=retain)
+        return losses
+
+    with pytest.raises(ValueError, match="closure called backward.*returns the per-sample losses"):
+        opt.step(closure, TAIL)
+    assert_unchanged(before, snapshot(model, opt))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    opt.step(clean(model), TAIL)  # and the next step runs
+
+
+# ---- sparse gradients -------------------------------------------------------------------------------
+class _Bag(nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(7, 4, sparse=sparse), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        return self.out(self.emb(idx))
+
+
+def test_sparse_gradients_are_refused_naming_the_parameter(backend):
+    """The flat backends made sparse gradients dense (weight decay then decayed
+    every row, and Adam ran where torch alone refuses): one refusal everywhere."""
+    model = _Bag(sparse=True)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="emb.weight gets sparse gradients.*sparse=False"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-2), model, backend=backend)
+    assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("flat", ["torch", "triton"])
+def test_a_sparse_gradient_from_elsewhere_is_named(flat):
+    pytest.importorskip("triton") if flat == "triton" else None
+    model = _Bag(sparse=False)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, backend=flat)
+    model.emb.sparse = True  # switched on after construction
+    idx, y = torch.tensor([1, 2, 3, 1]), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="parameter 0 of the optimizer got a torch.sparse_coo gradient"):
+        opt.step(lambda: F.cross_entropy(model(idx), y, reduction="none"))
+
+
+# ---- complex parameters with ASAM --------------------------------------------------------------------
+class _ComplexLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(3, 6, dtype=torch.complex64))
+
+    def forward(self, x):
+        return (x.to(torch.complex64) @ self.w.T).abs()
+
+
+@pytest.mark.parametrize("flat", ["torch"])
+def test_complex_parameters_under_asam_move_by_the_magnitude_squared(flat):
+    """T = |w|: the move is |w|² g, not the complex square w² g (the reference's
+    meaning; the triton kernels refuse complex parameters)."""
+    results = []
+    for backend in ("reference", flat):
+        model = _ComplexLinear()
+        opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.3, adaptive=True, backend=backend)
+        for _ in range(3):
+            opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"))
+        results.append(model.w.detach().clone())
+    torch.testing.assert_close(results[1], results[0], atol=2e-6, rtol=1e-5)
+
+
+# ---- running statistics of other normalisation layers ------------------------------------------------
+def _instance_norm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True),
+        nn.Flatten(), nn.Tanh(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_skipped_step_leaves_instance_norm_statistics_alone(backend, sync_free):
+    """InstanceNorm(track_running_stats=True) got NaN statistics from a step
+    reported as skipped; it is a normalisation layer like BatchNorm."""
+    model = _instance_norm_model()
+    opt = make("ssesam", model, backend)
+    opt._force_sync_free = sync_free
+    opt.step(clean(model), TAIL)
+    before = snapshot(model, opt)
+    x = X.clone()
+    x[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step(clean(model, x), TAIL)
+    assert opt.nonfinite_steps == 1
+    assert_unchanged(before, snapshot(model, opt))
+
+
+def test_clean_statistics_policy_covers_instance_norm(backend):
+    """bn_stats="clean": only the forward at w updates InstanceNorm's statistics too."""
+    only_clean = []
+    for policy in ("clean", "all"):
+        model = _instance_norm_model()
+        opt = make("ssesam", model, backend, bn_stats=policy)
+        at_w = copy.deepcopy(model)
+        at_w(X)  # the clean forward alone
+        opt.step(clean(model), TAIL)
+        only_clean.append(torch.equal(model[2].running_mean, at_w[2].running_mean))
+    assert only_clean == [True, False]

@@ -205,9 +205,13 @@ def test_state_dict_round_trip_mid_run(backend):
     _assert_same(list(model3.parameters()), list(model.parameters()), "resumed run")
 
 
-def test_the_wrapper_exposes_davda54s_names():
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_the_wrapper_exposes_davda54s_names(by_keyword):
     model = _model()
-    opt = SAM(_groups(model, True), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1)
+    if by_keyword:  # SAM(params=..., base_optimizer=..., ...) as davda54's README writes it
+        opt = SAM(params=_groups(model, True), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1)
+    else:
+        opt = SAM(_groups(model, True), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1)
     assert opt.base_optimizer is opt.optimizer
     assert opt.param_groups is opt.base_optimizer.param_groups
     assert [g["rho"] for g in opt.param_groups] == [0.05, 0.2]

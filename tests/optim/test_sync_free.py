@@ -25,6 +25,10 @@ def build(method, backend, base="sgd", sync_free=True, seed=0):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
     elif base == "sgd-plain":
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    elif base == "sgd-fused":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)
+    elif base == "adam-fused":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     cls, args = {"sam": (SAM, (0.1,)), "imbsam": (ImbSAM, (0.1,)), "ssesam": (SSESAM, (0.05, 0.1))}[method]
@@ -83,7 +87,7 @@ def test_empty_group_runs_its_passes_instead_of_reading_counts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("base", ["sgd", "adam", "adam-fused"])
 @pytest.mark.parametrize(
     "which,kind,bad",
     [(1, "loss", None), (1, "grad", TAIL), (2, "loss", None), (3, "grad", TAIL), (1, "input", None)],
@@ -114,7 +118,26 @@ def test_device_verdict_skips_bit_identically(which, kind, bad, base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("base", ["sgd-fused", "adam-fused"])
+def test_fused_optimizers_skip_inside_their_step_without_a_state_copy(base, backend):
+    """torch's fused SGD, Adam and AdamW take ``found_inf``: a step taken back on
+    the device is skipped inside their kernel, and the optimizer state is never
+    copied to be selected back."""
+    model, opt = build("ssesam", backend, base)
+    steps(model, opt, [TAIL, TAIL])
+    before = everything(model, opt)
+    opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none") * float("nan"), TAIL)
+    assert_bitwise(everything(model, opt), before)
+    assert opt.nonfinite_steps == 1
+    assert opt._backend._state_copy.buffers() == []  # no state was ever copied
+    fresh_model, fresh = build("ssesam", backend, base, sync_free=False)
+    steps(fresh_model, fresh, [TAIL, TAIL, TAIL])
+    steps(model, opt, [TAIL])  # the skipped step left no trace
+    assert_close(everything(model, opt), everything(fresh_model, fresh), torch.float32, "after a skip")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adam", "adam-fused"])
 def test_a_first_step_that_fails_creates_no_state(base, backend):
     """The first step creates the optimizer state: that one verdict is read on
     the host, and a failed first step leaves no state behind."""
