@@ -157,16 +157,16 @@ def need_keys(where: str, mapping, keys) -> None:
 def check_base_state(base, optimizer: torch.optim.Optimizer) -> None:
     """``base`` has the layout of ``optimizer``'s state_dict: the checks torch
     makes in ``load_state_dict``, made before anything else is loaded."""
-    need_keys("state_dict['base']", base, ["state", "param_groups"])
+    need_keys("state_dict", base, ["state", "param_groups"])
     groups = base["param_groups"]
     if not isinstance(groups, (list, tuple)) or not all(
         isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups
     ):
-        raise ValueError("state_dict['base']['param_groups'] must be a list of dicts with a 'params' list")
+        raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' list")
     saved = [len(g["params"]) for g in groups]
     held = [len(g["params"]) for g in optimizer.param_groups]
     if saved != held:
-        raise ValueError(f"state_dict['base'] has param groups of sizes {saved}; the base optimizer {held}")
+        raise ValueError(f"state_dict has param groups of sizes {saved}; the base optimizer {held}")
 
 
 class SampleIndex(Tensor):

@@ -397,38 +397,29 @@ class GroupedSAM(torch.optim.Optimizer):
         self._backend.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
-        return {
-            "base": self.optimizer.state_dict(),
-            "stage": self._stage_state(),
-            "nonfinite_steps": self.nonfinite_steps,
-        }
+        """The base optimizer's ``state_dict`` (torch's layout: ``state`` and
+        ``param_groups``, which LR tooling and ``torch.distributed.checkpoint``
+        read) with this method's entries beside them: ``stage``,
+        ``nonfinite_steps`` and, for a method that keeps gradient sets from step
+        to step, ``kept``."""
+        sd = self.optimizer.state_dict()
+        sd.update(stage=self._stage_state(), nonfinite_steps=self.nonfinite_steps)
+        if self._backend.lasting:
+            sd["kept"] = {int(slot): self._backend.export(slot) for slot in sorted(self._backend.lasting)}
+        return sd
+
+    _KEYS = ("state", "param_groups", "stage", "nonfinite_steps", "kept")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what :meth:`state_dict` saved: everything is checked first (the
-        keys, ``nonfinite_steps``, the stage, the base state's param groups
-        against the base optimizer), and a refused state changes nothing."""
+        """Load what :meth:`state_dict` saved, or the layout before it (``base``
+        holding the base optimizer's), or a davda54/sam ``SAM.state_dict()``
+        (its ``old_p`` / ``e_w`` entries are dropped). Everything is checked
+        first (the keys, ``nonfinite_steps``, the stage, the base state's param
+        groups against the base optimizer), and a refused state changes nothing."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        base, stage, extra = self._split_state(state_dict)
         stage_keys = list(self._stage_state())
-        missing = [k for k in ("base", "stage") if k not in state_dict]
-        if missing:
-            hint = ""
-            if "param_groups" in state_dict:
-                # what scripts for the published code save: loading it would restart the stage
-                hint = (
-                    "; this is a base optimizer's own state_dict, which has no stage: resume from "
-                    "opt.state_dict(), or load it with opt.optimizer.load_state_dict() to start "
-                    "the stage over"
-                )
-            raise ValueError(
-                f"state_dict lacks {' and '.join(map(repr, missing))}: {type(self).__name__}.state_dict() "
-                f"has 'base' (the base optimizer's state_dict), 'stage' ({', '.join(stage_keys)}) "
-                f"and 'nonfinite_steps'{hint}"
-            )
-        unknown = sorted(map(str, set(state_dict) - {"base", "stage", "nonfinite_steps"}))
-        if unknown:
-            raise ValueError(f"state_dict has unknown keys {unknown}; known: base, stage, nonfinite_steps")
-        stage, base = state_dict["stage"], state_dict["base"]
         need_keys("state_dict['stage']", stage, [])
         unknown = sorted(map(str, set(stage) - set(stage_keys)))
         if unknown:
@@ -436,8 +427,10 @@ class GroupedSAM(torch.optim.Optimizer):
                 f"state_dict['stage'] has keys {unknown} that a {type(self).__name__} stage does not "
                 f"have ({', '.join(stage_keys)}): saved from another method?"
             )
-        nonfinite_steps = check_count("nonfinite_steps", state_dict.get("nonfinite_steps", 0), 0)
+        nonfinite_steps = check_count("nonfinite_steps", extra.get("nonfinite_steps", 0), 0)
+        kept = self._check_kept(extra.get("kept", {}))
         check_base_state(base, self.optimizer)
+        self._check_radii(base, stage)
         before = self._stage_state()
         self._load_stage_state(stage)  # checks every value before assigning any
         # torch's load_state_dict replaces state and param_groups by new objects
@@ -449,7 +442,64 @@ class GroupedSAM(torch.optim.Optimizer):
             self._load_stage_state(before)
             self.optimizer.__dict__.update(old)
             raise
+        for slot, values in kept.items():
+            self._backend.load(Slot(slot), values)
         self.nonfinite_steps = nonfinite_steps
+
+    def _split_state(self, state_dict: dict) -> tuple[dict, dict, dict]:
+        """``(base state_dict, stage, the rest)`` of any layout :meth:`load_state_dict` takes."""
+        if "base" in state_dict:  # the layout before torch's (still in old checkpoints)
+            unknown = sorted(map(str, set(state_dict) - {"base", "stage", "nonfinite_steps"}))
+            if unknown:
+                raise ValueError(f"state_dict has unknown keys {unknown}; known: {', '.join(self._KEYS)}")
+            need_keys("state_dict", state_dict, ["stage"])
+            return state_dict["base"], state_dict["stage"], state_dict
+        if "stage" not in state_dict:
+            davda54 = self._from_davda54(state_dict)
+            if davda54 is not None:
+                return davda54
+            stage_keys = ", ".join(self._stage_state())
+            hint = ""
+            if "param_groups" in state_dict:
+                # what scripts for the published code save: loading it would restart the stage
+                hint = (
+                    "; this is a base optimizer's own state_dict, which has no stage: resume from "
+                    "opt.state_dict(), or load it with opt.optimizer.load_state_dict() to start "
+                    "the stage over"
+                )
+            raise ValueError(
+                f"state_dict lacks 'stage': {type(self).__name__}.state_dict() has the base optimizer's "
+                f"'state' and 'param_groups', 'stage' ({stage_keys}) and 'nonfinite_steps'{hint}"
+            )
+        unknown = sorted(map(str, set(state_dict) - set(self._KEYS)))
+        if unknown:
+            raise ValueError(f"state_dict has unknown keys {unknown}; known: {', '.join(self._KEYS)}")
+        base = {k: state_dict[k] for k in ("state", "param_groups") if k in state_dict}
+        return base, state_dict["stage"], state_dict
+
+    def _from_davda54(self, state_dict: dict) -> tuple[dict, dict, dict] | None:
+        """A davda54/sam ``SAM.state_dict()`` as ``(base, stage, rest)``, or None."""
+        return None
+
+    def _check_radii(self, base: dict, stage: dict) -> None:
+        """Refuse per-group values the loaded state carries and this form ignores."""
+
+    def _check_kept(self, kept) -> dict[int, list]:
+        """``kept`` of a state_dict: per lasting slot, one tensor or None per parameter."""
+        if not isinstance(kept, dict):
+            raise ValueError(f"state_dict['kept'] must be a dict, got {type(kept).__name__}")
+        n = len(self._backend.params)
+        foreign = sorted(map(str, set(kept) - {int(s) for s in self._backend.lasting}))
+        if foreign:
+            name = type(self).__name__
+            raise ValueError(f"state_dict['kept'] has slots {foreign}, which {name} does not keep")
+        for slot, values in kept.items():
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                raise ValueError(f"state_dict['kept'][{slot!r}] must hold one entry per parameter ({n})")
+            for p, v in zip(self._backend.params, values):
+                if v is not None and (not isinstance(v, Tensor) or v.shape != p.shape):
+                    raise ValueError(f"state_dict['kept'][{slot!r}] has a value shaped unlike its parameter")
+        return kept
 
     def __repr__(self) -> str:
         options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm}

@@ -101,6 +101,31 @@ class SAM(GroupedSAM):
         need_keys("state_dict['stage']", state, ["rho"])
         self.rho = check_rho("rho", state["rho"])
 
+    def _from_davda54(self, state_dict):
+        """davda54/sam's ``SAM.state_dict()``: its state holds only ``old_p`` / ``e_w``
+        per parameter (its base optimizer's state is not in it), its param groups
+        carry ``rho`` and ``adaptive``."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "rho" in g for g in groups):
+            return None
+        state = state_dict.get("state", {})
+        if not isinstance(state, dict):
+            return None
+        state = {k: {n: v for n, v in st.items() if n not in ("old_p", "e_w")} for k, st in state.items()}
+        base = {"state": {k: st for k, st in state.items() if st}, "param_groups": groups}
+        return base, {"rho": self.rho if self._davda54 else groups[0]["rho"]}, {}
+
+    def _check_radii(self, base, stage):
+        if self._davda54:
+            return  # each group's rho acts
+        radii = [g.get("rho") for g in base["param_groups"]]
+        if any(r is not None and r != stage["rho"] for r in radii):
+            raise ValueError(
+                f"state_dict has per-group rho {radii} (saved by SAM(params, base_optimizer, ...)), but "
+                f"SAM(optimizer, model, rho) moves every group with one rho ({stage['rho']}): load it "
+                "into SAM(params, base_optimizer, ...), or give its groups one rho"
+            )
+
     def _radius(self):
         """``rho``, or in the davda54/sam convention each param group's own."""
         if not self._davda54:

@@ -9,6 +9,7 @@ from its description: one global norm over every parameter with a gradient
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -332,3 +333,41 @@ def test_a_group_added_later_gets_the_default_rho_and_adaptive():
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, lr=0.1)
     opt.add_param_group({"params": extra.parameters()})
     assert (opt.param_groups[1]["rho"], opt.param_groups[1]["adaptive"]) == (0.3, True)
+
+
+def _davda54_state(model):
+    """What davda54/sam's ``SAM.state_dict()`` holds after a step: its own state
+    (``old_p`` per parameter; its base optimizer's momentum is not in it) and the
+    param groups it shares with the base, carrying ``rho`` and ``adaptive``."""
+    groups = [
+        {"params": [0, 1], "rho": 0.05, "adaptive": False, "lr": 0.1, "momentum": 0.9, "dampening": 0,
+         "weight_decay": 0, "nesterov": False, "maximize": False, "foreach": None, "differentiable": False,
+         "fused": None},
+        {"params": [2, 3], "rho": 0.2, "adaptive": False, "lr": 0.02, "momentum": 0.9, "dampening": 0,
+         "weight_decay": 0, "nesterov": False, "maximize": False, "foreach": None, "differentiable": False,
+         "fused": None},
+    ]  # fmt: skip
+    state = {i: {"old_p": p.detach().clone()} for i, p in enumerate(model.parameters())}
+    return {"state": state, "param_groups": groups}
+
+
+def test_a_real_davda54_state_dict_loads():
+    model = _model()
+    opt = SAM(_groups(model, True), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.load_state_dict(_davda54_state(model))
+    assert [g["rho"] for g in opt.param_groups] == [0.05, 0.2]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.02]
+    assert not any(opt.optimizer.state[p] for p in model.parameters())  # old_p dropped
+
+
+def test_per_group_radii_loaded_into_the_one_call_form_are_refused():
+    """They would show in param_groups while every group moved with one rho."""
+    model = _model()
+    davda = SAM(_groups(model, True), torch.optim.SGD, rho=0.05, lr=0.1)
+    saved = davda.state_dict()
+    one_call = SAM(torch.optim.SGD(_groups(model, True), lr=0.1), model, rho=0.05)
+    before = copy.deepcopy(one_call.optimizer.state_dict())
+    for state in (saved, _davda54_state(model)):
+        with pytest.raises(ValueError, match=r"per-group rho \[0.05, 0.2\].*one rho"):
+            one_call.load_state_dict(state)
+        assert one_call.optimizer.state_dict() == before

@@ -163,10 +163,31 @@ def test_state_dict_carries_the_stage_and_validates():
     other = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
     other.load_state_dict(sd)
     assert other.rho_is == [0.0, 0.1] and other.stage == 2
-    with pytest.raises(ValueError, match="lacks 'stage'"):
-        other.load_state_dict({"base": sd["base"]})
+    base = {k: sd[k] for k in ("state", "param_groups")}
+    with pytest.raises(ValueError, match="lacks 'stage'.*base optimizer's own state_dict"):
+        other.load_state_dict(base)
     with pytest.raises(ValueError, match="epoch_count"):
-        other.load_state_dict({"base": sd["base"], "stage": {**sd["stage"], "epoch_count": -1}})
+        other.load_state_dict({**base, "stage": {**sd["stage"], "epoch_count": -1}})
+    # the layout before torch's, in old checkpoints, still loads
+    fresh = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
+    fresh.load_state_dict({"base": base, "stage": sd["stage"], "nonfinite_steps": 0})
+    assert fresh.rho_is == [0.0, 0.1] and fresh.stage == 2
+
+
+def test_state_dict_has_torchs_layout():
+    """``state`` and ``param_groups`` at the top, as torch tooling reads them (the
+    learning rate, torch.distributed.checkpoint), the method's entries beside."""
+    m = mlp()
+    opt = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"), y == 2)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["lr"] == 0.1
+    assert set(sd) == {"state", "param_groups", "stage", "nonfinite_steps"}
+    assert sd["param_groups"] == opt.optimizer.state_dict()["param_groups"]
+    own = opt.optimizer.state_dict()["state"]
+    for a, b in zip(sd["state"].values(), own.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
 # ---- optimizer manners -----------------------------------------------------------
@@ -390,7 +411,7 @@ def _whole_state(opt):
 def _assert_unchanged(opt, before):
     sd, momentum = _whole_state(opt)
     assert sd["stage"] == before[0]["stage"] and sd["nonfinite_steps"] == before[0]["nonfinite_steps"]
-    assert sd["base"]["param_groups"] == before[0]["base"]["param_groups"]
+    assert sd["param_groups"] == before[0]["param_groups"]
     assert all(torch.equal(a, b) for a, b in zip(momentum, before[1]))
     assert opt.param_groups is opt.optimizer.param_groups
 
@@ -419,8 +440,9 @@ def _other_state(method):
         ("ssesam", lambda sd: sd["stage"].update(rho_is=[0.1]), "rho_is"),
         ("ssesam", lambda sd: sd["stage"].update(total_epochs=0), "total_epochs"),
         ("ssesam", lambda sd: sd["stage"].update(gamma=float("nan")), "gamma"),
-        ("ssesam", lambda sd: sd["base"]["param_groups"][0]["params"].pop(), "param groups of sizes"),
-        ("ssesam", lambda sd: sd["base"].pop("state"), "lacks 'state'"),
+        ("ssesam", lambda sd: sd["param_groups"][0]["params"].pop(), "param groups of sizes"),
+        ("ssesam", lambda sd: sd.pop("state"), "lacks 'state'"),
+        ("ssesam", lambda sd: sd.update(kept={20: []}), "slots \\['20'\\]"),
         ("ssesam", lambda sd: sd.update(extra=1), "unknown keys"),
         ("ssesam", lambda sd: sd.update(stage=[1, 2]), "must be a dict"),
     ],
@@ -453,7 +475,7 @@ def test_a_base_optimizers_own_state_dict_is_refused_naming_the_stage(method):
     _, opt = _trained(method)
     before = _whole_state(opt)
     stage_keys = list(opt.state_dict()["stage"])
-    with pytest.raises(ValueError, match="lacks 'base' and 'stage'") as exc:
+    with pytest.raises(ValueError, match="lacks 'stage'") as exc:
         opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
     for key in stage_keys:
         assert key in str(exc.value)
