@@ -288,6 +288,7 @@ class TorchBackend(Backend):
                     "SAM family perturbs along dense gradients (nn.Embedding(sparse=False))"
                 ) from None
             raise
+        if not any(seen):  # the row held no set: what it held where no gradient came is stale
             absent = [views[i] for i, g in enumerate(grads) if g is None]
             if absent:
                 torch._foreach_zero_(absent)

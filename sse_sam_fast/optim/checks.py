@@ -75,7 +75,9 @@ def check_schedule(gamma, total_epochs) -> tuple[float, int]:
     return g, check_count("total_epochs", total_epochs, 1)
 
 
-def check_losses(losses, batch: int | None = None) -> Tensor:
+def check_losses(losses, batch: int | None = None, allow_empty: bool = False) -> Tensor:
+    """Per-sample losses of shape ``(batch,)``; ``allow_empty``: a process's shard
+    may be empty (DDP), the others' samples make the step."""
     if not isinstance(losses, Tensor):
         raise TypeError(f"closure must return a tensor of per-sample losses, got {type(losses).__name__}")
     if losses.dim() != 1:
@@ -85,20 +87,22 @@ def check_losses(losses, batch: int | None = None) -> Tensor:
         )
     if batch is not None and losses.shape[0] != batch:
         raise ValueError(f"closure returned {losses.shape[0]} losses, expected {batch} (the same batch)")
-    if losses.shape[0] == 0 and batch is None:
+    if losses.shape[0] == 0 and batch is None and not allow_empty:
         raise ValueError("closure returned an empty batch of losses")
     if not losses.requires_grad:
         raise ValueError("closure returned losses that do not require grad (was it run under no_grad?)")
     return losses
 
 
-def check_mask(tail_mask, losses: Tensor | None = None, device: torch.device | None = None) -> Tensor:
+def check_mask(
+    tail_mask, losses: Tensor | None = None, device: torch.device | None = None, allow_empty: bool = False
+) -> Tensor:
     """``tail_mask`` for ``losses`` (exact), or before any forward (split) for
-    parameters on ``device``."""
+    parameters on ``device`` (``allow_empty``: a DDP shard may hold no sample)."""
     if not isinstance(tail_mask, Tensor) or tail_mask.dtype != torch.bool:
         raise TypeError(f"tail_mask must be a bool tensor of shape (B,), got {tail_mask!r:.80}")
     if losses is None:
-        if tail_mask.dim() != 1 or tail_mask.numel() == 0:
+        if tail_mask.dim() != 1 or (tail_mask.numel() == 0 and not allow_empty):
             raise ValueError(f"tail_mask must have shape (B,) with B >= 1, got {tuple(tail_mask.shape)}")
         if device is not None and tail_mask.device != device:
             raise ValueError(f"tail_mask is on {tail_mask.device}, the parameters on {device}")

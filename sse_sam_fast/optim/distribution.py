@@ -50,6 +50,11 @@ class Single:
         """Per gradient set, whether each parameter has a gradient on any process."""
         return present
 
+    def agree(self, ok: Tensor | None) -> Tensor | None:
+        """The step's finiteness verdict, false on every process where it is false
+        on any (a NaN loss on one shard must not step one replica only)."""
+        return ok
+
 
 class DDP(Single):
     """A ``DistributedDataParallel`` model's process group."""
@@ -92,6 +97,11 @@ class DDP(Single):
         self.all_reduce_(flags)
         union = (flags > 0).tolist()
         return [union[i * n : (i + 1) * n] for i in range(len(present))]
+
+    def agree(self, ok: Tensor | None) -> Tensor:
+        flag = torch.ones((), device=self._device) if ok is None else ok.to(self._device, torch.float32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return flag > 0
 
 
 def strategy(model: nn.Module | None) -> Single:

@@ -74,12 +74,12 @@ class StepRun:
                 "opt.step(closure, tail_mask) the closure returns the per-sample losses, shape (B,), "
                 "and the optimizer runs every backward itself; nothing was changed"
             )
-        return check_losses(losses, n)
+        return check_losses(losses, n, allow_empty=self.dist.lockstep)
 
     def _prepare(self, plan: StepPlan, closure, mask) -> MicroBatch:
         """exact: the clean forward runs here; split: the mask gives each group's samples."""
         if plan.split:
-            mask = check_mask(mask, device=self.be.params[0].device)
+            mask = check_mask(mask, device=self.be.params[0].device, allow_empty=self.dist.lockstep)
             index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
             index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
             return MicroBatch(closure, mask, mask.shape[0], index=index)
@@ -121,19 +121,21 @@ class StepRun:
         empty group then weighs nothing). ``exact`` counts on the device, without
         a synchronisation; ``split`` has the counts on the host already. Under DDP
         the global count divided by the world size, so that the averaged gradient
-        is the mean over the group's samples of every process."""
-        if not g.per_group:
+        is the mean over the group's samples of every process: shards of unequal
+        sizes, one of them empty, step as one process on their union."""
+        if not g.per_group and not self.dist.lockstep:
             return self.total
-        if g.members not in self.normalisers:
-            if g.members == "all":
+        key = g.members if g.per_group else "batch"
+        if key not in self.normalisers:
+            if key in ("all", "batch"):
                 n = self.total
             elif self.split:
                 n = sum(mb.index[g.members].numel() for mb in self.batches)
             else:
                 tail = torch.stack([mb.mask.sum() for mb in self.batches]).sum()
                 n = tail if g.members == "tail" else self.total - tail
-            self.normalisers[g.members] = self.dist.normaliser(n)
-        return self.normalisers[g.members]
+            self.normalisers[key] = self.dist.normaliser(n)
+        return self.normalisers[key]
 
     def _weights(self, g: Group, mb: MicroBatch, losses: Tensor) -> Tensor:
         """``d L_k / d l_i``: ``c_k / n_k`` for the samples of group ``k`` (``n_k = B``,
@@ -175,7 +177,7 @@ class StepRun:
             self.plan = plan if self.sync_free else plan.without(self._empty(plan))
             be.begin()
             loss = self._passes()
-            ok = self.verdict.ok()
+            ok = self.dist.agree(self.verdict.ok())  # one verdict for every process
             if ok is not None and not self.sync_free:
                 if self.verdict.settle(self.opt, ok, lambda: (be.abort(), stats.restore()), self.scaler):
                     return loss
@@ -249,11 +251,19 @@ class StepRun:
                 idx = mb.index[g.members] if self.split else None
                 losses = self._call(mb, idx, mb.size if idx is None else idx.numel())
                 self._backward(g, mb, losses)
-                if self.scaler is None:  # else an overflowed scaled gradient moved w: the scaler's case
-                    self._check(f"perturbed {g.members}", losses.detach())
+                self._check(f"perturbed {g.members}", self._unless_overflowed(losses.detach(), move))
         norm = self.be.live_norm() if self.scaler is None else None
         if norm is not None:
             self._check(f"perturbed {g.members} gradient", norm)
+
+    def _unless_overflowed(self, losses: Tensor, move: Perturbation) -> Tensor:
+        """Under a scaler, a perturbed pass after a clean gradient that overflowed
+        (the scaled gradient, so its norm, inf: the move was not finite) is the
+        scaler's to handle: it backs off and skips, as in plain AMP. Only then
+        are the pass's losses not checked; a NaN loss at a finite move is."""
+        if self.scaler is None or move.norm is None:
+            return losses
+        return torch.where(torch.isfinite(move.norm).to(losses.device), losses, 0.0)
 
     def _reduce_final(self) -> None:
         """Under DDP, average the final gradient: the live rows, and the

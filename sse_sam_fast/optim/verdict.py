@@ -52,7 +52,8 @@ class Verdict:
     def first_failure(self) -> str:
         """The name of the first pass with a non-finite value (reads on the host)."""
         names = [name for name, vs in self.checks for _ in vs]
-        return names[self._flags().tolist().index(False)]
+        flags = self._flags().tolist() if self.checks else []
+        return names[flags.index(False)] if False in flags else "another process's"
 
     def settle(self, opt, ok: Tensor, abandon: Callable[[], None], scaler=None) -> bool:
         """Host verdict: read ``ok`` (the step's late synchronisation); on a failure

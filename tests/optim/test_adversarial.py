@@ -931,3 +931,104 @@ def test_clean_statistics_policy_covers_instance_norm(backend):
         opt.step(clean(model), TAIL)
         only_clean.append(torch.equal(model[2].running_mean, at_w[2].running_mean))
     assert only_clean == [True, False]
+
+
+def _nan_in_the_perturbed_pass(model):
+    """The second forward (SAM's perturbed pass) returns NaN losses with finite gradients."""
+    calls = []
+
+    def closure():
+        calls.append(1)
+        losses = clean(model)()
+        return losses + torch.full((10,), float("nan")) if len(calls) == 2 else losses
+
+    return closure
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_scaler_does_not_hide_a_nan_loss_of_a_perturbed_pass(backend, nonfinite):
+    """With a GradScaler every pass's loss is checked as without one: the scaler
+    sees only finite gradients and would apply the step."""
+    model, opt = trained("sam", backend, nonfinite=nonfinite)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = snapshot(model, opt)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="perturbed all"):
+            opt.step(_nan_in_the_perturbed_pass(model), scaler=scaler)
+    else:
+        with pytest.warns(RuntimeWarning, match="non-finite value in the perturbed all pass"):
+            opt.step(_nan_in_the_perturbed_pass(model), scaler=scaler)
+        assert opt.nonfinite_steps == 1
+    assert_unchanged(before, snapshot(model, opt))
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    opt.step(clean(model), scaler=scaler)  # and training goes on
+    scaler.update()
+    assert not torch.equal(next(model.parameters()), before["weights"][0])
+
+
+# ---- DDP: shards of unequal sizes, one empty, a NaN on one process ---------------------------------
+def _uneven_steps():
+    """(x, y, tail, rank 0's share, NaN on rank 0): 6/6, then 12/0 (rank 1 empty),
+    then 9/3, then 6/6 with rank 0's losses NaN (finite gradients)."""
+    g = torch.Generator().manual_seed(11)
+    for cut, nan in ((6, False), (12, False), (9, False), (6, True)):
+        x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        yield x, y, y == 2, cut, nan
+
+
+def _uneven_losses(model, x, y, nan):
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return losses + torch.full_like(losses, float("nan")) if nan else losses
+
+
+def _uneven_worker(rank, world, init, backend, method, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    opt = _unused_opt(method, model, backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x, y, tail, cut, nan in _uneven_steps():
+            part = slice(0, cut) if rank == 0 else slice(cut, 12)
+            bad = nan and rank == 0
+            opt.step(lambda: _uneven_losses(model, x[part], y[part], bad), tail[part])
+    torch.save(([p.detach().clone() for p in model.parameters()], opt.nonfinite_steps), f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
+
+
+@pytest.mark.parametrize("method", ["sam", "ssesam"])
+def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(backend, method, tmp_path):
+    """An empty shard contributes nothing (it hung the other process before); shards
+    of unequal sizes weigh by their samples; a NaN on one process skips the step on
+    every process. Bounded: a hang fails the test instead of stopping the suite."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "params.pt")
+    args = (2, f"file://{tmp_path}/pg", backend, method, out)
+    ctx = mp.spawn(_uneven_worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a DDP process waited forever")
+    model = _mlp()
+    opt = _unused_opt(method, model, backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x, y, tail, cut, nan in _uneven_steps():
+            opt.step(lambda: torch.cat([_uneven_losses(model, x[:cut], y[:cut], nan),
+                                        _uneven_losses(model, x[cut:], y[cut:], False)]), tail)  # fmt: skip
+    expected = [p.detach() for p in model.parameters()]
+    assert opt.nonfinite_steps == 1
+    for rank in (0, 1):
+        params, skipped = torch.load(f"{out}.{rank}")
+        assert skipped == 1, f"rank {rank} skipped {skipped} steps"
+        assert_close(params, expected, torch.float32, f"DDP rank {rank} {backend}")
