@@ -1,5 +1,5 @@
-"""The oracle (sse_sam_fast.published): independent of the engine and true to
-the maths of DESIGN.md section 1 on its own."""
+"""The oracle (sse_sam_fast.published): independent of the engine, true to the
+maths of DESIGN.md section 1 on its own, and able to tell a wrong update."""
 
 import ast
 import subprocess
@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import published
+from sse_sam_fast import verify as verify_mod
+from sse_sam_fast.verify import Case, compare, run, run_published
 
 SOURCE = Path(published.__file__)
 
@@ -107,6 +109,27 @@ def test_one_step_is_the_formula(method, radii, stages):
     assert got[0] != pytest.approx(_expected(W0, [(ALL, 1.0, 0.0)]))  # the radius moved it
 
 
+@pytest.mark.parametrize("method,forwards,backwards", [("sam", 2, 2), ("imbsam", 2, 3), ("ssesam", 4, 4)])
+def test_the_published_loops_count_of_passes(method, forwards, backwards):
+    case = Case(method=method, steps=4)
+    model, opt = case.build_published()
+    counts = {"forward": 0, "backward": 0}
+
+    def count(module, args, out):
+        counts["forward"] += 1
+        out.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+
+    model.register_forward_hook(count)
+    for step, (x, y, tail) in enumerate(case.batches()):
+        published.forbackward(method, opt, model, verify_mod.criterion, x, y, tail)
+        # in stage 2 too (from the third step): the published code perturbs the head by 0
+        assert counts == {"forward": forwards, "backward": backwards}, f"step {step}"
+        counts.update(forward=0, backward=0)
+        if method == "ssesam" and step % 2 == 1:
+            opt.update_rho()
+    assert method != "ssesam" or opt.rho_is[0] == 0
+
+
 class _HalfUsed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -135,3 +158,29 @@ def test_where_the_published_code_fails_the_library_is_followed():
     no_tail = torch.zeros(6, dtype=torch.bool)
     published.imbsam_step(imb, model, ce, x, y, no_tail, 1.0, "group")
     assert torch.isfinite(model.weight).all()  # an empty tail over its own count: 0/max(0, 1)
+
+
+@pytest.mark.parametrize("method,wrong", [("sam", "rho"), ("imbsam", "rho"), ("ssesam", "tail_rho")])
+def test_the_oracle_tells_a_wrong_radius(method, wrong):
+    case = Case(method=method, steps=3)
+    ours = run(case, "torch", "step")
+    assert compare(ours, run_published(case)).ok
+    right = {"sam": 0.07, "imbsam": 0.06, "ssesam": 0.11}[method]
+    off = Case(method=method, steps=3, hparams={wrong: right * 1.001})
+    assert not compare(ours, run_published(off)).ok
+
+
+def test_verify_compares_with_the_oracle(monkeypatch):
+    """A fault put into the oracle alone (no stage switch) fails exactly the
+    SSE-SAM rows: the library is no longer its own ground truth."""
+    cases = lambda dtypes: [Case(method="ssesam"), Case(method="sam")]  # noqa: E731
+    monkeypatch.setattr(verify_mod, "default_cases", cases)
+    assert all(r.diff.ok for r in verify_mod.verify("reference", steps=4, dtypes=(torch.float32,)))
+    monkeypatch.setattr(published.SSESAM, "update_rho", lambda self: None)
+    results = verify_mod.verify("reference", steps=4, dtypes=(torch.float32,))
+    assert [(r.case.method, r.api, r.diff.ok) for r in results] == [
+        ("ssesam", "step", False),
+        ("ssesam", "official", False),
+        ("sam", "step", True),
+        ("sam", "official", True),
+    ]
