@@ -91,6 +91,8 @@ class Diff:
     worst: str | None = None
     nonfinite: str = ""
     tolerance: str = ""
+    atol: float = 0.0
+    rtol: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -160,9 +162,8 @@ def compare(actual: Tensor | Sequence[Tensor], expected: Tensor | Sequence[Tenso
                 f"{_where(i, shape, int(positions[j]), single)}: actual {a[j].item()!r}, "
                 f"expected {e[j].item()!r}, |diff| {err[j].item():.3g}"
             )
-    return Diff(
-        max_abs, max_rel, n_bad, numel, worst, "; ".join(nonfinite), f"atol={atol}, rtol={rtol} {key}"
-    )
+    tolerance = f"atol={atol}, rtol={rtol} {key}"
+    return Diff(max_abs, max_rel, n_bad, numel, worst, "; ".join(nonfinite), tolerance, atol, rtol)
 
 
 def assert_close(
@@ -429,10 +430,16 @@ def verify(
 
 
 def format_results(results: list[Result]) -> str:
+    """One row per case and API: the largest differences, the tolerance they
+    were held to (``atol``, ``rtol`` of TOLERANCES) and the verdict."""
     width = max(len(r.case.name) for r in results)
-    lines = [f"{'case':<{width}}  {'api':<8}  {'max abs':>9}  {'max rel':>9}  result"]
+    head = f"{'case':<{width}}  {'api':<8}  {'max abs':>9}  {'max rel':>9}  {'atol':>7}  {'rtol':>7}  result"
+    lines = [head]
     for r in results:
-        status = "PASS" if r.diff.ok else f"FAIL ({r.diff})"
         d = r.diff
-        lines.append(f"{r.case.name:<{width}}  {r.api:<8}  {d.max_abs:>9.2e}  {d.max_rel:>9.2e}  {status}")
+        status = "PASS" if d.ok else f"FAIL ({d})"
+        lines.append(
+            f"{r.case.name:<{width}}  {r.api:<8}  {d.max_abs:>9.2e}  {d.max_rel:>9.2e}  "
+            f"{d.atol:>7g}  {d.rtol:>7g}  {status}"
+        )
     return "\n".join(lines)
