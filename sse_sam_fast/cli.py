@@ -332,9 +332,10 @@ def _add_verify(commands) -> None:
         help="check a backend against the published algorithms on this machine",
         description=(
             "Run the parity matrix (SAM, ImbSAM, SSE-SAM x an MLP and a BatchNorm CNN x both APIs x "
-            "dtypes, plus empty groups, frozen/unused parameters, Adam, param groups) of a backend "
-            "against the published training loop on the reference backend, on the same device. "
-            "Exits 1 if any case fails."
+            "dtypes, plus empty groups, frozen/unused parameters, Adam, param groups, ASAM, clipping) of "
+            "a backend against the published code, transcribed independently of the engine in "
+            "sse_sam_fast/published.py, on the same device. Each row prints the tolerance it is held "
+            "to. Exits 1 if any case fails."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -369,17 +370,24 @@ def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     device = _usable_device(args.device, parser)
     backend = resolve_backend(args.backend, [torch.empty(0, device=device)])
+    interpreter = None
     if backend == "triton" and device.type != "cuda":
         # without a GPU the kernels run through Triton's interpreter (set before triton loads)
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            interpreter = "Triton interpreter on (TRITON_INTERPRET=1 was already set)"
+        elif "triton" in sys.modules:
             parser.error("--backend triton on a CPU device needs TRITON_INTERPRET=1 set before triton loads")
-        os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ["TRITON_INTERPRET"] = "1"
+            interpreter = "Triton interpreter turned on by verify (TRITON_INTERPRET=1): no CUDA device"
     dtypes = [getattr(torch, d) for d in args.dtypes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"verify backend={backend} on {device} ({name}), {args.steps} steps per case; "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; ground truth: the published code (sse_sam_fast/published.py)"
     )
+    if interpreter:
+        print(interpreter)
     apis = ("step", "official", "capture") if args.capture else ("step", "official")
     results = verify(backend, str(device), args.steps, dtypes, apis)
     print(format_results(results))

@@ -1,16 +1,19 @@
-"""Numerical verification of a backend against the reference.
+"""Numerical verification of a backend against the published code.
 
 The same cases serve the test suite, ``sse-sam-fast verify`` and the
 benchmarks, so what is verified and what is timed cannot drift apart.
 
-The ground truth is :func:`published_step`: the training loop of the published
-code (``forbackward`` in the official SSE-SAM repository), written out with the
-official method names and run on the ``reference`` backend. Every other
-combination of backend and API is compared with it, parameter by parameter.
+The ground truth is :func:`run_published`: each case trained by the published
+per-parameter code as transcribed in :mod:`sse_sam_fast.published`, which
+imports nothing from the engine, its backends or the kernels. Every backend of
+this library is compared with it, parameter by parameter, through every API:
+``opt.step``, ``opt.capture``, and the official methods driven by the
+published training loop.
 
 Public names: :class:`Case`, :func:`default_cases`, :func:`run`,
-:func:`published_step`, :func:`per_sample_losses` (the cases' loss), the
-tolerance table ``TOLERANCES`` with :func:`tolerance_key`, :func:`compare` /
+:func:`run_published`, :func:`published_step`, :func:`criterion` and
+:func:`per_sample_losses` (the cases' loss), the tolerance table
+``TOLERANCES`` with :func:`tolerance_key`, :func:`compare` /
 :func:`assert_close` (the one comparison the tests, the benchmarks and the
 ``verify`` command use), :func:`verify` and :func:`format_results`.
 """
@@ -25,14 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import SAM, SSESAM, ImbSAM
+from . import SAM, SSESAM, ImbSAM, published
 from .train.models import mlp, small_bn_cnn
+
+_LIBRARY = {"sam": SAM, "imbsam": ImbSAM, "ssesam": SSESAM}
+_PUBLISHED = {"sam": published.SAM, "imbsam": published.ImbSAM, "ssesam": published.SSESAM}
 
 # One table of tolerances: (atol, rtol) per use and dtype of the compared tensor.
 #   "step": a backend's parameters after several optimizer steps against the
-#     reference (verify, the parity tests). The backends differ from the reference
-#     only in the order of the norm's summation (fp32) and in computing norms and
-#     scales in fp32 where the reference rounds them to the storage dtype (bf16, fp16).
+#     published code (verify, the parity tests). Like the reference backend, the
+#     transcription computes per parameter in the storage dtype and restores by
+#     subtraction; the flat backends differ only in the order of the norm's summation
+#     (fp32), in computing norms and scales in fp32 where the published code rounds
+#     them to the storage dtype (bf16, fp16), and in restoring by copy.
 #   "step-interpreted": Triton's interpreter converts fp32 to bf16 by truncation,
 #     not round-to-nearest-even as compiled kernels do: its bias adds up to ~7 bf16
 #     ulps over six steps of the BatchNorm CNN.
@@ -83,6 +91,8 @@ class Diff:
     worst: str | None = None
     nonfinite: str = ""
     tolerance: str = ""
+    atol: float = 0.0
+    rtol: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -152,9 +162,8 @@ def compare(actual: Tensor | Sequence[Tensor], expected: Tensor | Sequence[Tenso
                 f"{_where(i, shape, int(positions[j]), single)}: actual {a[j].item()!r}, "
                 f"expected {e[j].item()!r}, |diff| {err[j].item():.3g}"
             )
-    return Diff(
-        max_abs, max_rel, n_bad, numel, worst, "; ".join(nonfinite), f"atol={atol}, rtol={rtol} {key}"
-    )
+    tolerance = f"atol={atol}, rtol={rtol} {key}"
+    return Diff(max_abs, max_rel, n_bad, numel, worst, "; ".join(nonfinite), tolerance, atol, rtol)
 
 
 def assert_close(
@@ -208,7 +217,8 @@ class Case:
         dt = str(self.dtype).replace("torch.", "")
         return "-".join([self.method, self.model, self.base, self.masks, dt, *extra])
 
-    def build(self, backend: str, device: str | torch.device = "cpu"):
+    def parts(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model and the base optimizer, the same for every run of this case."""
         torch.manual_seed(self.seed)
         model = mlp(16, 6, 24) if self.model == "mlp" else small_bn_cnn(1, 6, 4)
         if self.unused:
@@ -234,32 +244,38 @@ class Case:
             base = torch.optim.SGD(
                 params, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=self.base == "nesterov"
             )
+        return model, base
+
+    @property
+    def normalization(self) -> str:
+        return self.hparams.get("normalization", "batch")
+
+    def _wrap(self, classes: dict, base, model, **extra):
+        """``classes[method](base, model, radii..., **options)``: this library's
+        classes or the published ones, with the same hyperparameters."""
+        h = self.hparams.get
         # the options every method takes: ASAM and gradient clipping
-        options = {k: self.hparams[k] for k in ("adaptive", "max_grad_norm") if k in self.hparams}
+        extra.update({k: self.hparams[k] for k in ("adaptive", "max_grad_norm") if k in self.hparams})
         if self.method == "sam":
-            opt = SAM(base, model, self.hparams.get("rho", 0.07), backend=backend, **options)
+            radii = (h("rho", 0.07),)
         elif self.method == "imbsam":
-            opt = ImbSAM(
-                base,
-                model,
-                self.hparams.get("rho", 0.06),
-                normalization=self.hparams.get("normalization", "batch"),
-                backend=backend,
-                **options,
-            )
+            radii = (h("rho", 0.06),)
         else:
             # the switch falls in the middle of the run: update_rho() runs every 2 steps
-            opt = SSESAM(
-                base,
-                model,
-                self.hparams.get("head_rho", 0.05),
-                self.hparams.get("tail_rho", 0.11),
-                gamma=0.5,
-                total_epochs=self.steps // 2,
-                backend=backend,
-                **options,
-            )
-        return model, opt
+            radii = (h("head_rho", 0.05), h("tail_rho", 0.11))
+            extra.update(gamma=0.5, total_epochs=self.steps // 2)
+        return classes[self.method](base, model, *radii, **extra)
+
+    def build(self, backend: str, device: str | torch.device = "cpu"):
+        """The model and this library's optimizer on ``backend``."""
+        model, base = self.parts(device)
+        extra = {"normalization": self.normalization} if self.method == "imbsam" else {}
+        return model, self._wrap(_LIBRARY, base, model, backend=backend, **extra)
+
+    def build_published(self, device: str | torch.device = "cpu"):
+        """The model and the published optimizer (:mod:`sse_sam_fast.published`)."""
+        model, base = self.parts(device)
+        return model, self._wrap(_PUBLISHED, base, model)
 
     def batches(self):
         g = torch.Generator().manual_seed(1000 + self.seed)
@@ -275,62 +291,67 @@ class Case:
             yield x, y, tail
 
 
+def criterion(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy per sample, in fp32 whatever the model's dtype: the
+    published loops' ``lossFunc``."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def per_sample_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy per sample, in fp32 whatever the model's dtype: the closure
-    ``opt.step`` takes, and the losses the published loop sums per group."""
-    return F.cross_entropy(model(x).float(), y, reduction="none")
+    """:func:`criterion` of ``model(x)``: the closure ``opt.step`` takes."""
+    return criterion(model(x), y)
 
 
 def published_step(opt, model: nn.Module, x: Tensor, y: Tensor, tail: Tensor, method: str) -> None:
-    """One step exactly as the published training loop drives the official
-    methods (4 forwards and 4 backwards for SSE-SAM)."""
-    b = y.shape[0]
-    head = ~tail
-    if method == "sam":
-        per_sample_losses(model, x, y).mean().backward()
-        opt.first_step()
-        per_sample_losses(model, x, y).mean().backward()
-        opt.second_step()
-    elif method == "imbsam":
-        # normalization="group": the ImbSAM baseline of the SSE-SAM repository, each
-        # group's loss over its own count (max(n, 1): the published code divides by 0)
-        group = opt.normalization == "group"
-        n_head = max(int(head.sum()), 1) if group else b
-        n_tail = max(int(tail.sum()), 1) if group else b
-        loss = per_sample_losses(model, x, y)
-        (loss[head].sum() / n_head).backward(retain_graph=True)
-        opt.first_step()
-        (opt.tail_weight * loss[tail].sum() / n_tail).backward()
-        opt.second_step()
-        (opt.tail_weight * per_sample_losses(model, x, y)[tail].sum() / n_tail).backward()
-        opt.third_step()
-    else:
-        for n_i, members in ((0, head), (1, tail)):
-            (per_sample_losses(model, x, y)[members].sum() / b).backward()
-            opt.compute_and_add_epsilon(n_i)
-            (per_sample_losses(model, x, y)[members].sum() / b).backward()
-            opt.compute_grad_sum_and_restore_p()
-        opt.update()
+    """One step of the published training loop (:func:`published.forbackward`,
+    4 forwards and 4 backwards for SSE-SAM) driving ``opt``'s official methods:
+    how a script written for the published code uses this library."""
+    imbsam = {}
+    if method == "imbsam":
+        imbsam = {"tail_weight": opt.tail_weight, "normalization": opt.normalization}
+    published.forbackward(method, opt, model, criterion, x, y, tail, **imbsam)
+
+
+def _train(case: Case, model: nn.Module, opt, step, device) -> list[Tensor]:
+    for i, (x, y, tail) in enumerate(case.batches()):
+        step(*(t.to(device) for t in (x, y, tail)))
+        if case.method == "ssesam" and i % 2 == 1:
+            opt.update_rho()
+    return [p.detach().cpu().clone() for p in model.parameters() if p.requires_grad]
 
 
 def run(case: Case, backend: str = "reference", api: str = "official", device="cpu") -> list[Tensor]:
-    """Train ``case`` with ``backend`` through ``api`` ("official", "step" or
-    "capture": ``opt.capture``, CUDA graphs where they apply) on ``device``;
-    returns the final trainable parameters, on the CPU."""
+    """Train ``case`` with this library's ``backend`` through ``api`` on ``device``:
+    ``"official"`` (the published loop driving the official methods), ``"step"``
+    (``opt.step(closure, tail_mask)``) or ``"capture"`` (``opt.capture``, CUDA
+    graphs where they apply). Returns the final trainable parameters, on the CPU."""
     model, opt = case.build(backend, device)
     model.train()
-    captured = opt.capture(lambda x, y: per_sample_losses(model, x, y)) if api == "capture" else None
-    for step, batch in enumerate(case.batches()):
-        x, y, tail = (t.to(device) for t in batch)
-        if api == "official":
-            published_step(opt, model, x, y, tail, case.method)
-        elif captured is not None:
-            captured(x, y, tail_mask=tail)
-        else:
-            opt.step(lambda: per_sample_losses(model, x, y), tail)
-        if case.method == "ssesam" and step % 2 == 1:
-            opt.update_rho()
-    return [p.detach().cpu().clone() for p in model.parameters() if p.requires_grad]
+    if api == "official":
+        step = lambda x, y, tail: published_step(opt, model, x, y, tail, case.method)  # noqa: E731
+    elif api == "capture":
+        captured = opt.capture(lambda x, y: per_sample_losses(model, x, y))
+        step = lambda x, y, tail: captured(x, y, tail_mask=tail)  # noqa: E731
+    elif api == "step":
+        step = lambda x, y, tail: opt.step(lambda: per_sample_losses(model, x, y), tail)  # noqa: E731
+    else:
+        raise ValueError(f"api must be 'official', 'step' or 'capture', got {api!r}")
+    return _train(case, model, opt, step, device)
+
+
+def run_published(case: Case, device="cpu") -> list[Tensor]:
+    """The ground truth: ``case`` trained by the published code, transcribed in
+    :mod:`sse_sam_fast.published` (independent of the engine, its backends and
+    kernels). ImbSAM's tail weight is the published one: 2 in ImbSAM's code,
+    1 in the SSE-SAM repository's per-group baseline."""
+    model, opt = case.build_published(device)
+    model.train()
+    imbsam = {}
+    if case.method == "imbsam":
+        tail_weight = 2.0 if case.normalization == "batch" else 1.0
+        imbsam = {"tail_weight": tail_weight, "normalization": case.normalization}
+    step = lambda x, y, tail: published.forbackward(case.method, opt, model, criterion, x, y, tail, **imbsam)  # noqa: E731
+    return _train(case, model, opt, step, device)
 
 
 def default_cases(dtypes=(torch.float32,)) -> list[Case]:
@@ -397,11 +418,11 @@ def verify(
     apis=("step", "official"),
 ) -> list[Result]:
     """Run the verification matrix of ``backend`` on ``device`` against the
-    published loop on the reference backend (same device)."""
+    published code (:func:`run_published`, same device)."""
     results = []
     for case in default_cases(tuple(dtypes)):
         case.steps = steps
-        expected = run(case, "reference", "official", device)
+        expected = run_published(case, device)
         key = tolerance_key(case.dtype, backend)
         for api in apis:
             results.append(Result(case, api, compare(run(case, backend, api, device), expected, key)))
@@ -409,10 +430,16 @@ def verify(
 
 
 def format_results(results: list[Result]) -> str:
+    """One row per case and API: the largest differences, the tolerance they
+    were held to (``atol``, ``rtol`` of TOLERANCES) and the verdict."""
     width = max(len(r.case.name) for r in results)
-    lines = [f"{'case':<{width}}  {'api':<8}  {'max abs':>9}  {'max rel':>9}  result"]
+    head = f"{'case':<{width}}  {'api':<8}  {'max abs':>9}  {'max rel':>9}  {'atol':>7}  {'rtol':>7}  result"
+    lines = [head]
     for r in results:
-        status = "PASS" if r.diff.ok else f"FAIL ({r.diff})"
         d = r.diff
-        lines.append(f"{r.case.name:<{width}}  {r.api:<8}  {d.max_abs:>9.2e}  {d.max_rel:>9.2e}  {status}")
+        status = "PASS" if d.ok else f"FAIL ({d})"
+        lines.append(
+            f"{r.case.name:<{width}}  {r.api:<8}  {d.max_abs:>9.2e}  {d.max_rel:>9.2e}  "
+            f"{d.atol:>7g}  {d.rtol:>7g}  {status}"
+        )
     return "\n".join(lines)

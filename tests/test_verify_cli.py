@@ -1,5 +1,9 @@
 """`sse-sam-fast verify` and `bench`: exit codes and output."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,10 @@ def test_verify_torch_passes_and_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "ssesam-bn_cnn-sgd-random-float32" in out and "FAIL" not in out
     assert out.splitlines()[-1].endswith("0 failed")
+    assert "ground truth: the published code" in out and "interpreter" not in out
+    header, row = out.splitlines()[1:3]
+    assert header.split()[-3:] == ["atol", "rtol", "result"]
+    assert row.split()[-3:] == ["2e-06", "1e-05", "PASS"]  # the float32 "step" row of TOLERANCES
 
 
 def test_verify_triton_passes_under_the_interpreter(capsys):
@@ -21,6 +29,27 @@ def test_verify_triton_passes_under_the_interpreter(capsys):
     assert (
         main(["verify", "--backend", "triton", "--device", "cpu", "--steps", "2", "--dtypes", "float32"]) == 0
     )
+    assert "Triton interpreter on (TRITON_INTERPRET=1 was already set)" in capsys.readouterr().out
+
+
+def test_verify_says_it_turned_the_interpreter_on():
+    """A fresh process without TRITON_INTERPRET: verify sets it before triton
+    loads and says so (one case, to keep the interpreter run short)."""
+    pytest.importorskip("triton")
+    args = ["verify", "--backend", "triton", "--device", "cpu", "--steps", "2", "--dtypes", "float32"]
+    script = (
+        "import sys\n"
+        "import sse_sam_fast.verify as v\n"
+        "cases = v.default_cases\n"
+        "v.default_cases = lambda d: [c for c in cases(d) if c.name == 'sam-mlp-sgd-random-float32']\n"
+        "from sse_sam_fast.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Triton interpreter turned on by verify (TRITON_INTERPRET=1)" in done.stdout
+    assert done.stdout.splitlines()[-1] == "2 passed, 0 failed"
 
 
 def test_verify_exits_1_on_a_mismatch(capsys, monkeypatch):

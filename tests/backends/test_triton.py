@@ -1,4 +1,4 @@
-"""The triton backend against the published loop: through Triton's interpreter
+"""The triton backend against the published code (sse_sam_fast.published): through Triton's interpreter
 on CPU tensors here, compiled on CUDA where a GPU is present."""
 
 import copy
@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from sse_sam_fast import SAM, SSESAM  # noqa: E402
 from sse_sam_fast.backends import resolve_backend  # noqa: E402
-from sse_sam_fast.verify import Case, assert_close, default_cases, run, tolerance_key  # noqa: E402
+from sse_sam_fast.verify import Case, assert_close, default_cases, run, run_published, tolerance_key  # noqa: E402
 
 CASES = (
     default_cases((torch.float32,))
@@ -22,8 +22,8 @@ CASES = (
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("api", ["step", "official"])
-def test_triton_matches_published_loop(case, api):
-    expected = run(case, "reference", "official")
+def test_triton_matches_published_code(case, api):
+    expected = run_published(case)
     key = tolerance_key(case.dtype, "triton")
     assert_close(run(case, "triton", api), expected, key, f"{case.name} triton/{api}")
 
@@ -98,8 +98,8 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", default_cases((torch.float32,)), ids=lambda c: c.name)
-def test_cuda_triton_matches_published_loop_on_cpu(case):
-    expected = run(case, "reference", "official")
+def test_cuda_triton_matches_published_code_on_cpu(case):
+    expected = run_published(case)
     assert_close(run(case, "triton", "step", device="cuda"), expected, torch.float32, f"cuda {case.name}")
 
 

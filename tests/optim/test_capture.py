@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
-from sse_sam_fast.verify import Case, assert_close, per_sample_losses, run
+from sse_sam_fast.verify import Case, assert_close, per_sample_losses, run, run_published
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -92,7 +92,7 @@ def test_capture_returns_the_loss_and_checks_its_arguments():
 
 def test_verify_capture_api_on_cpu():
     case = Case(method="ssesam", model="bn_cnn", steps=5)
-    expected = run(case, "reference", "official")
+    expected = run_published(case)
     assert_close(run(case, "torch", "capture"), expected, torch.float32, "capture on cpu")
 
 

@@ -1,10 +1,11 @@
 """The davda54/sam convention: ``SAM(params, base_optimizer_cls, rho, adaptive,
 **kwargs)``, scripts that change only their import line.
 
-The oracle below is our own re-implementation of davda54/sam's update, written
-from its description: one global norm over every parameter with a gradient
-(``|w|·g`` for adaptive groups), ``+ 1e-12``, per-group ``rho``, the move
-``rho·T²·g/(norm + 1e-12)``, the old weights copied back before the base step.
+The oracle is ``sse_sam_fast.published.Davda54SAM``, a transcription of
+davda54/sam's update independent of the engine: one global norm over every
+parameter with a gradient (``|w|·g`` for adaptive groups), per-group ``rho``,
+the move ``rho·T²·g/(norm + EPS)``, the old weights copied back before the
+base step.
 """
 
 from __future__ import annotations
@@ -18,47 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM
+from sse_sam_fast.published import Davda54SAM as Oracle
 
 BACKENDS = ["reference", "torch", "triton"]
-
-
-class Oracle(torch.optim.Optimizer):
-    """davda54/sam's SAM, as its users drive it (first/second step, or step(closure))."""
-
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
-
-    def _scale_of(self, group, p):
-        return p.abs() if group["adaptive"] else torch.ones_like(p)
-
-    @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        with_grad = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.stack([(self._scale_of(g, p) * p.grad).norm() for g, p in with_grad]).norm()
-        for g, p in with_grad:
-            self.state[p]["w"] = p.detach().clone()
-            p.add_(self._scale_of(g, p) ** 2 * p.grad * (g["rho"] / (norm + 1e-12)))
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    p.copy_(self.state[p]["w"])
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-    def step(self, closure):
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            closure()
-        self.second_step()
 
 
 def _model():
