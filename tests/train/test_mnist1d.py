@@ -1,4 +1,4 @@
-"""MNIST-1D-LT: the generated signals, their cache, the long-tailed split.
+"""MNIST-1D-LT: the generated signals, their cache, the long-tailed split, the 1-D CNN.
 
 The default data set (20,000 signals, about 4 s to generate) is generated once per module
 into a temporary cache; the other data tests generate a few hundred signals.
@@ -23,6 +23,7 @@ from sse_sam_fast.train.data import (  # noqa: E402
     mnist1d_arrays,
     mnist1d_lt,
 )
+from sse_sam_fast.train.models import Cnn1d, cnn1d  # noqa: E402
 
 # int(1700 · 100^(-c/9)): 1,700 of the 2,000 signals per class are left after the 300 test ones
 DEFAULT_COUNTS = [1700, 1019, 610, 366, 219, 131, 78, 47, 28, 17]
@@ -139,3 +140,31 @@ def test_split_is_deterministic_per_seed():
     c = mnist1d_lt(seed=4, **small)
     assert torch.equal(torch.bincount(a[1]), torch.bincount(c[1]))  # same profile ...
     assert not torch.equal(a[0], c[0])  # ... other samples
+
+
+# ---- the 1-D CNN --------------------------------------------------------------------------------
+
+
+def test_cnn1d_is_the_papers_convnet():
+    model = cnn1d(40, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (1, 25, 5, 2),
+        (25, 25, 3, 2),
+        (25, 25, 3, 2),
+    ]
+    assert model.fc.in_features == 125  # 40 -> 19 -> 10 -> 5 positions, 25 channels each
+    assert sum(p.numel() for p in model.parameters()) == 5210
+    assert model(torch.randn(7, 40)).shape == (7, 10)
+    assert cnn1d(64, 3)(torch.randn(2, 64)).shape == (2, 3)
+    with pytest.raises(ValueError, match="length"):
+        Cnn1d(2)
+
+
+def test_cnn1d_losses_are_per_sample():
+    # no normalisation layer: the split schedule is exact for it
+    torch.manual_seed(0)
+    model, x = cnn1d(), torch.randn(6, 40)
+    together = model(x)
+    alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
