@@ -514,9 +514,10 @@ def load_dataset(
     data_dir: str | Path = "data",
     download: bool = False,
 ) -> LongTailData:
-    """One of :data:`DATASETS`. ``seed`` draws the digits split and the synthetic
-    mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes`` is
-    for ``synthetic-lt`` only."""
+    """One of :data:`DATASETS`. ``seed`` draws the digits and MNIST-1D splits and the
+    synthetic mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes``
+    is for ``synthetic-lt`` only. ``data_dir`` holds the CIFAR files and the MNIST-1D
+    cache (``data_dir/mnist1d``)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
     return DATASETS[name](name, imb_factor, seed, num_classes, data_dir, download)
@@ -524,6 +525,11 @@ def load_dataset(
 
 def _digits(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
     return LongTailData(name, *digits_lt(imb_factor, seed=seed), num_classes=10)
+
+
+def _mnist1d(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
+    tensors = mnist1d_lt(imb_factor, seed=seed, cache_dir=Path(data_dir) / MNIST1D_CACHE)
+    return LongTailData(name, *tensors, num_classes=10)
 
 
 def _synthetic(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
@@ -538,5 +544,12 @@ def _cifar(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailD
 
 
 # The --dataset choices: name -> load(name, imb_factor, seed, num_classes, data_dir, download)
-DATASETS = {"digits-lt": _digits, "synthetic-lt": _synthetic, "cifar10-lt": _cifar, "cifar100-lt": _cifar}
+DATASETS = {
+    "digits-lt": _digits,
+    "mnist1d-lt": _mnist1d,
+    "synthetic-lt": _synthetic,
+    "cifar10-lt": _cifar,
+    "cifar100-lt": _cifar,
+}
 IMAGE_DATASETS = tuple(_CIFAR_LAYOUT)  # 3x32x32 images; the others are feature vectors
+SIGNAL_DATASETS = ("mnist1d-lt",)  # feature vectors that are 1-D signals (for the 1-D CNN)
