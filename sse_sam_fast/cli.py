@@ -108,8 +108,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="CIFAR root holding cifar-10-batches-py/ or cifar-100-python/; mnist1d-lt keeps its "
-        "generated arrays in DIR/mnist1d/ (default ./data)",
+        help="CIFAR root (cifar-10-batches-py/, cifar-100-python/); mnist1d-lt's cache (default ./data)",
     )
     data.add_argument(
         "--download",
@@ -121,9 +120,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     model = p.add_argument_group("model and loss")
     model.add_argument(
-        "--model",
-        choices=tuple(MODELS),
-        help="mlp (flattens images), cnn1d (mnist1d-lt only) or an image model (images only)",
+        "--model", choices=tuple(MODELS), help="mlp (flattens images), cnn1d (mnist1d-lt) or an image model"
     )
     model.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default 128)")
     model.add_argument(
