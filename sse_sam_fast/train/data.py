@@ -20,6 +20,7 @@ set is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -260,18 +261,20 @@ def mnist1d_arrays(
                 x, y = f["x"], f["y"]
             if _valid_mnist1d(x, y, per_class):
                 return x, y
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # a damaged or foreign file: generate again and replace it
     x, y = _generate_mnist1d(per_class)
     if path is not None:
+        # written beside, then renamed: runs started together never read half a file
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # written beside, then renamed: runs started together never read half a file
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
             np.savez(tmp, x=x, y=y)
             os.replace(tmp, path)
         except OSError:
-            pass  # a read-only --data-dir: the data are right, only the next run regenerates
+            # a read-only or full --data-dir: the data are right, only the next run regenerates
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return x, y
 
 
@@ -291,9 +294,9 @@ def mnist1d_lt(
     of :func:`mnist1d_arrays` are one fixed draw; ``seed`` draws the split
     (:func:`long_tail_split`): ``test_per_class`` samples of each class for the
     balanced test split, and with the defaults 1,700 training samples of class 0
-    down to 17 of class 9. The signals are used as the generator standardises them
-    (one mean and one scale over the whole draw), the form every MNIST-1D result
-    is reported in.
+    down to 17 of class 9. The signals are used as the generator hands them out,
+    standardised by one mean and one scale over the whole draw (no per-position
+    statistics, which would be near-constant anyway: the digits are translated).
     """
     x, y = mnist1d_arrays(per_class, cache_dir)
     train_idx, test_idx = long_tail_split(y, imb_factor, test_per_class, seed)
