@@ -1,7 +1,7 @@
 """Command-line interface: ``sse-sam-fast <command>`` or ``python -m sse_sam_fast <command>``.
 
-``train``   trains one model on a long-tailed data set (digits, a Gaussian mixture,
-            CIFAR-10/100-LT) with SGD, SAM, ImbSAM or SSE-SAM and reports Many /
+``train``   trains one model on a long-tailed data set (digits, MNIST-1D, a Gaussian
+            mixture, CIFAR-10/100-LT) with SGD, SAM, ImbSAM or SSE-SAM and reports Many /
             Medium / Few and head / tail accuracy; checkpoints every epoch.
 ``compare`` runs several methods over several seeds and tabulates mean ± std.
 ``verify``  checks a backend against the published algorithms on this machine.
@@ -85,13 +85,17 @@ _DEFAULTS_EPILOG = """\
 defaults by data set (each can be overridden):
   digits-lt, synthetic-lt: --model mlp --epochs 30 --batch-size 64 --lr 0.05 --momentum 0.9
       --weight-decay 5e-4; --imb-factor 10 (digits) / 100 (synthetic, 500 down to 5 samples)
+  mnist1d-lt: the same with --epochs 40 --imb-factor 100 (1700 down to 17 samples); --model cnn1d
+      for the MNIST-1D paper's CNN
   cifar10-lt, cifar100-lt: --model resnet32 --epochs 200 --batch-size 64 --lr 0.01 --momentum 0.9
       --weight-decay 1e-3 --imb-factor 100 (the published SSE-SAM / ImbSAM recipe)
   every data set: cosine LR decay per epoch; --rho 0.05 --head-rho 0.05 --tail-rho 0.1 --gamma 0.7
---eta (tail classes have fewer training samples): digits-lt 40; cifar100-lt 100 (20 for imbsam);
-  other profiles the Many threshold (the Few threshold for imbsam)
+--eta (tail classes have fewer training samples): digits-lt 40; mnist1d-lt the Few threshold (68 at
+  imbalance 100); cifar100-lt 100 (20 for imbsam); other profiles the Many threshold (the Few
+  threshold for imbsam)
 Many / Medium / Few: cifar100-lt n > 100 / 20..100 / n < 20 (the literature's); other profiles
-  the same positions on their own profile (digits-lt: n > 54 / 25..54 / n < 25)
+  the same positions on their own profile (digits-lt: n > 54 / 25..54 / n < 25; mnist1d-lt:
+  n > 340 / 68..340 / n < 68)
 """
 
 
@@ -104,7 +108,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="CIFAR root holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)",
+        help="CIFAR root (cifar-10-batches-py/, cifar-100-python/); mnist1d-lt's cache (default ./data)",
     )
     data.add_argument(
         "--download",
@@ -116,7 +120,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     model = p.add_argument_group("model and loss")
     model.add_argument(
-        "--model", choices=tuple(MODELS), help="mlp (flattens images) or an image model (images only)"
+        "--model", choices=tuple(MODELS), help="mlp (flattens images), cnn1d (mnist1d-lt) or an image model"
     )
     model.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default 128)")
     model.add_argument(
@@ -212,7 +216,9 @@ def _add_train(commands) -> None:
     )
     train.add_argument("--opt", choices=tuple(METHODS), help="method (default ssesam)")
     train.add_argument(
-        "--seed", type=_non_negative_int, help="seed of the init, shuffling, augmentation (and digits split)"
+        "--seed",
+        type=_non_negative_int,
+        help="seed of the init, shuffling, augmentation (and the digits / mnist1d-lt split)",
     )
     _add_run_options(train)
     train.add_argument(

@@ -7,21 +7,28 @@ samples, so class 0 is the most frequent and ``n_0 / n_{C-1} ≈ imb_factor``.
 The test split stays balanced, so per-class accuracies are comparable.
 
 Data sets (:func:`load_dataset`): ``digits-lt`` (scikit-learn's bundled 8x8
-digits, offline), ``synthetic-lt`` (a Gaussian mixture with any number of
+digits, offline), ``mnist1d-lt`` (MNIST-1D signals generated locally by the
+``mnist1d`` package), ``synthetic-lt`` (a Gaussian mixture with any number of
 classes), ``cifar10-lt`` and ``cifar100-lt`` (the python-pickle CIFAR files in a
 local directory; torchvision only for ``download=True``). CIFAR images stay
 uint8 until a batch is drawn: :func:`random_crop_flip` augments and
 :func:`normalize_images` normalises on the training device.
 
-scikit-learn (the ``cli`` extra) is imported only when the digits are loaded.
+scikit-learn and mnist1d (the ``cli`` extra) are imported only when their data
+set is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pickle
+import random
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +185,127 @@ def synthetic_lt(
     x_train, y_train = draw(counts)
     x_test, y_test = draw([test_per_class] * num_classes)
     return x_train, y_train, x_test, y_test
+
+
+# ---- MNIST-1D-LT --------------------------------------------------------------------------------
+
+# Generated per class: 300 go to the balanced test split, which leaves 1,700 to train from, so
+# the largest class keeps 1,700 samples and imbalance 100 leaves the smallest 17.
+MNIST1D_PER_CLASS = 2000
+MNIST1D_TEST_PER_CLASS = 300
+MNIST1D_CACHE = "mnist1d"  # folder under --data-dir
+
+
+def _mnist1d_cache_file(cache_dir: Path, per_class: int) -> Path:
+    # the package version is in the name: a new generator gets a new file, never a stale one
+    return cache_dir / f"mnist1d-{metadata.version('mnist1d')}-{per_class}-per-class.npz"
+
+
+def _generate_mnist1d(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"the mnist1d-lt data set needs the mnist1d package, which is not installed: {_EXTRA_HINT}"
+        ) from exc
+    args = get_dataset_args()  # the documented defaults, generator seed included
+    args.num_samples = 10 * per_class
+    # make_dataset seeds numpy's and Python's global generators: hand them back untouched, so
+    # that loading the data (generated or cached) never changes what a run draws afterwards
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    # make_dataset splits 80/20 itself; long_tail_split makes our own splits from the union
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    return x, y
+
+
+def _valid_mnist1d(x: np.ndarray, y: np.ndarray, per_class: int) -> bool:
+    return (
+        x.dtype == np.float32
+        and x.ndim == 2
+        and y.dtype == np.int64
+        and y.shape == (x.shape[0],)
+        and np.bincount(y, minlength=10).tolist() == [per_class] * 10
+    )
+
+
+def mnist1d_arrays(
+    per_class: int = MNIST1D_PER_CLASS, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)``: ``10 · per_class`` MNIST-1D signals (float32 ``(N, 40)``) and their
+    labels, ``per_class`` of each digit, from ``mnist1d``'s ``make_dataset`` with its
+    documented default arguments (``get_dataset_args()``, generator seed 42) but the
+    number of samples. No download: the package's generator runs here.
+
+    Generating the default 20,000 samples takes about 4 s, so with ``cache_dir`` the
+    arrays are kept in ``cache_dir/mnist1d-<version>-<per_class>-per-class.npz``
+    and read back from there (a damaged file is generated again; a directory that
+    cannot be written only costs the time).
+    """
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    path = None
+    if cache_dir is not None:
+        try:
+            path = _mnist1d_cache_file(Path(cache_dir), per_class)
+        except metadata.PackageNotFoundError:
+            path = None  # _generate_mnist1d names the missing package
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as f:
+                x, y = f["x"], f["y"]
+            if _valid_mnist1d(x, y, per_class):
+                return x, y
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a damaged or foreign file: generate again and replace it
+    x, y = _generate_mnist1d(per_class)
+    if path is not None:
+        # written beside, then renamed: runs started together never read half a file
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, x=x, y=y)
+            os.replace(tmp, path)
+        except OSError:
+            # a read-only or full --data-dir: the data are right, only the next run regenerates
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return x, y
+
+
+def mnist1d_lt(
+    imb_factor: float = 100.0,
+    test_per_class: int = MNIST1D_TEST_PER_CLASS,
+    seed: int = 0,
+    *,
+    per_class: int = MNIST1D_PER_CLASS,
+    cache_dir: str | Path | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Long-tailed MNIST-1D (Greydanus, "Scaling down deep learning", 2020): 1-D
+    signals of length 40 drawn from templates of the ten digits, padded, scaled,
+    translated, sheared and noised.
+
+    Returns ``(x_train, y_train, x_test, y_test)`` like :func:`digits_lt`. The signals
+    of :func:`mnist1d_arrays` are one fixed draw; ``seed`` draws the split
+    (:func:`long_tail_split`): ``test_per_class`` samples of each class for the
+    balanced test split, and with the defaults 1,700 training samples of class 0
+    down to 17 of class 9. The signals are used as the generator hands them out,
+    standardised by one mean and one scale over the whole draw (no per-position
+    statistics, which would be near-constant anyway: the digits are translated).
+    """
+    x, y = mnist1d_arrays(per_class, cache_dir)
+    train_idx, test_idx = long_tail_split(y, imb_factor, test_per_class, seed)
+    return (
+        torch.from_numpy(x[train_idx]),
+        torch.from_numpy(y[train_idx]),
+        torch.from_numpy(x[test_idx]),
+        torch.from_numpy(y[test_idx]),
+    )
 
 
 # ---- CIFAR-LT ----------------------------------------------------------------------------------
@@ -389,9 +517,10 @@ def load_dataset(
     data_dir: str | Path = "data",
     download: bool = False,
 ) -> LongTailData:
-    """One of :data:`DATASETS`. ``seed`` draws the digits split and the synthetic
-    mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes`` is
-    for ``synthetic-lt`` only."""
+    """One of :data:`DATASETS`. ``seed`` draws the digits and MNIST-1D splits and the
+    synthetic mixture; the CIFAR subset is fixed (see :func:`cifar_lt`). ``num_classes``
+    is for ``synthetic-lt`` only. ``data_dir`` holds the CIFAR files and the MNIST-1D
+    cache (``data_dir/mnist1d``)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
     return DATASETS[name](name, imb_factor, seed, num_classes, data_dir, download)
@@ -399,6 +528,11 @@ def load_dataset(
 
 def _digits(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
     return LongTailData(name, *digits_lt(imb_factor, seed=seed), num_classes=10)
+
+
+def _mnist1d(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
+    tensors = mnist1d_lt(imb_factor, seed=seed, cache_dir=Path(data_dir) / MNIST1D_CACHE)
+    return LongTailData(name, *tensors, num_classes=10)
 
 
 def _synthetic(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailData:
@@ -413,5 +547,12 @@ def _cifar(name, imb_factor, seed, num_classes, data_dir, download) -> LongTailD
 
 
 # The --dataset choices: name -> load(name, imb_factor, seed, num_classes, data_dir, download)
-DATASETS = {"digits-lt": _digits, "synthetic-lt": _synthetic, "cifar10-lt": _cifar, "cifar100-lt": _cifar}
+DATASETS = {
+    "digits-lt": _digits,
+    "mnist1d-lt": _mnist1d,
+    "synthetic-lt": _synthetic,
+    "cifar10-lt": _cifar,
+    "cifar100-lt": _cifar,
+}
 IMAGE_DATASETS = tuple(_CIFAR_LAYOUT)  # 3x32x32 images; the others are feature vectors
+SIGNAL_DATASETS = ("mnist1d-lt",)  # feature vectors that are 1-D signals (for the 1-D CNN)

@@ -81,13 +81,16 @@ def load_data(cfg: TrainConfig, download: bool = False) -> LongTailData:
 
 
 def build_model(cfg: TrainConfig, data: LongTailData) -> nn.Module:
-    """``mlp`` (images are flattened) or a CIFAR ResNet; with ``--loss ldam`` the last
-    linear layer becomes a cosine classifier (:class:`~sse_sam_fast.train.losses.NormedLinear`)."""
+    """``mlp`` (images are flattened), ``cnn1d`` (1-D signals) or an image model; with
+    ``--loss ldam`` the last linear layer becomes a cosine classifier
+    (:class:`~sse_sam_fast.train.losses.NormedLinear`)."""
     if cfg.model == "mlp":
         features = math.prod(data.x_train.shape[1:])
         model = MODELS["mlp"](features, data.num_classes, cfg.hidden)
         if data.x_train.dim() > 2:
             model = nn.Sequential(nn.Flatten(), model)
+    elif cfg.model == "cnn1d":
+        model = MODELS["cnn1d"](data.x_train.shape[1], data.num_classes)
     else:
         model = MODELS[cfg.model](num_classes=data.num_classes)
     if cfg.loss == "ldam":

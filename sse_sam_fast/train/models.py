@@ -23,6 +23,40 @@ def mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 128) -> nn.M
     )
 
 
+class Cnn1d(nn.Module):
+    """The convolutional baseline of MNIST-1D (Greydanus, "Scaling down deep learning",
+    2020): three 1-D convolutions with ``channels`` channels (kernel 5, then 3 and 3,
+    each stride 2 and padding 1, ReLU after each) and a linear classifier over the
+    flattened features. A length-40 signal becomes 25 x 5 features (5.3k parameters
+    at 10 classes); no normalisation layer, so per-sample losses are independent
+    and the split schedule is exact for it."""
+
+    def __init__(self, length: int = 40, num_classes: int = 10, channels: int = 25):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        out = length
+        for kernel in (5, 3, 3):
+            out = (out + 2 - kernel) // 2 + 1
+        if out < 1:
+            raise ValueError(f"length must be >= 3 for three stride-2 convolutions, got {length}")
+        self.fc = nn.Linear(channels * out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x.unsqueeze(1)).flatten(1))
+
+
+def cnn1d(in_features: int = 40, num_classes: int = 10) -> Cnn1d:
+    """:class:`Cnn1d` for signals of ``in_features`` samples (MNIST-1D: 40)."""
+    return Cnn1d(in_features, num_classes)
+
+
 def small_bn_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> nn.Module:
     """A two-conv BatchNorm network: cheap enough for parity tests, and its
     per-sample losses depend on the whole batch through the batch statistics."""

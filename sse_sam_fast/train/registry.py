@@ -10,6 +10,7 @@ registry      options                maps a name to
 METHODS       ``--opt``,             ``build(base, model, cfg)``: the wrapper around the base
               ``--methods``          SGD, ``None`` for plain SGD
 MODELS        ``--model``            a constructor: ``mlp(in_features, num_classes, hidden)``,
+                                     ``cnn1d(in_features, num_classes)`` (1-D signals),
                                      an image model of :data:`IMAGE_MODELS` ``(num_classes)``
 DATASETS      ``--dataset``          a loader (:data:`sse_sam_fast.train.data.DATASETS`)
 LOSSES        ``--loss``             a builder (:data:`sse_sam_fast.train.losses.LOSSES`)
@@ -27,10 +28,10 @@ from torch import nn
 from .. import SAM, SSESAM, ImbSAM
 from ..backends import BACKENDS
 from ..optim import SCHEDULES
-from .data import DATASETS, IMAGE_DATASETS
+from .data import DATASETS, IMAGE_DATASETS, SIGNAL_DATASETS
 from .losses import LOSSES
 from .models import MODELS as IMAGE_MODELS
-from .models import mlp
+from .models import cnn1d, mlp
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +42,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "SCHEDULES",
+    "SIGNAL_DATASETS",
 ]
 
 def _options(cfg) -> dict:
@@ -59,4 +61,4 @@ METHODS: dict[str, Callable[..., object]] = {
     ),
 }
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, **IMAGE_MODELS}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn1d": cnn1d, **IMAGE_MODELS}

@@ -39,7 +39,7 @@ def test_cli_choices_are_the_registries(command):
 def test_verify_and_bench_choices_are_the_registries():
     assert _choices("verify", "backend") == BACKENDS
     assert _choices("bench", "models") == tuple(registry.IMAGE_MODELS)
-    assert set(registry.MODELS) == {"mlp", *registry.IMAGE_MODELS}
+    assert set(registry.MODELS) == {"mlp", "cnn1d", *registry.IMAGE_MODELS}
 
 
 @pytest.mark.parametrize("model", ["resnet32-gn", "vit", "resnet34"])
@@ -80,9 +80,10 @@ def test_the_optimizers_do_not_import_the_application():
 
 def test_the_application_imports_its_heavy_parts_only_when_used():
     # verify and bench take the models; the command line its registries: neither pulls in the
-    # loop, scikit-learn or matplotlib (not tqdm: torch.hub imports it with torch)
+    # loop, scikit-learn, mnist1d or matplotlib (not tqdm: torch.hub imports it with torch)
     _run(
         "import sys; import sse_sam_fast.train, sse_sam_fast.train.models, sse_sam_fast.cli; "
-        "heavy = ('sklearn', 'matplotlib', 'sse_sam_fast.train.loop', 'sse_sam_fast.train.compare'); "
+        "heavy = ('sklearn', 'mnist1d', 'matplotlib', 'sse_sam_fast.train.loop', "
+        "'sse_sam_fast.train.compare'); "
         "found = [m for m in sys.modules if m.startswith(heavy)]; assert not found, found"
     )
