@@ -34,12 +34,14 @@ from .checkpoint import (
     RESULTS,
     atomic_write,
     check_out,
+    first_difference,
     restore,
     rng_state,
     run_status,
     save_checkpoint,
+    saved_config,
 )
-from .config import OptionError, TrainConfig, resolve, resolve_groups
+from .config import OptionError, TrainConfig, option_name, resolve, resolve_groups
 from .data import LongTailData, load_dataset
 from .losses import NormedLinear, PerSampleLoss, build_loss
 from .metrics import (
@@ -228,6 +230,7 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
     device = _device(cfg)
     if resume is None:
         if run_status(out) == "finished":
+            _check_finished(cfg, out, overwrite)
             log(f"note: replacing the finished run in {out}")
         check_out(out, overwrite)
     data = load_data(cfg, download)
@@ -269,6 +272,24 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
         # re-evaluating a finished run is no session
         run.sessions = int(resume.get("sessions", 1)) + (run.start_epoch < cfg.epochs)
     return run
+
+
+def _check_finished(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
+    """A finished run of another configuration is a result: replacing it takes
+    ``--overwrite``. The same configuration trains again into its directory."""
+    if overwrite:
+        return
+    try:
+        saved = saved_config(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        held = "a finished run whose configuration cannot be read"
+    else:
+        field = first_difference(cfg, saved)
+        if field is None:
+            return
+        name = option_name(field)
+        held = f"a finished run with {name} {saved.get(field)} (this run: {name} {getattr(cfg, field)})"
+    raise OptionError("--out", f"{out} holds {held}; pass --overwrite to replace it, or choose another --out")
 
 
 def capture_choice(cfg: TrainConfig, opt, device: torch.device) -> tuple[bool, str]:
