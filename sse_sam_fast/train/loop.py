@@ -56,6 +56,7 @@ from .registry import METHODS, MODELS
 from .report import PLOT, json_float, machine, plot_run, print_table, try_plot, versions
 
 EVAL_BATCH = 1000
+BAR_LOSS_S = 0.5  # seconds between the progress bar's readings of the running loss
 
 
 # ---- building blocks ----------------------------------------------------------------------------
@@ -444,11 +445,17 @@ def _train_batches(run: _Run, epoch: int, step, show_bar: bool) -> Tensor:
     data, n_train = run.data, len(run.data.y_train)
     bar = _progress(math.ceil(n_train / run.cfg.batch_size), f"epoch {epoch + 1}/{run.cfg.epochs}", show_bar)
     total = torch.zeros((), device=run.device)
+    seen, shown = 0, -math.inf
     for idx in torch.randperm(n_train, generator=run.data_gen).split(run.cfg.batch_size):
         idx = idx.to(run.device)
         y = data.y_train[idx]
         total += step(data.train_inputs(idx, run.data_gen), y) * len(y)
+        seen += len(y)
         if bar is not None:
+            # reading the loss waits for the device: at most every BAR_LOSS_S, and only for a bar
+            if time.monotonic() - shown >= BAR_LOSS_S:
+                bar.set_postfix_str(f"loss {float(total) / seen:.4f}", refresh=False)
+                shown = time.monotonic()
             bar.update(1)
     if bar is not None:
         bar.close()

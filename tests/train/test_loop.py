@@ -118,3 +118,30 @@ def test_a_finished_run_is_told_apart_by_the_options_its_method_reads(tmp_path):
     quiet(digits(epochs=1, opt="sgd"), tmp_path / "run")  # the same SGD run: trained again
     with pytest.raises(OptionError, match="--opt sgd"):
         quiet(digits(epochs=1, opt="sam"), tmp_path / "run")
+
+
+def test_progress_bar_shows_the_running_loss(tmp_path, monkeypatch):
+    from sse_sam_fast.train import loop
+
+    class Bar:
+        def __init__(self):
+            self.postfix, self.updates = [], 0
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append(text)
+
+        def update(self, n):
+            self.updates += n
+
+        def close(self):
+            pass
+
+    bars = []
+    monkeypatch.setattr(loop, "_progress", lambda total, desc, enabled: bars.append(Bar()) or bars[-1])
+    monkeypatch.setattr(loop, "BAR_LOSS_S", 0.0)  # a reading at every batch
+    results = train(digits(epochs=2), tmp_path / "run", plot=False, log=lambda _: None)
+    assert len(bars) == 2 and all(b.updates == len(b.postfix) == math.ceil(sum(DIGITS) / 64) for b in bars)
+    # the last reading is the epoch's mean loss, as its log line reports it
+    for bar, epoch in zip(bars, results["epochs"]):
+        assert bar.postfix[-1] == f"loss {epoch['loss']:.4f}"
+        assert bar.postfix[0] != bar.postfix[-1]  # a running mean, not the final one shown throughout
