@@ -3,21 +3,40 @@
 # into its environment.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-STAMP := .make/setup.stamp
+
+# One stamp folder per environment: a stamp left by another interpreter says
+# nothing about what this one has (after `make` with python3, `make PYTHON=venv/bin/python
+# test` must still install ruff and pytest into the venv). sys.prefix tells venvs
+# apart even where their python is a symlink to the same binary.
+ENV_KEY := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null)
+STAMPS := .make/$(or $(ENV_KEY),no-python)
+# what the installs read: a change to any of them sets up again
+SETUP_FILES := pyproject.toml setup.py Makefile
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMPS)/dev.stamp
 
 # Torch is installed only when none is importable, and then as the pinned CPU
 # build that lies on local disk: an unpinned `pip install torch` would pull a
 # multi-GB CUDA build onto a CPU machine.
-$(STAMP): pyproject.toml setup.py
+define install_torch
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[cli,test,triton]"
-	@mkdir -p .make && touch $@
+endef
 
-demo: setup
+# the demo needs the training CLI's extra only (scikit-learn, tqdm, matplotlib)
+$(STAMPS)/cli.stamp: $(SETUP_FILES)
+	$(install_torch)
+	$(PIP) install -q -e ".[cli]"
+	@mkdir -p $(STAMPS) && touch $@
+
+# the tests also need the test tools and Triton (its interpreter runs the kernels on a CPU)
+$(STAMPS)/dev.stamp: $(SETUP_FILES)
+	$(install_torch)
+	$(PIP) install -q -e ".[cli,test,triton]"
+	@mkdir -p $(STAMPS) && touch $@ $(STAMPS)/cli.stamp
+
+demo: $(STAMPS)/cli.stamp
 	$(PYTHON) -m sse_sam_fast train
 
 test: setup

@@ -299,10 +299,16 @@ def _x(value: float | None, width: int) -> str:
     return f"{value:>{width}.2f}" if value is not None else f"{'n/a':>{width}}"
 
 
+def _ms(r: dict) -> str:
+    """Median milliseconds with the p20–p80 spread."""
+    return f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f})"
+
+
 def report(res: dict[str, dict], gpu: bool) -> str:
+    """The table of :func:`whole_step`: ratios, then the medians they come from (on a
+    CPU those depend on what else the machine runs; the ratios much less)."""
     head = f"{'schedule':<17}{'× SGD':>7}{'× SGD graph':>13}{'× published':>13}{'graphed':>9}"
-    if gpu:
-        head += f"{'median ms (p20–p80)':>26}{'peak MB':>10}"
+    head += f"{'median ms (p20–p80)':>26}" + (f"{'peak MB':>10}" if gpu else "")
     rows = [head]
     for name, r in res.items():
         if r["median_s"] is None:
@@ -310,16 +316,16 @@ def report(res: dict[str, dict], gpu: bool) -> str:
             continue
         graphed = {None: "", True: "yes", False: "no"}[r["graphed"]]
         row = f"{name:<17}{_x(r['x_sgd'], 7)}{_x(r['x_sgd_graph'], 13)}{_x(r['x_published'], 13)}{graphed:>9}"
-        if gpu:
-            spread = f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}–{r['p80_s'] * 1e3:.2f})"
-            row += f"{spread:>26}{(r['peak_bytes'] or 0) / 2**20:>10.0f}"
+        row += f"{_ms(r):>26}" + (f"{(r['peak_bytes'] or 0) / 2**20:>10.0f}" if gpu else "")
         rows.append(row)
     if not gpu and any(r["graphed"] is False for r in res.values()):
         rows.append("captured/* ran eagerly: opt.capture replays CUDA graphs on a CUDA device only")
     return "\n".join(rows)
 
 
-def _chart(results: dict, path: str) -> None:
+def _chart(results: dict, path: str):
+    """One panel per whole-step table: a bar per row, time per step as a multiple of
+    SGD's, each bar labelled with that ratio and its median. Returns the figure."""
     cases = list(results["whole_step"].items())
     cols = min(4, max(1, len(cases)))
     nrows = max(1, -(-len(cases) // cols))
@@ -328,7 +334,10 @@ def _chart(results: dict, path: str) -> None:
     for ax, (key, res) in zip(axes, cases):
         names = [n for n in res if res[n].get("x_sgd") is not None]  # n/a rows are left out
         labels = [n + (" (eager)" if res[n].get("graphed") is False else "") for n in names]
-        ax.barh(labels, [res[n]["x_sgd"] for n in names], color="tab:blue")
+        ratios = [res[n]["x_sgd"] for n in names]
+        bars = ax.barh(labels, ratios, color="tab:blue")
+        ax.bar_label(bars, [_bar_label(res[n]) for n in names], padding=2, fontsize=7)
+        ax.set_xlim(0, 1.7 * max(ratios, default=1.0))  # room for the labels right of the longest bar
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("time per step, × SGD")
@@ -338,6 +347,12 @@ def _chart(results: dict, path: str) -> None:
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
+
+
+def _bar_label(r: dict) -> str:
+    ms = r.get("median_s")
+    return f"{r['x_sgd']:.2f}×" + (f", {ms * 1e3:.3g} ms" if ms is not None else "")
 
 
 def _whole_steps(args, models: list[str], backends: list[str], device: torch.device, done) -> None:
@@ -422,20 +437,18 @@ def run_bench(args) -> int:
                 f"{model_name} ({n / 1e6:.2f}M params)"
                 + (f"; device-to-device copy {copy_gbps:.1f} GB/s" if gpu else "")
             )
-            # bandwidth and absolute times only on a GPU: on a CPU the buffers of the
-            # small model sit in cache and the clock is shared with everything else
+            # bandwidth only on a GPU: on a CPU the buffers of the small model sit in
+            # cache, so bytes over time measures no memory system
             print(
                 f"{'backend':<10}{'× reference':>12}{'MB moved':>10}"
-                + (f"{'GB/s':>8}{'% copy':>8}   median ms (p20–p80)" if gpu else "")
+                + (f"{'GB/s':>8}{'% copy':>8}" if gpu else "")
+                + "   median ms (p20–p80)"
             )
             for b, r in res.items():
                 row = f"{b:<10}{r['median_s'] / ref:>12.3f}{r['bytes'] / 1e6:>10.1f}"
                 if gpu:
-                    row += (
-                        f"{r['gbps']:>8.1f}{100 * r['gbps'] / copy_gbps:>7.0f}%   {r['median_s'] * 1e3:.3f} "
-                        f"({r['p20_s'] * 1e3:.3f}–{r['p80_s'] * 1e3:.3f})"
-                    )
-                print(row)
+                    row += f"{r['gbps']:>8.1f}{100 * r['gbps'] / copy_gbps:>7.0f}%"
+                print(row + f"   {r['median_s'] * 1e3:.3f} ({r['p20_s'] * 1e3:.3f}–{r['p80_s'] * 1e3:.3f})")
     if args.out:
         _save(results, args.out)
         chart = f"{args.out}/bench.png"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .train.config import FIELDS, OptionError, TrainConfig, default_device
+from .train.config import FIELDS, OptionError, TrainConfig, check_read, default_device
 from .train.registry import BACKENDS, DATASETS, IMAGE_MODELS, LOSSES, METHODS, MODELS, SCHEDULES
 
 
@@ -68,8 +68,17 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are the error and where to look: argparse prints the
+    whole usage first (23 lines for ``train``), which pushes the one line that
+    matters off the screen. The sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sse-sam-fast", description="Fast SAM, ImbSAM and SSE-SAM for long-tailed learning."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -157,7 +166,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--momentum", type=_non_negative_float, help="SGD momentum")
     opt.add_argument("--weight-decay", type=_non_negative_float, help="SGD weight decay")
     opt.add_argument(
-        "--backend", choices=BACKENDS, help="sse_sam_fast backend, ignored by sgd (default auto)"
+        "--backend", choices=BACKENDS, help="sse_sam_fast backend of sam, imbsam, ssesam (default auto)"
     )
     opt.add_argument(
         "--adaptive",
@@ -294,10 +303,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
                 raise OptionError("--out", f"a resumed run continues in its own directory {args.resume}")
             ckpt = load_checkpoint(args.resume)
+            check_read([ckpt["config"]["opt"]], given)
             cfg = config_for_resume(ckpt, given)
             out = Path(args.resume)
         else:
             cfg = TrainConfig(**given)
+            check_read([cfg.opt], given)
             out = Path(args.out or Path("runs") / f"{cfg.dataset}-{cfg.opt}-seed{cfg.seed}")
         train(
             cfg,
@@ -317,7 +328,9 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .train.compare import compare
 
     def job():
-        base = TrainConfig(**_given(args, FIELDS))
+        given = _given(args, FIELDS)
+        check_read(args.methods, given)
+        base = TrainConfig(**given)
         out = Path(args.out or Path("runs") / f"compare-{base.dataset}")
         compare(
             base,

@@ -101,6 +101,13 @@ def test_whole_step_rows_on_cpu(method, stage):
     assert res["exact/torch"]["graphed"] is None
     text = bench.report(res, gpu=False)
     assert "(CUDA only)" in text and "captured/* ran eagerly" in text
+    # the medians beside the ratios, on a CPU too (peak memory is CUDA's)
+    assert "median ms (p20–p80)" in text and "peak MB" not in text
+    row = next(line for line in text.splitlines() if line.startswith("published"))
+    assert row.endswith(
+        f"{res['published']['median_s'] * 1e3:.2f} ({res['published']['p20_s'] * 1e3:.2f}–"
+        f"{res['published']['p80_s'] * 1e3:.2f})"
+    )
 
 
 def test_whole_step_times_each_method_through_its_own_step(monkeypatch):

@@ -2,6 +2,7 @@
 drives the same SSE-SAM update as a plain loop over the same batches."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -22,9 +23,17 @@ def _load():
     return module
 
 
+def _accuracies(lines):
+    return [float(re.search(r"test accuracy [^:]*: ([0-9.]+)%", line).group(1)) for line in lines]
+
+
 def test_lightning_recipe_matches_a_plain_loop():
     example = _load()
-    lit = example.main(epochs=2, batch_size=32)
+    lines = []
+    lit = example.main(epochs=2, batch_size=32, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["test accuracy before 2 epochs", "test accuracy after"]
+    before, after = _accuracies(lines)
+    assert after > before + 10  # the reader sees it learn
     opt = lit.trainer.optimizers[0]
     assert isinstance(opt, SSESAM)
     assert lit.trainer.global_step == 6  # 96 samples, batches of 32, two epochs: every step counted

@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .config import ADDED_FIELDS, FIELDS, RUNTIME_FIELDS, OptionError, TrainConfig, option_name
+from .config import (
+    ADDED_FIELDS,
+    FIELDS,
+    METHOD_OPTIONS,
+    RUNTIME_FIELDS,
+    OptionError,
+    TrainConfig,
+    for_method,
+    option_name,
+)
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -160,7 +169,8 @@ def restore(
 def config_for_resume(ckpt: dict, given: dict) -> TrainConfig:
     """The saved configuration with the command line's runtime options applied;
     any other option given must equal the saved value."""
-    cfg = TrainConfig(**ckpt["config"])
+    # a run saved before its method's unread options were refused may hold any value there
+    cfg = for_method(TrainConfig(**ckpt["config"]), ckpt["config"]["opt"])
     for field, value in given.items():
         if value is None or field not in FIELDS:
             continue
@@ -174,6 +184,27 @@ def config_for_resume(ckpt: dict, given: dict) -> TrainConfig:
                 f"got {value} (start a new run to change it)",
             )
     return cfg
+
+
+def first_difference(requested: TrainConfig, saved: dict) -> str | None:
+    """The first field whose requested value differs from the saved run's, if any.
+    Not compared: the runtime fields, fields left to a default that comes from the
+    data (``None``: deterministic), and options the method does not read."""
+    for field in FIELDS:
+        value = getattr(requested, field)
+        if field in RUNTIME_FIELDS or value is None:
+            continue
+        if requested.opt not in METHOD_OPTIONS.get(field, (requested.opt,)):
+            continue
+        if saved.get(field) != value:
+            return field
+    return None
+
+
+def saved_config(out: Path) -> dict:
+    """The configuration of the finished run in ``out`` (see :func:`run_status`), with
+    the fields added since it was written at their defaults."""
+    return {**ADDED_FIELDS, **json.loads((out / RESULTS).read_text())["config"]}
 
 
 def run_status(out: Path) -> str | None:

@@ -15,11 +15,15 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .checkpoint import RESULTS, config_for_resume, load_checkpoint, run_status
+from .checkpoint import (
+    RESULTS,
+    config_for_resume,
+    first_difference,
+    load_checkpoint,
+    run_status,
+    saved_config,
+)
 from .config import (
-    ADDED_FIELDS,
-    FIELDS,
-    RUNTIME_FIELDS,
     OptionError,
     TrainConfig,
     default_eta,
@@ -33,18 +37,6 @@ from .registry import METHODS
 from .report import compare_table, machine, plot_compare, try_plot, versions
 
 COMPARE_COLUMNS = ("many", "medium", "few", "all", "head", "tail")
-
-
-def _matches(requested: TrainConfig, saved: dict) -> str | None:
-    """The first field whose requested value differs from the saved run's, if any
-    (defaults that come from the data are deterministic and not compared)."""
-    for field in FIELDS:
-        value = getattr(requested, field)
-        if field in RUNTIME_FIELDS or value is None:
-            continue
-        if saved.get(field) != value:
-            return field
-    return None
 
 
 def compare(
@@ -141,13 +133,11 @@ def _run_or_reuse(cfg: TrainConfig, run_dir: Path, download: bool) -> tuple[dict
     status, note = run_status(run_dir), ""
     ckpt = None
     if status is not None:
-        saved = json.loads((run_dir / RESULTS).read_text())["config"] if status == "finished" else None
-        if saved is not None:  # written before some options existed: those had their defaults
-            saved = {**ADDED_FIELDS, **saved}
+        saved = saved_config(run_dir) if status == "finished" else None
         if saved is None:
             ckpt = load_checkpoint(run_dir)
             saved = ckpt["config"]
-        differs = _matches(cfg, saved)
+        differs = first_difference(cfg, saved)
         if differs is not None:
             raise OptionError(
                 "--out",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,11 +169,19 @@ def _check_capture(cfg: TrainConfig) -> None:
         )
 
 
-# the SAM-family options and the methods that have them
+_SAM_FAMILY = ("sam", "imbsam", "ssesam")
+# the options only some methods read, and those methods: train refuses one given to
+# another method (a silently ignored --rho looks like a result), compare resets it
 METHOD_OPTIONS = {
-    "adaptive": ("sam", "imbsam", "ssesam"),
-    "max_grad_norm": ("sam", "imbsam", "ssesam"),
+    "rho": ("sam", "imbsam"),
+    "head_rho": ("ssesam",),
+    "tail_rho": ("ssesam",),
+    "gamma": ("ssesam",),
+    "adaptive": _SAM_FAMILY,
+    "max_grad_norm": _SAM_FAMILY,
     "imbsam_normalization": ("imbsam",),
+    "backend": _SAM_FAMILY,
+    "schedule": _SAM_FAMILY,
 }
 
 
@@ -185,16 +193,25 @@ def for_method(cfg: TrainConfig, opt: str) -> TrainConfig:
     return dataclasses.replace(cfg, opt=opt, **reset)
 
 
+def check_read(methods: Sequence[str], fields: Iterable[str]) -> None:
+    """Refuse a field (an option given on the command line) that none of ``methods``
+    reads. A value equal to the default counts too: ``--opt sgd --rho 0.05`` still
+    asks for something SGD does not do."""
+    for field in fields:
+        readers = METHOD_OPTIONS.get(field, methods)
+        if not set(readers) & set(methods):
+            chosen = f"--opt {methods[0]} ignores"
+            if len(methods) > 1:
+                chosen = f"--methods {' '.join(methods)} ignore"
+            raise OptionError(option_name(field), f"applies to --opt {', '.join(readers)} only; {chosen} it")
+
+
 def _check_method_options(cfg: TrainConfig) -> None:
-    """The SAM-family options must reach a method that has them."""
+    """The options of some methods must reach a method that has them."""
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
         raise OptionError("--max-grad-norm", f"expected a finite number > 0, got {cfg.max_grad_norm}")
     defaults = TrainConfig()
-    for field, methods in METHOD_OPTIONS.items():
-        if cfg.opt not in methods and getattr(cfg, field) != getattr(defaults, field):
-            raise OptionError(
-                option_name(field), f"applies to --opt {', '.join(methods)} only (the method is {cfg.opt})"
-            )
+    check_read([cfg.opt], [f for f in METHOD_OPTIONS if getattr(cfg, f) != getattr(defaults, f)])
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

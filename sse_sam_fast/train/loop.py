@@ -34,12 +34,14 @@ from .checkpoint import (
     RESULTS,
     atomic_write,
     check_out,
+    first_difference,
     restore,
     rng_state,
     run_status,
     save_checkpoint,
+    saved_config,
 )
-from .config import OptionError, TrainConfig, resolve, resolve_groups
+from .config import OptionError, TrainConfig, option_name, resolve, resolve_groups
 from .data import LongTailData, load_dataset
 from .losses import NormedLinear, PerSampleLoss, build_loss
 from .metrics import (
@@ -54,6 +56,7 @@ from .registry import METHODS, MODELS
 from .report import PLOT, json_float, machine, plot_run, print_table, try_plot, versions
 
 EVAL_BATCH = 1000
+BAR_LOSS_S = 0.5  # seconds between the progress bar's readings of the running loss
 
 
 # ---- building blocks ----------------------------------------------------------------------------
@@ -231,6 +234,7 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
     device = _device(cfg)
     if resume is None:
         if run_status(out) == "finished":
+            _check_finished(cfg, out, overwrite)
             log(f"note: replacing the finished run in {out}")
         check_out(out, overwrite)
     data = load_data(cfg, download)
@@ -272,6 +276,24 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
         # re-evaluating a finished run is no session
         run.sessions = int(resume.get("sessions", 1)) + (run.start_epoch < cfg.epochs)
     return run
+
+
+def _check_finished(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
+    """A finished run of another configuration is a result: replacing it takes
+    ``--overwrite``. The same configuration trains again into its directory."""
+    if overwrite:
+        return
+    try:
+        saved = saved_config(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        held = "a finished run whose configuration cannot be read"
+    else:
+        field = first_difference(cfg, saved)
+        if field is None:
+            return
+        name = option_name(field)
+        held = f"a finished run with {name} {saved.get(field)} (this run: {name} {getattr(cfg, field)})"
+    raise OptionError("--out", f"{out} holds {held}; pass --overwrite to replace it, or choose another --out")
 
 
 def capture_choice(cfg: TrainConfig, opt, device: torch.device) -> tuple[bool, str]:
@@ -426,11 +448,17 @@ def _train_batches(run: _Run, epoch: int, step, show_bar: bool) -> Tensor:
     data, n_train = run.data, len(run.data.y_train)
     bar = _progress(math.ceil(n_train / run.cfg.batch_size), f"epoch {epoch + 1}/{run.cfg.epochs}", show_bar)
     total = torch.zeros((), device=run.device)
+    seen, shown = 0, -math.inf
     for idx in torch.randperm(n_train, generator=run.data_gen).split(run.cfg.batch_size):
         idx = idx.to(run.device)
         y = data.y_train[idx]
         total += step(data.train_inputs(idx, run.data_gen), y) * len(y)
+        seen += len(y)
         if bar is not None:
+            # reading the loss waits for the device: at most every BAR_LOSS_S, and only for a bar
+            if time.monotonic() - shown >= BAR_LOSS_S:
+                bar.set_postfix_str(f"loss {float(total) / seen:.4f}", refresh=False)
+                shown = time.monotonic()
             bar.update(1)
     if bar is not None:
         bar.close()

@@ -86,8 +86,9 @@ def print_table(results: dict, log: Callable[[str], None]) -> None:
         log(f"{name:<8}{shown:>9}  {len(classes):>7}  {rule}{span}")
 
 
-def plot_run(path: Path, results: dict) -> None:
-    """Per-class accuracy against training count; group accuracy over epochs."""
+def plot_run(path: Path, results: dict):
+    """Per-class accuracy against training count; group accuracy over epochs, with
+    SSE-SAM's stage switch marked. Returns the figure."""
     cfg, data, final = results["config"], results["data"], results["final"]
     counts = data["train_counts"]
     from matplotlib.ticker import ScalarFormatter
@@ -121,12 +122,28 @@ def plot_run(path: Path, results: dict) -> None:
     for name, style in (("all", "k-"), ("head", "b-"), ("tail", "r-"), ("many", "b:"), ("few", "r:")):
         values = [100 * h["acc"][name] if h["acc"][name] is not None else math.nan for h in results["epochs"]]
         right.plot(epochs, values, style, label=name, linewidth=1.2)
+    switch = stage_switch(results["epochs"])
+    if switch is not None:
+        # the epoch's point is its end: stage 2 starts right after the last stage-1 epoch
+        label = f"stage 2 from epoch {switch} (head rho 0)"
+        right.axvline(switch - 1, color="gray", linestyle="--", linewidth=1, label=label)
     right.set_ylim(-3, 103)
     right.set_xlabel("epoch")
     right.set_ylabel("test accuracy (%)")
     right.set_title(f"{cfg['opt']} on {cfg['dataset']} (seed {cfg['seed']})")
     right.legend(fontsize=8)
     fig.savefig(path, dpi=110)
+    return fig
+
+
+def stage_switch(history: Sequence[dict]) -> int | None:
+    """The first epoch (1-based) SSE-SAM trained in stage 2 after training in stage 1,
+    or None: another method, or a run that stayed in one stage."""
+    stages = [h.get("stage") for h in history]
+    for prev, h in zip(stages, history[1:]):
+        if prev == 1 and h.get("stage") == 2:
+            return h["epoch"]
+    return None
 
 
 # ---- comparisons --------------------------------------------------------------------------------

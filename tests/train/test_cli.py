@@ -186,13 +186,55 @@ def test_stop_and_resume_through_the_cli_equals_one_run(tmp_path, capsys):
         (["--opt", "sgd", "--max-grad-norm", "1"], "--max-grad-norm"),
         (["--opt", "ssesam", "--imbsam-normalization", "group"], "--imbsam-normalization"),
         (["--imbsam-normalization", "mean"], "--imbsam-normalization"),
+        # options the method does not read, even at their default values
+        (["--opt", "sgd", "--head-rho", "0.3"], "--head-rho"),
+        (["--opt", "ssesam", "--rho", "0.05"], "--rho"),
+        (["--opt", "sam", "--gamma", "0.5"], "--gamma"),
+        (["--opt", "imbsam", "--tail-rho", "0.1"], "--tail-rho"),
+        (["--opt", "sgd", "--backend", "torch"], "--backend"),
+        (["--opt", "sgd", "--schedule", "exact"], "--schedule"),
+        (["--opt", "sgd", "--no-adaptive"], "--adaptive"),
     ],
 )
 def test_train_rejects_bad_arguments(argv, option, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _train(tmp_path, *argv)
     assert exc.value.code == 2
-    assert f"argument {option}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the error and where to look, not the 23 lines of usage above it
+    first, *rest = err.splitlines()
+    assert first.startswith(f"sse-sam-fast train: error: argument {option}")
+    assert rest == ["(`sse-sam-fast train --help` lists the options)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unread_option_names_the_methods_that_read_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(tmp_path, "--opt", "sgd", "--head-rho", "0.3")
+    err = capsys.readouterr().err
+    assert "argument --head-rho: applies to --opt ssesam only; --opt sgd ignores it" in err
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "sgd", "sam", "--gamma", "0.5", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert "argument --gamma: applies to --opt ssesam only; --methods sgd sam ignore it" in err
+    # an SGD run resumed with an option SGD does not read
+    assert _train(tmp_path, "--opt", "sgd", "--epochs", "2", "--stop-after", "1") == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(tmp_path / "run"), "--rho", "0.05"])
+    err = capsys.readouterr().err
+    assert "argument --rho: applies to --opt sam, imbsam only; --opt sgd ignores it" in err
+
+
+def test_rerun_into_a_finished_run_of_another_configuration(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "1") == 0
+    with pytest.raises(SystemExit) as exc:
+        _train(tmp_path, "--epochs", "1", "--head-rho", "0.1")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "finished run with --head-rho 0.05 (this run: --head-rho 0.1)" in err
+    assert _train(tmp_path, "--epochs", "1", "--head-rho", "0.1", "--overwrite") == 0
+    assert _train(tmp_path, "--epochs", "1", "--head-rho", "0.1") == 0  # the same configuration
+    assert "replacing the finished run" in capsys.readouterr().out
 
 
 def test_missing_cifar_says_where_to_put_it(tmp_path, capsys):

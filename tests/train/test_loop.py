@@ -96,5 +96,52 @@ def test_out_directory_rules(tmp_path):
         quiet(digits(epochs=2), tmp_path / "run")
     quiet(digits(epochs=2), tmp_path / "run", overwrite=True)
     lines = []
-    train(digits(epochs=1), tmp_path / "run", quiet=True, plot=False, log=lines.append)  # finished: replaced
+    # finished, same configuration (device and threads are no part of it): trained again in place
+    train(digits(epochs=2, threads=2), tmp_path / "run", quiet=True, plot=False, log=lines.append)
     assert any("replacing the finished run" in line for line in lines)
+    # finished, another configuration: a result that only --overwrite replaces
+    with pytest.raises(OptionError, match=r"finished run with --epochs 2 \(this run: --epochs 1\)") as exc:
+        quiet(digits(epochs=1), tmp_path / "run")
+    assert exc.value.option == "--out"
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["epochs"] == 2  # untouched
+    quiet(digits(epochs=1), tmp_path / "run", overwrite=True)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["epochs"] == 1
+
+
+def test_a_finished_run_is_told_apart_by_the_options_its_method_reads(tmp_path):
+    quiet(digits(epochs=1, opt="sgd"), tmp_path / "run")
+    # an SGD run saved before unread options were refused holds any value there
+    results = tmp_path / "run" / "results.json"
+    saved = json.loads(results.read_text())
+    saved["config"]["rho"] = 0.3
+    results.write_text(json.dumps(saved))
+    quiet(digits(epochs=1, opt="sgd"), tmp_path / "run")  # the same SGD run: trained again
+    with pytest.raises(OptionError, match="--opt sgd"):
+        quiet(digits(epochs=1, opt="sam"), tmp_path / "run")
+
+
+def test_progress_bar_shows_the_running_loss(tmp_path, monkeypatch):
+    from sse_sam_fast.train import loop
+
+    class Bar:
+        def __init__(self):
+            self.postfix, self.updates = [], 0
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append(text)
+
+        def update(self, n):
+            self.updates += n
+
+        def close(self):
+            pass
+
+    bars = []
+    monkeypatch.setattr(loop, "_progress", lambda total, desc, enabled: bars.append(Bar()) or bars[-1])
+    monkeypatch.setattr(loop, "BAR_LOSS_S", 0.0)  # a reading at every batch
+    results = train(digits(epochs=2), tmp_path / "run", plot=False, log=lambda _: None)
+    assert len(bars) == 2 and all(b.updates == len(b.postfix) == math.ceil(sum(DIGITS) / 64) for b in bars)
+    # the last reading is the epoch's mean loss, as its log line reports it
+    for bar, epoch in zip(bars, results["epochs"]):
+        assert bar.postfix[-1] == f"loss {epoch['loss']:.4f}"
+        assert bar.postfix[0] != bar.postfix[-1]  # a running mean, not the final one shown throughout
