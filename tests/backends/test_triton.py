@@ -154,6 +154,10 @@ def test_auto_never_picks_triton_for_float64(monkeypatch):
     class FakeCuda:
         device = torch.device("cuda")
 
+        @property
+        def data(self):  # a plain tensor's storage, as resolve_backend asks
+            return torch.empty(0)
+
     fp64, fp32 = FakeCuda(), FakeCuda()
     fp64.dtype, fp32.dtype = torch.float64, torch.float32
     assert resolve_backend("auto", [fp32]) == "triton"

@@ -444,7 +444,7 @@ LOADS = {
     ),
     "group-sizes": (
         "ssesam",
-        lambda sd, o: _edit(sd, ["base", "param_groups", 0, "params"], [0, 1]),
+        lambda sd, o: _edit(sd, ["param_groups", 0, "params"], [0, 1]),
         ValueError,
         "sizes",
     ),
