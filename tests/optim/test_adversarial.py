@@ -757,22 +757,6 @@ class _Branchy(nn.Module):
         return out + self.extra(x) if use_extra else out
 
 
-def _unused_worker(rank, world, init, backend, method, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = nn.parallel.DistributedDataParallel(_Branchy(), find_unused_parameters=True)
-    opt = _unused_opt(method, model, backend)
-    for x, y, tail in _ddp_batches_unused():
-        shard = slice(rank * 6, (rank + 1) * 6)
-        opt.step(lambda: F.cross_entropy(model(x[shard], rank == 0), y[shard], reduction="none"), tail[shard])
-    torch.save([p.detach().clone() for p in model.parameters()], f"{out}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
-
-
 def _unused_opt(method, model, backend):
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     if method == "sam":
@@ -788,15 +772,12 @@ def _ddp_batches_unused():
 
 
 @pytest.mark.parametrize("method", ["sam", "ssesam"])
-def test_ddp_a_parameter_used_on_one_process_steps_on_every_process(backend, method, tmp_path):
+def test_ddp_a_parameter_used_on_one_process_steps_on_every_process(ddp_runs, method):
     """find_unused_parameters=True and ``extra`` used by rank 0's shard only: both
     replicas take the update of one process on the whole batch (DDP's reducer
     would give rank 1 the averaged gradient too). Per-parameter gradient hooks
     left ``extra`` out of rank 1's step, and the replicas drifted apart."""
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "params.pt")
-    mp.spawn(_unused_worker, args=(2, f"file://{tmp_path}/pg", backend, method, out), nprocs=2, join=True)
+    backend, out = ddp_runs
     model = _Branchy()
     opt = _unused_opt(method, model, backend)
     for x, y, tail in _ddp_batches_unused():
@@ -807,7 +788,8 @@ def test_ddp_a_parameter_used_on_one_process_steps_on_every_process(backend, met
         )  # fmt: skip
     expected = [p.detach() for p in model.parameters()]
     for rank in (0, 1):
-        assert_close(torch.load(f"{out}.{rank}"), expected, torch.float32, f"DDP rank {rank} {backend}")
+        params = torch.load(f"{out}/unused-{method}.{rank}")
+        assert_close(params, expected, torch.float32, f"DDP rank {rank} {backend}")
 
 
 # ---- a closure that calls backward() itself -------------------------------------------------------
@@ -982,43 +964,63 @@ def _uneven_losses(model, x, y, nan):
     return losses + torch.full_like(losses, float("nan")) if nan else losses
 
 
-def _uneven_worker(rank, world, init, backend, method, out):
+def _ddp_worker_cases(rank, world, init, backend, out):
+    """Every DDP case of this module in one process group (a spawn costs seconds)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = nn.parallel.DistributedDataParallel(_mlp())
-    opt = _unused_opt(method, model, backend)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for x, y, tail, cut, nan in _uneven_steps():
-            part = slice(0, cut) if rank == 0 else slice(cut, 12)
-            bad = nan and rank == 0
-            opt.step(lambda: _uneven_losses(model, x[part], y[part], bad), tail[part])
-    torch.save(([p.detach().clone() for p in model.parameters()], opt.nonfinite_steps), f"{out}.{rank}")
+    for method in ("sam", "ssesam"):
+        model = nn.parallel.DistributedDataParallel(_Branchy(), find_unused_parameters=True)
+        opt = _unused_opt(method, model, backend)
+        for x, y, tail in _ddp_batches_unused():
+            shard = slice(rank * 6, (rank + 1) * 6)
+            losses = lambda: F.cross_entropy(model(x[shard], rank == 0), y[shard], reduction="none")
+            opt.step(losses, tail[shard])
+        torch.save([p.detach().clone() for p in model.parameters()], f"{out}/unused-{method}.{rank}")
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = _unused_opt(method, model, backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for x, y, tail, cut, nan in _uneven_steps():
+                part = slice(0, cut) if rank == 0 else slice(cut, 12)
+                bad = nan and rank == 0
+                opt.step(lambda: _uneven_losses(model, x[part], y[part], bad), tail[part])
+        saved = ([p.detach().clone() for p in model.parameters()], opt.nonfinite_steps)
+        torch.save(saved, f"{out}/uneven-{method}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
 
 
-@pytest.mark.parametrize("method", ["sam", "ssesam"])
-def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(backend, method, tmp_path):
-    """An empty shard contributes nothing (it hung the other process before); shards
-    of unequal sizes weigh by their samples; a NaN on one process skips the step on
-    every process. Bounded: a hang fails the test instead of stopping the suite."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def ddp_runs(request, tmp_path_factory):
+    """(backend, folder): the DDP cases run once per backend on 2 gloo processes,
+    bounded in time: a process that waits forever fails the tests."""
     import time
 
     import torch.multiprocessing as mp
 
-    out = str(tmp_path / "params.pt")
-    args = (2, f"file://{tmp_path}/pg", backend, method, out)
-    ctx = mp.spawn(_uneven_worker, args=args, nprocs=2, join=False)
-    deadline = time.monotonic() + 240
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    args = (2, f"file://{out}/pg", request.param, str(out))
+    ctx = mp.spawn(_ddp_worker_cases, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 300
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("a DDP process waited forever")
+    return request.param, str(out)
+
+
+@pytest.mark.parametrize("method", ["sam", "ssesam"])
+def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(ddp_runs, method):
+    """An empty shard contributes nothing (it hung the other process before); shards
+    of unequal sizes weigh by their samples; a NaN on one process skips the step on
+    every process."""
+    backend, out = ddp_runs
     model = _mlp()
     opt = _unused_opt(method, model, backend)
     with warnings.catch_warnings():
@@ -1029,6 +1031,6 @@ def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(backend,
     expected = [p.detach() for p in model.parameters()]
     assert opt.nonfinite_steps == 1
     for rank in (0, 1):
-        params, skipped = torch.load(f"{out}.{rank}")
+        params, skipped = torch.load(f"{out}/uneven-{method}.{rank}")
         assert skipped == 1, f"rank {rank} skipped {skipped} steps"
         assert_close(params, expected, torch.float32, f"DDP rank {rank} {backend}")
