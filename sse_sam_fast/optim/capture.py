@@ -90,6 +90,10 @@ class CapturedStep:
                 return self._eager(inputs, tail_mask, why)
             self._calls[key] = self._calls.get(key, 0) + 1
             if self._calls[key] <= WARMUP:
+                if _kind(self.opt.optimizer) == "sgd":
+                    # the warm-ups launch the kernel variant the graph will (hyperparameters read
+                    # from memory): compiling and loading it inside the capture is not permitted
+                    self.opt._backend.hyperparameters_on_device()
                 return self._eager(inputs, tail_mask, side_stream=self._calls[key] == WARMUP)
             return self._capture(key, inputs, tail_mask)
         graph = self._graphs[key]
