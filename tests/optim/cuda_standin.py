@@ -68,6 +68,12 @@ def _storage(t: torch.Tensor):
     return t.untyped_storage() if t.numel() else None
 
 
+def _fault(faults: list[str], what: str):
+    """A CUDA capture fails at the call that breaks it; so does the stand-in."""
+    faults.append(what)
+    raise CaptureHazard(what)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self, faults: list[str]):
         super().__init__()
@@ -78,17 +84,17 @@ class _Ops(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func.overloadpacket
         if packet in SYNC_OPS:
-            self.faults.append(f"host synchronisation: {func}")
-        elif packet is aten.index and any(
+            _fault(self.faults, f"host synchronisation: {func}")
+        if packet is aten.index and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
         ):
-            self.faults.append("host synchronisation: boolean indexing (aten.index with a mask)")
-        elif packet is aten.repeat_interleave and kwargs.get("output_size") is None and len(args) == 1:
-            self.faults.append("host synchronisation: repeat_interleave without output_size")
+            _fault(self.faults, "host synchronisation: boolean indexing (aten.index with a mask)")
+        if packet is aten.repeat_interleave and kwargs.get("output_size") is None and len(args) == 1:
+            _fault(self.faults, "host synchronisation: repeat_interleave without output_size")
         if torch.Tag.nondeterministic_seeded in func.tags:
-            self.faults.append(f"RNG draw: {func}")
+            _fault(self.faults, f"RNG draw: {func}")
         if packet in HOST_DATA_OPS or kwargs.get("pin_memory"):
-            self.faults.append(f"allocation outside the graph's pool: {func} (host data or pinned memory)")
+            _fault(self.faults, f"allocation outside the graph's pool: {func} (host data or pinned memory)")
         out = func(*args, **kwargs)
         inputs = {s.data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
                   for s in [_storage(t)] if s is not None}  # fmt: skip
@@ -106,7 +112,7 @@ class _Methods(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in SYNC_METHODS:
-            self.faults.append(f"host synchronisation: Tensor.{func.__name__}()")
+            _fault(self.faults, f"host synchronisation: Tensor.{func.__name__}()")
         return func(*args, **(kwargs or {}))
 
 
@@ -125,7 +131,7 @@ class Standin:
         if self.recording is not None:
             name = spec.kernel.rsplit(".", 1)[-1]
             flags = ", ".join(f"{k}={v}" for k, v in spec.constexprs(_names(spec)).items())
-            self.recording.append(f"Triton kernel compiled: {name} ({flags})")
+            _fault(self.recording, f"Triton kernel compiled: {name} ({flags})")
 
     @contextlib.contextmanager
     def _launch(self):
@@ -134,14 +140,16 @@ class Standin:
 
     def stream(self, _stream):
         if self.recording is not None:
-            self.recording.append("allocation outside the graph's pool: a stream switch inside the recording")
+            _fault(self.recording, "allocation outside the graph's pool: a stream switch while recording")
         return contextlib.nullcontext()
 
     def record(self, opt, graph, step):
         """capture._record: ``step()`` run once under watch, its effects taken back."""
         from sse_sam_fast.optim import capture
 
-        state = capture._State(opt)
+        # a recording runs nothing, failed or not: every tensor the step can write keeps its values
+        tensors = {id(t): t for t in capture._State(opt).tensors + capture._alive(opt)}.values()
+        before = [(t, t.clone()) for t in tensors]
         faults: list[str] = []
         ops = _Ops(faults)
         self.recording = faults
@@ -150,16 +158,16 @@ class Standin:
                 out = step()
         finally:
             self.recording = None
-            state.restore()
+            self.faults += faults
+            with torch.no_grad():
+                for t, saved in before:
+                    t.copy_(saved)
         created = {ptr for ref, ptr in ops.created if not ref.expired()}
         grads = {id(p.grad) for p in opt._backend.params if p.grad is not None}
         for t in capture._alive(opt):
             if id(t) not in grads and t.numel() and t.untyped_storage().data_ptr() in created:
                 what = f"lasting state {tuple(t.shape)} {t.dtype} first allocated during the recording"
-                faults.append(f"allocation outside the graph's pool: {what}")
-        if faults:
-            self.faults += faults
-            raise CaptureHazard("; ".join(dict.fromkeys(faults)))
+                _fault(self.faults, f"allocation outside the graph's pool: {what}")
         graph.step, graph.out = step, out
         return out
 

@@ -563,23 +563,79 @@ def fake_graphs_recording(x) -> bool:
 
 @pytest.mark.parametrize("hazard", list(_hazards()))
 def test_the_stand_in_catches_what_a_cuda_capture_cannot_do(fake_graphs, hazard):
-    """Each fault inside the recording fails the capture: the step runs eagerly
-    with a warning that names the fault, and the next calls stay eager."""
+    """Each fault fails the recording where it happens, as on CUDA; the step
+    runs eagerly with a warning that names the fault, later calls stay eager,
+    and the weights are those of eager steps."""
     extra, expected = _hazards()[hazard]
-    model, opt = build("sam", "triton", base="sgd")
-    opt._force_sync_free = True
 
-    def loss_fn(x, y):
-        extra(x, opt)
-        return F.cross_entropy(model(x), y, reduction="none")
+    def run(api):
+        model, opt = build("sam", "triton", base="sgd")
+        opt._force_sync_free = True
 
-    captured = opt.capture(loss_fn)
-    graphed = []
-    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
+        def loss_fn(x, y):
+            extra(x, opt)
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        captured = opt.capture(loss_fn)
+        graphed = []
         for x, y, tail in batches(6):
-            captured(x, y, tail_mask=tail)
-            graphed.append(captured.graphed)
+            if api == "capture":
+                captured(x, y, tail_mask=tail)
+                graphed.append(captured.graphed)
+            else:
+                opt.step(lambda: loss_fn(x, y), tail)
+        return _state(model), graphed
+
+    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
+        cap, graphed = run("capture")
+    eager, _ = run("step")
     assert not any(graphed)
     assert any(expected in str(w.message) for w in warned), [str(w.message) for w in warned]
     assert any(expected in f for f in fake_graphs.faults)
     fake_graphs.faults.clear()  # expected here
+    assert all(torch.equal(a, b) for a, b in zip(cap, eager))
+
+
+# ---- a failed capture does not poison the process -------------------------------------
+class _FailingCapture:
+    """torch.cuda.graph after a capture was invalidated: capture_end throws, before
+    it ends the allocator's capture mode and before it gives the stream back."""
+
+    def __init__(self, log, allocator, graph, pool=None, capture_error_mode="global"):
+        self.log, self.allocator = log, allocator
+        log.append(("graph", pool, capture_error_mode))
+
+    def __enter__(self):
+        self.allocator["recording"] = True
+
+    def __exit__(self, *exc):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.mark.parametrize("ended_by_torch", [False, True])
+def test_a_failed_recording_leaves_the_allocator_and_the_stream_ready(monkeypatch, ended_by_torch):
+    from sse_sam_fast.optim import capture
+
+    log, allocator = [], {"recording": False}
+
+    def end(device, pool):
+        if not allocator["recording"]:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+        allocator["recording"] = False
+        log.append(("end", device, pool))
+
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: _FailingCapture(log, allocator, *a, **k))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the caller's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: log.append(("set_stream", s)))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    release = lambda d, p: log.append(("release", d, p))
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", release, raising=False)
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        with capture.recording(object()):
+            if ended_by_torch:  # capture_end got past endAllocateToPool; the graph releases its pool
+                allocator["recording"] = False
+    freed = [] if ended_by_torch else [("end", 0, (0, 7)), ("release", 0, (0, 7))]
+    assert log == [("graph", (0, 7), "thread_local"), *freed, ("set_stream", "the caller's stream")]
+    assert not allocator["recording"]
