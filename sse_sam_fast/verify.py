@@ -17,6 +17,7 @@ tolerance table ``TOLERANCES`` with :func:`tolerance_key`, :func:`compare` /
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -313,6 +314,25 @@ def published_step(opt, model: nn.Module, x: Tensor, y: Tensor, tail: Tensor, me
         opt.update()
 
 
+def fp32_precision(fn):
+    """``fn`` run with TF32 off for CUDA matmuls and cuDNN convolutions (torch's
+    default turns it on for cuDNN): results compared at fp32 tolerances, with
+    each other or with a CPU run, must be computed in fp32. TF32 rounds inputs
+    to 10 mantissa bits, so two runs one ulp apart can differ by 1e-4."""
+
+    @functools.wraps(fn)
+    def pinned(*args, **kwargs):
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return pinned
+
+
+@fp32_precision
 def run(case: Case, backend: str = "reference", api: str = "official", device="cpu") -> list[Tensor]:
     """Train ``case`` with ``backend`` through ``api`` ("official", "step" or
     "capture": ``opt.capture``, CUDA graphs where they apply) on ``device``;
