@@ -99,6 +99,7 @@ class Launches:
         patched = []
         for name, kernel in kernels().items():
             run = kernel.run
+            before = vars(kernel).get("run")  # another recorder's, if one is watching too
 
             def watched(*args, grid, warmup, _name=name, _kernel=kernel, _run=run, **kwargs):
                 spec = self.key(_name, _kernel, args, kwargs)
@@ -110,13 +111,18 @@ class Launches:
                     return _run(*args, grid=grid, warmup=warmup, **kwargs)
 
             kernel.run = watched  # KernelInterface.__getitem__ looks run up at each launch
-            patched.append(kernel)
+            patched.append((kernel, before))
         try:
             yield self
         finally:
-            for kernel in patched:
-                del kernel.run
+            for kernel, before in patched:
+                if before is None:
+                    del kernel.run
+                else:
+                    kernel.run = before
 
     def dump(self, path: str) -> None:
+        """As JSON, one specialization a line (a diff shows what changed)."""
+        lines = ",\n".join(json.dumps(s.to_json(), separators=(",", ":")) for s in self.seen)
         with open(path, "w") as f:
-            json.dump({"triton": triton.__version__, "specs": [s.to_json() for s in self.seen]}, f, indent=0)
+            f.write(f'{{"triton": "{triton.__version__}", "specs": [\n{lines}\n]}}\n')
