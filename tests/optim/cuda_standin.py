@@ -61,7 +61,7 @@ HOST_DATA_OPS = {aten.lift_fresh, aten.lift_fresh_copy, aten._pin_memory}
 
 
 class CaptureHazard(RuntimeError):
-    """What the stand-in raises at the end of a recording that a GPU would refuse."""
+    """What the stand-in raises where a CUDA capture would fail."""
 
 
 def _storage(t: torch.Tensor):
