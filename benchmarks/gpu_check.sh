@@ -50,10 +50,17 @@ skip() {
 } >"$OUT/summary.txt"
 cat "$OUT/summary.txt"
 
+# the kernels as this checkout has them (an editable install of it, or the link below)
+KERNELS_HERE="import os, sse_sam_fast.kernels as k; assert os.path.dirname(os.path.realpath(k.__file__)) == os.path.realpath('kernels')"
 if [ "$DEVICE" = cuda ]; then
-    step install 50 $PY -m pip install -e . --no-deps --no-build-isolation
+    if $PY -c "$KERNELS_HERE" >/dev/null 2>&1; then
+        skip install "sse_sam_fast.kernels already imports from this checkout"
+    else
+        # no network there: neither pip's version check nor an index may wait
+        step install 50 $PY -m pip install -e . --no-deps --no-build-isolation --no-index --disable-pip-version-check
+    fi
     # without the install, sse_sam_fast.kernels (the top-level kernels/ folder) does not import
-    if ! $PY -c "import sse_sam_fast.kernels" >/dev/null 2>&1; then
+    if ! $PY -c "$KERNELS_HERE" >/dev/null 2>&1; then
         ln -sfn ../kernels sse_sam_fast/kernels
         echo "   sse_sam_fast.kernels did not import: linked sse_sam_fast/kernels -> ../kernels" | tee -a "$OUT/summary.txt"
     fi

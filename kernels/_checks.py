@@ -146,7 +146,7 @@ def _check_clip(clip, w: torch.Tensor) -> None:
 
 
 def _check_restore_sgd(
-    w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step, start, end, ok, hyper, clip
+    w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, start, end, ok, hyper, clip
 ):
     """Every argument of :func:`.update.restore_sgd_` but the hyperparameter values."""
     _check_bucket(w, g)
@@ -159,8 +159,6 @@ def _check_restore_sgd(
         _check_momentum_buf(momentum_buf, w)
     if ok is not None:
         _check_ok(ok, w)
-        if first_step and has_momentum:
-            raise ValueError("ok cannot guard a first step: the momentum buffer has no old value to keep")
     if hyper is not None:
         _check_hyper(hyper, w)
     if clip is not None:

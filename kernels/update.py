@@ -92,6 +92,8 @@ def _restore_sgd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
+    if HAS_OK:
+        ok = tl.load(ok_ptr) != 0
     if HYPER_ON_DEVICE:
         # a replayed CUDA graph keeps its arguments: values an LR scheduler
         # changes between replays are read from memory instead
@@ -127,9 +129,9 @@ def _restore_sgd_kernel(
         # continues from exactly the state this one used.
         buf = buf.to(buf_ptr.dtype.element_ty)
         if HAS_OK:
-            # a non-finite step keeps the old buffer bit for bit (FIRST_STEP is
-            # excluded by the launcher: a buffer that did not exist cannot be kept)
-            tl.store(buf_ptr + offsets, tl.where(tl.load(ok_ptr) != 0, buf, buf_old), mask=mask)
+            # a failed step does not write the buffer: its bits stay as they
+            # were, on a first step too (whatever memory the caller handed in)
+            tl.store(buf_ptr + offsets, buf, mask=tl.where(ok, mask, False))
         else:
             tl.store(buf_ptr + offsets, buf, mask=mask)
         buf = buf.to(tl.float32)
@@ -141,7 +143,7 @@ def _restore_sgd_kernel(
     if HAS_OK:
         # the device's verdict on the step: where it failed, the weights are the
         # restored ones, as stored (no round trip through fp32)
-        w = tl.where(tl.load(ok_ptr) != 0, w, w_base)
+        w = tl.where(ok, w, w_base)
     tl.store(w_ptr + offsets, w, mask=mask)
 
 
@@ -186,8 +188,8 @@ def restore_sgd_(
         start, end: element range of one parameter group; ``end`` defaults to N.
         ok: a one-element bool tensor on ``w``'s device, or None. Where it holds
             False the step does not take effect: ``w`` gets the restored weights
-            and the momentum buffer keeps its bits (not allowed with
-            ``first_step``, whose buffer has no old value to keep).
+            and the momentum buffer is not written (its bits stay as they were,
+            on a first step too: the caller decides whether the buffer exists).
         hyper: a float32 tensor ``[lr, momentum, dampening, weight_decay]`` on
             ``w``'s device, or None. The kernel reads those values from it (for a
             CUDA graph whose learning rate changes between replays); the float
@@ -207,7 +209,7 @@ def restore_sgd_(
     has_momentum = momentum != 0
     if check:
         _check_restore_sgd(
-            w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum, first_step,
+            w, g, grad_row, w0, extra_rows, momentum_buf, has_momentum,
             start, end, ok, hyper, clip,
         )  # fmt: skip
     n_elements = end - start

@@ -142,3 +142,21 @@ def scaler_skipped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimize
     except (AttributeError, KeyError):
         return False
     return any(bool(v.item()) for v in found.values())
+
+
+def end_failed_capture(device: int, pool: tuple[int, int]) -> None:
+    """After ``torch.cuda.graph(graph, pool=pool)`` raised: take the caching
+    allocator out of capture mode for ``pool`` and release the pool, which
+    ``CUDAGraph.capture_end`` skips when the capture failed (it throws first).
+    Nothing to do where ``capture_end`` got that far: the allocator then says it
+    is not recording to ``pool``, and the graph releases its pool when dropped.
+    Older torch releases name the first function ``_cuda_endAllocateCurrentStreamToPool``."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    end = end or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    if end is None:
+        return
+    try:
+        end(device, pool)
+    except RuntimeError:
+        return
+    torch._C._cuda_releasePool(device, pool)

@@ -17,6 +17,7 @@ import copy
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,7 +69,11 @@ def _wrap(method: str, base: torch.optim.Optimizer, model: nn.Module, backend: s
 def _graphed_sgd(model: nn.Module, base: torch.optim.Optimizer, x, y) -> Callable[[], None]:
     """Forward, backward and SGD step of ``model`` as one CUDA graph, torch's
     whole-network recipe: static inputs, warm-up on a side stream, gradients set
-    to None before capture so that backward allocates them in the graph's pool."""
+    to None before capture so that backward allocates them in the graph's pool.
+    Where the capture fails, the eager step, with a warning (the row then times
+    eager SGD), and the process can still capture (``capture.recording``)."""
+    from .optim.capture import recording
+
     static_x, static_y = x.clone(), y.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -80,9 +85,23 @@ def _graphed_sgd(model: nn.Module, base: torch.optim.Optimizer, x, y) -> Callabl
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     base.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        per_sample_losses(model, static_x, static_y).mean().backward()
-        base.step()
+    try:
+        with recording(graph):
+            per_sample_losses(model, static_x, static_y).mean().backward()
+            base.step()
+    except Exception as err:  # nothing ran: the weights are those of the warm-ups
+        warnings.warn(
+            f"sgd-graph: capture failed ({type(err).__name__}: {err}); the row times the eager SGD step",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+        def eager() -> None:
+            base.zero_grad()
+            per_sample_losses(model, x, y).mean().backward()
+            base.step()
+
+        return eager
 
     def step() -> None:
         static_x.copy_(x)

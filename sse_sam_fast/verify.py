@@ -20,6 +20,7 @@ Public names: :class:`Case`, :func:`default_cases`, :func:`run`,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -320,6 +321,25 @@ def _train(case: Case, model: nn.Module, opt, step, device) -> list[Tensor]:
     return [p.detach().cpu().clone() for p in model.parameters() if p.requires_grad]
 
 
+def fp32_precision(fn):
+    """``fn`` run with TF32 off for CUDA matmuls and cuDNN convolutions (torch's
+    default turns it on for cuDNN): results compared at fp32 tolerances, with
+    each other or with a CPU run, must be computed in fp32. TF32 rounds inputs
+    to 10 mantissa bits, so two runs one ulp apart can differ by 1e-4."""
+
+    @functools.wraps(fn)
+    def pinned(*args, **kwargs):
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return pinned
+
+
+@fp32_precision
 def run(case: Case, backend: str = "reference", api: str = "official", device="cpu") -> list[Tensor]:
     """Train ``case`` with this library's ``backend`` through ``api`` on ``device``:
     ``"official"`` (the published loop driving the official methods), ``"step"``

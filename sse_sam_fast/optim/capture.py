@@ -15,6 +15,7 @@ step on the same batch before it is used; a graph that disagrees is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import _torch_private
 from .._saved import Saved
 from . import batchnorm
 
@@ -90,6 +92,10 @@ class CapturedStep:
                 return self._eager(inputs, tail_mask, why)
             self._calls[key] = self._calls.get(key, 0) + 1
             if self._calls[key] <= WARMUP:
+                if _kind(self.opt.optimizer) == "sgd":
+                    # the warm-ups launch the kernel variant the graph will (hyperparameters read
+                    # from memory): compiling and loading it inside the capture is not permitted
+                    self.opt._backend.hyperparameters_on_device()
                 return self._eager(inputs, tail_mask, side_stream=self._calls[key] == WARMUP)
             return self._capture(key, inputs, tail_mask)
         graph = self._graphs[key]
@@ -227,8 +233,31 @@ def _graphs_on(device: torch.device) -> bool:
 def _record(opt, graph: torch.cuda.CUDAGraph, step: Callable[[], Tensor]) -> Tensor:
     """Record ``step()`` into ``graph`` (nothing runs); returns its static output.
     With :func:`_graphs_on`, the one seam where the CPU tests stand in for a GPU."""
-    with torch.cuda.graph(graph):
+    with recording(graph):
         return step()
+
+
+@contextlib.contextmanager
+def recording(graph: torch.cuda.CUDAGraph):
+    """``torch.cuda.graph(graph)``, such that a recording that raises leaves the
+    process able to capture again (docs/capture.md).
+
+    When a recording fails, torch's ``capture_end`` throws before it takes the
+    caching allocator out of capture mode for the graph's pool and before it
+    gives the current stream back: every later ``torch.cuda.graph`` then fails
+    an internal assert. Naming the pool lets it be ended and released here.
+    Errors are those of this thread only ("thread_local", as torch.compile's
+    CUDA graphs): a DataLoader thread pinning memory meanwhile neither fails
+    nor breaks the recording."""
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+    pool = torch.cuda.graph_pool_handle()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    except BaseException:
+        _torch_private.end_failed_capture(device, pool)
+        torch.cuda.set_stream(stream)
+        raise
 
 
 def _alive(opt) -> list[Tensor]:

@@ -285,10 +285,8 @@ def test_restore_sgd_reads_hyperparameters_from_memory(dtype, device):
     assert_same_bits(buf, expected_buf, "buf")
 
 
-def test_restore_sgd_refuses_to_guard_a_first_step():
+def test_restore_sgd_checks_ok():
     w, g, buf = torch.zeros(8), torch.zeros(2, 8), torch.zeros(8)
-    with pytest.raises(ValueError, match="first step"):
-        restore_sgd_(w, g, 0, None, [], buf, 0.1, 0.9, 0.0, 0.0, False, True, ok=torch.tensor(True))
     with pytest.raises(ValueError, match="ok must be a one-element bool"):
         restore_sgd_(w, g, 0, None, [], buf, 0.1, 0.9, 0.0, 0.0, False, False, ok=torch.tensor(1.0))
 

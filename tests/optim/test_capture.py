@@ -394,45 +394,22 @@ def test_re_bound_parameters_get_a_new_graph_not_the_old_buffers(device):
 
 
 # ---- the capture machinery on a CPU, with a stand-in for CUDA graphs --------------------
-class _FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph: replay() runs the recorded step again and
-    writes its loss into the static output, as a replay rewrites its memory."""
-
-    def __init__(self):
-        self.step, self.out, self.replays = None, None, 0
-
-    def replay(self):
-        self.replays += 1
-        self.out.copy_(self.step())
-
-
-class _FakeStream:
-    def wait_stream(self, other):
-        pass
-
-
 @pytest.fixture
 def fake_graphs(monkeypatch):
     """Everything of opt.capture but the CUDA graph itself runs on the CPU:
     warm-ups, keys, recording (the step runs once and the state is put back, as
-    a recording runs nothing), the first-replay check and the replays."""
-    import contextlib
+    a recording runs nothing), the first-replay check and the replays. A
+    recording fails where a CUDA capture would (tests/optim/cuda_standin.py);
+    a test that expects no such fault gets none."""
+    import cuda_standin  # tests/optim/cuda_standin.py
+    import triton_launches  # tests/triton_launches.py
 
-    from sse_sam_fast.optim import capture
-
-    def record(opt, graph, step):
-        state = capture._State(opt)
-        out = step()
-        state.restore()
-        graph.step, graph.out = step, out
-        return out
-
-    monkeypatch.setattr(capture, "_graphs_on", lambda device: True)
-    monkeypatch.setattr(capture, "_record", record)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    launches = triton_launches.Launches()
+    standin = cuda_standin.Standin(launches)
+    standin.install(monkeypatch)
+    with launches.watching():
+        yield standin
+    assert not standin.faults, f"a recording did what a CUDA capture cannot: {standin.faults}"
 
 
 def _capturable_adam_on_cpu(monkeypatch):
@@ -478,6 +455,7 @@ def test_captured_steps_replay_and_give_the_eager_update(fake_graphs, monkeypatc
 
 def test_loading_a_state_drops_the_graphs(fake_graphs):
     model, opt = build("sam", "triton")
+    opt._force_sync_free = True  # as on CUDA: a recorded step reads no verdict on the host
     captured = opt.capture(_ce(model))
     data = list(batches(10))
     graphed = []
@@ -523,3 +501,137 @@ def test_a_tensor_hyperparameter_elsewhere_is_refused(fake_graphs):
     captured = opt.capture(_ce(model))
     x, y, _ = next(batches(1))
     assert "not on the parameters' device" in captured._refusal((x, y))
+
+
+# ---- what a CUDA capture cannot do, caught on the CPU ---------------------------------
+@pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
+@pytest.mark.parametrize("base", ["sgd", "sgd-plain", "adam-capturable"])
+def test_a_recording_compiles_syncs_draws_and_allocates_nothing(fake_graphs, monkeypatch, method, base):
+    """Every kernel variant a graph launches ran in the eager warm-ups, and the
+    recorded step reads nothing on the host, draws no random numbers and makes
+    no lasting state: the stand-in's recording raises on any of them, so a
+    fault shows as a call that did not replay, and is listed here."""
+    if base.startswith("adam"):
+        _capturable_adam_on_cpu(monkeypatch)
+    model, opt = build(method, "triton" if base.startswith("sgd") else "torch", base=base)
+    opt._force_sync_free = True  # as on CUDA
+    captured = opt.capture(_ce(model))
+    graphed = []
+    for x, y, tail in batches(6):
+        captured(x, y, tail_mask=tail)
+        graphed.append(captured.graphed)
+    faults, fake_graphs.faults[:] = list(fake_graphs.faults), []  # reported here, not again at teardown
+    assert faults == []
+    assert graphed == [False] * 4 + [True] * 2
+
+
+def _hazards():
+    """loss_fn additions, each a fault the stand-in must catch when it runs
+    inside a recording (they run in the eager warm-ups too, where they are fine)."""
+    from sse_sam_fast.kernels import grouped_sumsq
+
+    def new_kernel_variant(x, opt):  # options the warm-ups never launched
+        if torch.cuda.is_current_stream_capturing():  # the stand-in says so while it records
+            grouped_sumsq(torch.zeros(2, 5), [0], plus=1)
+
+    def lasting_state(x, opt):
+        state = opt.optimizer.state[next(iter(opt._backend.params))]
+        state["made_in_the_step"] = torch.zeros(3)
+
+    def stream_switch(x, opt):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            pass
+
+    return {
+        "item": (lambda x, opt: x.sum().item(), "_local_scalar_dense"),
+        "bool": (lambda x, opt: bool(x.sum() > 0), "_local_scalar_dense"),
+        "nonzero": (lambda x, opt: x.nonzero(), "nonzero"),
+        "boolean index": (lambda x, opt: x[x > 0], "boolean indexing"),
+        "tolist": (lambda x, opt: x.tolist(), "Tensor.tolist"),
+        "rng": (lambda x, opt: torch.randn(3), "RNG draw"),
+        "dropout": (lambda x, opt: F.dropout(x, 0.5), "RNG draw"),
+        "host data": (lambda x, opt: x + torch.tensor(1.0), "host data"),
+        "stream": (stream_switch, "stream switch"),
+        "lasting state": (lasting_state, "lasting state"),
+        "kernel": (new_kernel_variant, "Triton kernel compiled: _sumsq_partial_kernel"),
+    }
+
+
+@pytest.mark.parametrize("hazard", list(_hazards()))
+def test_the_stand_in_catches_what_a_cuda_capture_cannot_do(fake_graphs, hazard):
+    """Each fault fails the recording where it happens, as on CUDA; the step
+    runs eagerly with a warning that names the fault, later calls stay eager,
+    and the weights are those of eager steps."""
+    extra, expected = _hazards()[hazard]
+
+    def run(api):
+        model, opt = build("sam", "triton", base="sgd")
+        opt._force_sync_free = True
+
+        def loss_fn(x, y):
+            extra(x, opt)
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        captured = opt.capture(loss_fn)
+        graphed = []
+        for x, y, tail in batches(6):
+            if api == "capture":
+                captured(x, y, tail_mask=tail)
+                graphed.append(captured.graphed)
+            else:
+                opt.step(lambda: loss_fn(x, y), tail)
+        return _state(model), graphed
+
+    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
+        cap, graphed = run("capture")
+    eager, _ = run("step")
+    assert not any(graphed)
+    assert any(expected in str(w.message) for w in warned), [str(w.message) for w in warned]
+    assert any(expected in f for f in fake_graphs.faults)
+    fake_graphs.faults.clear()  # expected here
+    assert all(torch.equal(a, b) for a, b in zip(cap, eager))
+
+
+# ---- a failed capture does not poison the process -------------------------------------
+class _FailingCapture:
+    """torch.cuda.graph after a capture was invalidated: capture_end throws, before
+    it ends the allocator's capture mode and before it gives the stream back."""
+
+    def __init__(self, log, allocator, graph, pool=None, capture_error_mode="global"):
+        self.log, self.allocator = log, allocator
+        log.append(("graph", pool, capture_error_mode))
+
+    def __enter__(self):
+        self.allocator["recording"] = True
+
+    def __exit__(self, *exc):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.mark.parametrize("ended_by_torch", [False, True])
+def test_a_failed_recording_leaves_the_allocator_and_the_stream_ready(monkeypatch, ended_by_torch):
+    from sse_sam_fast.optim import capture
+
+    log, allocator = [], {"recording": False}
+
+    def end(device, pool):
+        if not allocator["recording"]:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+        allocator["recording"] = False
+        log.append(("end", device, pool))
+
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: _FailingCapture(log, allocator, *a, **k))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the caller's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: log.append(("set_stream", s)))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    release = lambda d, p: log.append(("release", d, p))
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", release, raising=False)
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        with capture.recording(object()):
+            if ended_by_torch:  # capture_end got past endAllocateToPool; the graph releases its pool
+                allocator["recording"] = False
+    freed = [] if ended_by_torch else [("end", 0, (0, 7)), ("release", 0, (0, 7))]
+    assert log == [("graph", (0, 7), "thread_local"), *freed, ("set_stream", "the caller's stream")]
+    assert not allocator["recording"]
