@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import PoisonGrad
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
+from tests.support import PoisonGrad
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -479,7 +479,7 @@ def poisoned(model, which, kind, bad=None, value=float("nan")):
     """A closure whose ``which``-th call (1-based) has a non-finite ``value``: in the
     input batch (``input``), the losses (``loss``: multiplied; ``shift``: added, so
     that only the losses are non-finite, not the gradients) or the gradient of the
-    ``bad`` samples (``grad``, through test_passes.PoisonGrad)."""
+    ``bad`` samples (``grad``, through tests.support.PoisonGrad)."""
     calls = []
 
     def closure():

@@ -12,6 +12,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, per_sample_losses
+from tests.support import TAIL, PoisonGrad, X, Y
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -35,25 +36,6 @@ def snapshot(model, opt):
 def assert_same(a, b):
     for x, y in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, y)
-
-
-X, Y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-TAIL = torch.tensor([True, False] * 5)
-
-
-class PoisonGrad(torch.autograd.Function):
-    """Identity forward; the backward makes the gradient of the ``bad`` samples NaN
-    (where it is not zero: a group's backward leaves the other group's rows at 0)."""
-
-    @staticmethod
-    def forward(ctx, x, bad):
-        ctx.bad = bad
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        poison = ctx.bad[:, None] & (g != 0).any(1, keepdim=True)
-        return torch.where(poison, torch.full_like(g, float("nan")), g), None
 
 
 def nan_on_call(model, which, kind="loss", bad=None):

@@ -5,11 +5,11 @@ give the host-verdict step's results bit for bit or within the fp32 table."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import TAIL, PoisonGrad, X, Y
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
+from tests.support import TAIL, PoisonGrad, X, Y
 
 BACKENDS = ["torch", "triton"]
 

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from short_runs import assert_same_run, digits, quiet, weights
 
 from sse_sam_fast.optim.engine import GroupedSAM
 from sse_sam_fast.train.checkpoint import config_for_resume, load_checkpoint
@@ -21,6 +20,7 @@ from sse_sam_fast.train.config import OptionError, TrainConfig, resolve
 from sse_sam_fast.train.loop import capture_choice
 from sse_sam_fast.train.losses import build_loss
 from sse_sam_fast.verify import assert_close
+from tests.train.short_runs import assert_same_run, digits, quiet, weights
 
 
 @pytest.fixture
