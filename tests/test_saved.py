@@ -80,7 +80,17 @@ def test_one_saved_serves_many_steps_and_follows_new_tensors():
         assert_bitwise(ts, before)
 
 
-def test_nothing_to_save():
-    saved = Saved([])
+def test_an_empty_saved_takes_nothing_back_then_follows_new_tensors():
+    """The optimizer makes its Saved before there is anything to save (no
+    BatchNorm layer, no optimizer state before the first step)."""
+    saved = Saved()
     saved.restore()
     saved.keep_if(torch.tensor(False))
+    assert saved.buffers() == [] and saved.layouts == 1
+    ts = _tensors()
+    before = cloned(ts)
+    saved.save(ts)
+    assert saved.layouts == 2 and len(saved.buffers()) == 4  # fp32, int64, fp16 flat; one apart
+    _scribble(ts)
+    saved.restore()
+    assert_bitwise(ts, before)
