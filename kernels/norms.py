@@ -116,21 +116,21 @@ def grouped_sumsq(
 ) -> torch.Tensor:
     """Squared L2 norm of each listed row of ``g``: ``out[j] = ||g[rows[j]]||^2``.
 
-    Args:
-        g: contiguous ``(k, N)`` gradient buffer, fp32, bf16 or fp16.
-        rows: row indices in ``[0, k)``; repeats are allowed.
-        w: None, or a contiguous 1-D tensor of length N of ``g``'s dtype and
-            device: each element is multiplied by ``w[i]`` (in fp32) before it is
-            squared, ``out[j] = ||w * g[rows[j]]||^2`` (ASAM's ``||T g||^2``).
-        plus: None, or a row index in ``[0, k)``: the norm of ``g[rows[j]] +
-            g[plus]``, the sum rounded to ``g``'s dtype (as torch's ``a + b``
-            stores it) before ``w`` and the square.
-        start, end: only elements ``[start, end)`` count (``0 <= start <= end <=
-            N``; ``end`` defaults to N).
+    Arguments:
 
-    Returns:
-        fp32 tensor of shape ``(len(rows),)`` on ``g``'s device.  Zeros when the
-        range is empty.  Up to ``MAX_ROWS_PER_LAUNCH`` rows cost one partial-sum launch.
+    - ``g``: contiguous ``(k, N)`` gradient buffer, fp32, bf16 or fp16.
+    - ``rows``: row indices in ``[0, k)``; repeats are allowed.
+    - ``w``: None, or a contiguous 1-D tensor of length N of ``g``'s dtype and
+      device: each element is multiplied by ``w[i]`` (in fp32) before it is
+      squared, ``out[j] = ||w * g[rows[j]]||^2`` (ASAM's ``||T g||^2``).
+    - ``plus``: None, or a row index in ``[0, k)``: the norm of ``g[rows[j]] +
+      g[plus]``, the sum rounded to ``g``'s dtype (as torch's ``a + b``
+      stores it) before ``w`` and the square.
+    - ``start``, ``end``: only elements ``[start, end)`` count (``0 <= start <= end <=
+      N``; ``end`` defaults to N).
+
+    Returns an fp32 tensor of shape ``(len(rows),)`` on ``g``'s device.  Zeros when the
+    range is empty.  Up to ``MAX_ROWS_PER_LAUNCH`` rows cost one partial-sum launch.
     """
     _check_grad_buffer(g)
     rows = [_check_row(r, g.shape[0], "rows") for r in rows]

@@ -101,24 +101,25 @@ def perturb_(
 ) -> torch.Tensor:
     """In place: ``w <- base + s * g[row]``, ``base = w`` (saved to ``w0``) or ``w0``; returns ``w``.
 
-    Args:
-        w: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
-        w0: contiguous 1-D snapshot of ``w``'s shape, dtype and device, sharing no
-            memory with ``w`` or ``g``.  Written when ``save``, read otherwise.
-        g: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
-        add: ``(row, sumsq, rho)``: perturb along ``g[row]``.  ``sumsq`` is a
-            one-element fp32 tensor on ``w``'s device holding ``||g[row]||^2``
-            (``||base * g[row]||^2`` when ``adaptive``); ``rho`` a Python float.
-            ``s = rho / (sqrt(sumsq) + 1e-16)``.
-        save: ``True`` for the first perturbation of a step: ``w0 <- w``, then
-            ``w <- w + s * g[row]``.  ``False`` for a later one: ``w <- w0 + s *
-            g[row]``, so the previous perturbation leaves no trace.
-        check: validate the arguments (``False``: the caller validated this
-            buffer layout once already).
-        adaptive: ASAM: the move is ``s * base**2 * g[row]`` (in fp32, ``base``
-            as loaded), i.e. ``rho * T^2 g / ||T g||`` with ``T = |base|``.
-        start, end: only elements ``[start, end)`` are read and written, ``w0``
-            included (``end`` defaults to N).
+    Arguments:
+
+    - ``w``: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
+    - ``w0``: contiguous 1-D snapshot of ``w``'s shape, dtype and device, sharing no
+      memory with ``w`` or ``g``.  Written when ``save``, read otherwise.
+    - ``g``: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
+    - ``add``: ``(row, sumsq, rho)``: perturb along ``g[row]``.  ``sumsq`` is a
+      one-element fp32 tensor on ``w``'s device holding ``||g[row]||^2``
+      (``||base * g[row]||^2`` when ``adaptive``); ``rho`` a Python float.
+      ``s = rho / (sqrt(sumsq) + 1e-16)``.
+    - ``save``: ``True`` for the first perturbation of a step: ``w0 <- w``, then
+      ``w <- w + s * g[row]``.  ``False`` for a later one: ``w <- w0 + s *
+      g[row]``, so the previous perturbation leaves no trace.
+    - ``check``: validate the arguments (``False``: the caller validated this
+      buffer layout once already).
+    - ``adaptive``: ASAM: the move is ``s * base**2 * g[row]`` (in fp32, ``base``
+      as loaded), i.e. ``rho * T^2 g / ||T g||`` with ``T = |base|``.
+    - ``start``, ``end``: only elements ``[start, end)`` are read and written, ``w0``
+      included (``end`` defaults to N).
 
     Restoring is ``w.copy_(w0)`` (bit-identical) or the ``w0`` argument of
     :func:`.update.restore_sgd_`.

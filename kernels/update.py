@@ -170,36 +170,37 @@ def restore_sgd_(
 ) -> torch.Tensor:
     """In place over ``[start, end)``: restore ``w``, then one ``torch.optim.SGD`` step.
 
-    Args:
-        w: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
-        g: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
-        grad_row: row holding the gradient at the perturbed point.
-        w0: the snapshot saved by :func:`.perturb.perturb_` (contiguous, ``w``'s
-            shape, dtype and device, no memory shared with ``w`` or ``g``): the
-            update starts from ``w0`` and the perturbed ``w`` is not read.
-            ``None`` when ``w`` is already restored.
-        extra_rows: zero or one further row added to the gradient.  The sum is
-            not stored: ``g`` is left unchanged.
-        momentum_buf: contiguous 1-D tensor of length N, dtype ``w.dtype`` or fp32;
-            required when ``momentum != 0``, ignored otherwise.
-        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
-        first_step: the buffer does not exist yet in torch's terms; it is set to
-            the gradient instead of being decayed (``dampening`` is not applied).
-        start, end: element range of one parameter group; ``end`` defaults to N.
-        ok: a one-element bool tensor on ``w``'s device, or None. Where it holds
-            False the step does not take effect: ``w`` gets the restored weights
-            and the momentum buffer is not written (its bits stay as they were,
-            on a first step too: the caller decides whether the buffer exists).
-        hyper: a float32 tensor ``[lr, momentum, dampening, weight_decay]`` on
-            ``w``'s device, or None. The kernel reads those values from it (for a
-            CUDA graph whose learning rate changes between replays); the float
-            arguments still choose the code path (``momentum != 0``, ...).
-        check: validate the arguments (``False``: the caller validated this
-            buffer layout once already; a launch then costs no Python checks).
-        clip: None, or a one-element float32 tensor on ``w``'s device holding an
-            already clamped gradient-clipping coefficient: the gradient (after
-            the extra row) is multiplied by it and rounded to ``g``'s dtype,
-            before weight decay.
+    Arguments:
+
+    - ``w``: contiguous 1-D weight bucket of length N (fp32, bf16 or fp16).
+    - ``g``: contiguous ``(k, N)`` gradient buffer of ``w``'s dtype and device.
+    - ``grad_row``: row holding the gradient at the perturbed point.
+    - ``w0``: the snapshot saved by :func:`.perturb.perturb_` (contiguous, ``w``'s
+      shape, dtype and device, no memory shared with ``w`` or ``g``): the
+      update starts from ``w0`` and the perturbed ``w`` is not read.
+      ``None`` when ``w`` is already restored.
+    - ``extra_rows``: zero or one further row added to the gradient.  The sum is
+      not stored: ``g`` is left unchanged.
+    - ``momentum_buf``: contiguous 1-D tensor of length N, dtype ``w.dtype`` or fp32;
+      required when ``momentum != 0``, ignored otherwise.
+    - ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``: as in ``torch.optim.SGD``.
+    - ``first_step``: the buffer does not exist yet in torch's terms; it is set to
+      the gradient instead of being decayed (``dampening`` is not applied).
+    - ``start``, ``end``: element range of one parameter group; ``end`` defaults to N.
+    - ``ok``: a one-element bool tensor on ``w``'s device, or None. Where it holds
+      False the step does not take effect: ``w`` gets the restored weights
+      and the momentum buffer is not written (its bits stay as they were,
+      on a first step too: the caller decides whether the buffer exists).
+    - ``hyper``: a float32 tensor ``[lr, momentum, dampening, weight_decay]`` on
+      ``w``'s device, or None. The kernel reads those values from it (for a
+      CUDA graph whose learning rate changes between replays); the float
+      arguments still choose the code path (``momentum != 0``, ...).
+    - ``check``: validate the arguments (``False``: the caller validated this
+      buffer layout once already; a launch then costs no Python checks).
+    - ``clip``: None, or a one-element float32 tensor on ``w``'s device holding an
+      already clamped gradient-clipping coefficient: the gradient (after
+      the extra row) is multiplied by it and rounded to ``g``'s dtype,
+      before weight decay.
 
     Returns ``w``.  Elements outside ``[start, end)`` are not touched.
     """

@@ -9,9 +9,9 @@ select, one multi-tensor copy back.
 
 One :class:`Saved` serves step after step. Its flat views of the tensors and its
 copies are made once and reused while the tensors are the same objects over the
-same memory: checking their addresses costs a fifth of the host time of making
-a view of each (ResNet-32 with Adam, 285 state tensors, on the development CPU),
-and the views cost more than the copies they serve.
+same memory: checking their addresses costs far less host time than making a
+view of each, and the views cost more than the copies they serve (BENCHMARKS.md,
+"Host-time measurements behind the code").
 """
 
 from __future__ import annotations

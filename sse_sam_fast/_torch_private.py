@@ -1,4 +1,12 @@
-"""Every use of private torch attributes, in one place.
+"""Every use of private torch attributes, classes and functions, in one place.
+
+The rule: a private name of torch (one with a leading underscore, on a torch
+module, class, tensor, module or optimizer) is touched only here, behind a
+name that says what the library needs it for, with a line saying why no public
+one serves. One family is exempt: the ``torch._foreach_*`` multi-tensor ops
+are called directly where they are used, as torch.optim's own multi-tensor
+paths call them; they are the grouped primitive (one launch per device and
+dtype, not one per tensor), and a wrapper around each would hide simple code.
 
 The triton backend replaces ``torch.optim.SGD.step()`` with a fused kernel. That
 is only equal to the real step when nothing else would have run around it
@@ -15,6 +23,10 @@ Under AMP the engine takes norms of unscaled gradients, so it reads the
 GradScaler's current scale, which has no public device-side accessor. A step
 taken back on the device uses the fused optimizers' ``found_inf`` argument,
 which only GradScaler's private protocol sets.
+
+The normalisation layers have no public base classes, the module tree no
+public walk without names, a tensor no public write counter: those are here
+too (the last section).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay")
 
@@ -160,3 +172,51 @@ def end_failed_capture(device: int, pool: tuple[int, int]) -> None:
     except RuntimeError:
         return
     torch._C._cuda_releasePool(device, pool)
+
+
+# ---- modules and tensors ---------------------------------------------------------
+# torch has no public base class for these families; the library's BatchNorm
+# policy is about the families, whatever subclass (SyncBatchNorm, Lazy*) a model uses
+NORM_LAYERS = nn.modules.batchnorm._NormBase  # BatchNorm and InstanceNorm, running statistics or not
+BATCH_NORMS = nn.modules.batchnorm._BatchNorm  # the ones whose statistics couple a batch's samples
+INSTANCE_NORMS = nn.modules.instancenorm._InstanceNorm
+DROPOUTS = nn.modules.dropout._DropoutNd  # every DropoutNd: a captured graph would replay one mask
+
+
+def find_modules(model: nn.Module, kind: type | tuple[type, ...]) -> list[nn.Module]:
+    """The modules of ``model`` (itself included) that are instances of ``kind``,
+    each once. A walk over ``_modules``: ``model.modules()`` builds the name of
+    every module on the way, and this runs at every step (a layer swapped in
+    since the last one must be found)."""
+    found, todo, seen = [], [model], {id(model)}
+    for m in todo:
+        if isinstance(m, kind):
+            found.append(m)
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return found
+
+
+def buffers_of(module: nn.Module) -> dict[str, Tensor | None]:
+    """The dict a module keeps its buffers in. Setting an entry to None hides
+    the buffer from the module's forward and putting the tensor back restores
+    the same object; ``setattr`` would do the same through ``Module.__setattr__``'s
+    checks, at every perturbed pass."""
+    return module._buffers
+
+
+def version(t: Tensor) -> int:
+    """The counter of in-place writes autograd keeps on every tensor: tells a
+    gradient written in place from one left alone without comparing values."""
+    return t._version
+
+
+def call_unwrapped(func, args: tuple, kwargs: dict):
+    """``func(*args, **kwargs)`` from inside a tensor subclass's
+    ``__torch_function__``, with the subclass's handling off and the results as
+    they come: ``super().__torch_function__`` would turn every result into the
+    subclass."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import SAM, SSESAM, ImbSAM
+from . import SAM, SSESAM, ImbSAM, _torch_private
 from .backends import triton_available
 from .train.models import MODELS
 from .train.report import agg_figure, try_plot
@@ -391,7 +391,7 @@ def _whole_steps(args, models: list[str], backends: list[str], device: torch.dev
     for model_name in models:
         torch.manual_seed(0)
         model = MODELS[model_name](100)
-        batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        batchnorm = any(isinstance(m, _torch_private.BATCH_NORMS) for m in model.modules())
         for suffix, method, stage in (case for m in methods for case in CASES[m]):
             schedules = [f"exact/{b}" for b in backends] + captured
             if not batchnorm and method != "sam":  # split changes BatchNorm's batch statistics

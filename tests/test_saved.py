@@ -3,6 +3,7 @@
 import torch
 
 from sse_sam_fast._saved import Saved
+from tests.support import assert_bitwise, cloned
 
 
 def _tensors():
@@ -16,16 +17,6 @@ def _tensors():
     ]
 
 
-def _bits(ts):
-    return [t.clone() for t in ts]
-
-
-def _same(a, b):
-    """Bit for bit (-0.0 is not 0.0, NaN payloads count)."""
-    raw = lambda t: t.contiguous().reshape(-1).view(torch.uint8)
-    return all(x.dtype == y.dtype and torch.equal(raw(x), raw(y)) for x, y in zip(a, b))
-
-
 def _scribble(ts):
     for t in ts:
         t.fill_(float("nan") if t.is_floating_point() else 99)
@@ -33,42 +24,42 @@ def _scribble(ts):
 
 def test_restore_gives_back_every_bit():
     ts = _tensors()
-    before = _bits(ts)
+    before = cloned(ts)
     saved = Saved(ts)
     _scribble(ts)
     saved.restore()
-    assert _same(ts, before)
+    assert_bitwise(ts, before)
 
 
 def test_keep_if_selects_on_the_device():
     ts = _tensors()
-    before = _bits(ts)
+    before = cloned(ts)
     saved = Saved(ts)
     _scribble(ts)
     saved.keep_if(torch.tensor(False))  # the NaNs do not leak into the kept values
-    assert _same(ts, before)
+    assert_bitwise(ts, before)
 
     saved.save(ts)
     for t in ts:  # new finite values, the non-contiguous tensor's too
         t.add_(3)
-    kept = _bits(ts)
+    kept = cloned(ts)
     saved.keep_if(torch.tensor(True))
-    assert _same(ts, kept)
+    assert_bitwise(ts, kept)
     for t in ts:
         t.add_(5)
     saved.restore()  # what keep_if kept is the saved copy from then on
-    assert _same(ts, kept)
+    assert_bitwise(ts, kept)
 
 
 def test_one_saved_serves_many_steps_and_follows_new_tensors():
     ts = _tensors()
     saved = Saved(ts)
     for _ in range(3):  # the same tensors: the views and buffers of the first layout
-        before = _bits(ts)
+        before = cloned(ts)
         saved.save(ts)
         _scribble(ts)
         saved.restore()
-        assert _same(ts, before)
+        assert_bitwise(ts, before)
         for t in ts:
             t.add_(1)
     assert saved.layouts == 1
@@ -81,15 +72,25 @@ def test_one_saved_serves_many_steps_and_follows_new_tensors():
     ]
     for layouts, change in enumerate(changes, start=2):
         change()
-        before = _bits(ts)
+        before = cloned(ts)
         saved.save(ts)
         assert saved.layouts == layouts
         _scribble(ts)
         saved.restore()
-        assert _same(ts, before)
+        assert_bitwise(ts, before)
 
 
-def test_nothing_to_save():
-    saved = Saved([])
+def test_an_empty_saved_takes_nothing_back_then_follows_new_tensors():
+    """The optimizer makes its Saved before there is anything to save (no
+    BatchNorm layer, no optimizer state before the first step)."""
+    saved = Saved()
     saved.restore()
     saved.keep_if(torch.tensor(False))
+    assert saved.buffers() == [] and saved.layouts == 1
+    ts = _tensors()
+    before = cloned(ts)
+    saved.save(ts)
+    assert saved.layouts == 2 and len(saved.buffers()) == 4  # fp32, int64, fp16 flat; one apart
+    _scribble(ts)
+    saved.restore()
+    assert_bitwise(ts, before)

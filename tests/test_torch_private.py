@@ -144,3 +144,54 @@ def test_capturable_adam_needs_capturable_and_a_tensor_lr():
     assert not _torch_private.capturable_adam(opt)  # a hook would run inside the graph once only
     handle.remove()
     assert _torch_private.capturable_adam(opt)
+
+
+def test_the_normalisation_families_hold_the_layers_models_use():
+    batch = [nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3), nn.LazyBatchNorm1d()]
+    instance = [nn.InstanceNorm1d(3, track_running_stats=True), nn.InstanceNorm2d(3)]
+    assert all(isinstance(m, _torch_private.BATCH_NORMS) for m in batch)
+    assert not any(isinstance(m, _torch_private.BATCH_NORMS) for m in instance)
+    assert all(isinstance(m, _torch_private.INSTANCE_NORMS) for m in instance)
+    assert all(isinstance(m, _torch_private.NORM_LAYERS) for m in batch + instance)
+    assert not isinstance(nn.LayerNorm(3), _torch_private.NORM_LAYERS)
+
+
+def test_find_modules_finds_each_layer_once_as_modules_does():
+    shared = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Sequential(shared, nn.BatchNorm1d(4)), nn.Tanh())
+    model.add_module("gone", None)
+    expected = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert _torch_private.find_modules(model, nn.BatchNorm1d) == expected
+    assert _torch_private.find_modules(model, nn.Sequential) == [model, model[2]]
+
+
+def test_hiding_an_instance_norms_buffers_keeps_its_statistics_out_of_the_forward():
+    m = nn.InstanceNorm1d(3, track_running_stats=True)
+    bufs = _torch_private.buffers_of(m)
+    mean, var = bufs["running_mean"], bufs["running_var"]
+    assert mean is m.running_mean and var is m.running_var
+    bufs["running_mean"] = bufs["running_var"] = None
+    m(torch.randn(2, 3, 5))  # no statistics to update
+    bufs["running_mean"], bufs["running_var"] = mean, var
+    assert m.running_mean is mean and torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.ones(3))
+    m(torch.randn(2, 3, 5))  # and with them back, the forward updates them again
+    assert not torch.equal(mean, torch.zeros(3))
+
+
+def test_version_counts_in_place_writes():
+    t = torch.zeros(3)
+    before = _torch_private.version(t)
+    t.add_(1)
+    assert _torch_private.version(t) == before + 1
+    t + 1  # noqa: B018  (out of place: not a write to t)
+    assert _torch_private.version(t) == before + 1
+
+
+def test_call_unwrapped_gives_plain_tensors_inside_a_subclass():
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return _torch_private.call_unwrapped(func, args, kwargs or {})
+
+    out = torch.arange(3).as_subclass(Tagged) * 2
+    assert type(out) is torch.Tensor and out.tolist() == [0, 2, 4]

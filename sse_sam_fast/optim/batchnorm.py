@@ -1,7 +1,8 @@
 """Running statistics of the normalisation layers around a step.
 
-The layers are every ``torch.nn.modules.batchnorm._NormBase``: BatchNorm (and
-SyncBatchNorm) and InstanceNorm with ``track_running_stats=True``. A skipped or
+The layers are every ``torch.nn.modules.batchnorm._NormBase``
+(``_torch_private.NORM_LAYERS``): BatchNorm (and SyncBatchNorm) and InstanceNorm
+with ``track_running_stats=True``. A skipped or
 refused step puts their statistics back bit for bit; ``bn_stats="clean"`` keeps
 the forwards at perturbed weights from updating them.
 """
@@ -13,21 +14,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .. import _torch_private
+
 
 def find_layers(model: nn.Module, kind: type | tuple[type, ...]) -> list[nn.Module]:
     """The modules of ``model`` (itself included) that are instances of ``kind``,
-    each once. A walk over ``_modules`` without the names ``model.modules()``
-    builds for every module: 2.4 times faster on ResNet-32, and it runs at every
-    step (a layer swapped in since the last one must be found)."""
-    found, todo, seen = [], [model], {id(model)}
-    for m in todo:
-        if isinstance(m, kind):
-            found.append(m)
-        for child in m._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                todo.append(child)
-    return found
+    each once; looked up at every step, so that a layer swapped in since the
+    last one is found."""
+    return _torch_private.find_modules(model, kind)
 
 
 def _tracking(batchnorms: Sequence[nn.Module]) -> list[nn.Module]:
@@ -44,21 +38,21 @@ def frozen(batchnorms: Sequence[nn.Module], policy: str):
     layers = _tracking(batchnorms) if policy == "clean" else []
     # InstanceNorm hands its statistics to F.instance_norm whatever the flag says:
     # they are hidden from it instead
-    hidden = [m for m in layers if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
-    kept = [(m._buffers["running_mean"], m._buffers["running_var"]) for m in hidden]
+    hidden = [_torch_private.buffers_of(m) for m in layers if isinstance(m, _torch_private.INSTANCE_NORMS)]
+    kept = [(bufs["running_mean"], bufs["running_var"]) for bufs in hidden]
     # object.__setattr__: a plain flag needs none of Module.__setattr__'s checks for
     # parameters, buffers and submodules, which cost host time at every perturbed pass
     for m in layers:
         object.__setattr__(m, "track_running_stats", False)
-    for m in hidden:
-        m._buffers["running_mean"] = m._buffers["running_var"] = None
+    for bufs in hidden:
+        bufs["running_mean"] = bufs["running_var"] = None
     try:
         yield
     finally:
         for m in layers:
             object.__setattr__(m, "track_running_stats", True)
-        for m, (mean, var) in zip(hidden, kept):
-            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
+        for bufs, (mean, var) in zip(hidden, kept):
+            bufs["running_mean"], bufs["running_var"] = mean, var
 
 
 def running_stats(batchnorms: Sequence[nn.Module]) -> list[Tensor]:

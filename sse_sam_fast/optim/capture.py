@@ -308,7 +308,7 @@ def _baked(optimizer: torch.optim.Optimizer) -> tuple:
 
 
 def _random(model: nn.Module) -> bool:
-    return any(m.training and m.p > 0 for m in batchnorm.find_layers(model, nn.modules.dropout._DropoutNd))
+    return any(m.training and m.p > 0 for m in batchnorm.find_layers(model, _torch_private.DROPOUTS))
 
 
 class _State:

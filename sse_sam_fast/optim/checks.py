@@ -9,6 +9,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .. import _torch_private
+
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -202,8 +204,7 @@ class SampleIndex(Tensor):
             key = args[2] if len(args) > 2 else kwargs.get("index")
             if isinstance(source, Tensor) and source.dim() > 0 and dim in (0, -source.dim()):
                 cls._check(source, key)
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
+        out = _torch_private.call_unwrapped(func, args, kwargs)
         if func in (Tensor.to, Tensor.cuda, Tensor.cpu) and isinstance(args[0], SampleIndex):
             # idx.to(device): still the indices of the same batch
             if isinstance(out, Tensor) and not isinstance(out, SampleIndex):

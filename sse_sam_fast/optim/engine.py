@@ -195,7 +195,7 @@ class GroupedSAM(torch.optim.Optimizer):
         (a walk over the modules costs microseconds; ``capture`` walks them too)."""
         if self.model is None:
             return []
-        return batchnorm.find_layers(self.model, nn.modules.batchnorm._NormBase)
+        return batchnorm.find_layers(self.model, _torch_private.NORM_LAYERS)
 
     @property
     def backend(self) -> str:
@@ -358,7 +358,7 @@ class GroupedSAM(torch.optim.Optimizer):
                 raise TypeError("schedule='split' needs a closure that takes sample indices: closure(idx)")
             return True
         # InstanceNorm is per sample: only BatchNorm in training mode couples the samples
-        coupled = [m for m in self._batchnorms if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        coupled = [m for m in self._batchnorms if isinstance(m, _torch_private.BATCH_NORMS)]
         return takes_index(closure) and not any(m.training for m in coupled)
 
     # ---- official-method helpers --------------------------------------------------

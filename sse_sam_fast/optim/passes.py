@@ -61,11 +61,13 @@ class StepRun:
         first = self.grads_before is None
         if first:  # a closure that calls backward() does so at every call: the first tells
             grads = [p.grad for p in self.be.params]  # None after every step; a copy only of stray ones
-            self.grads_before = [(g, None if g is None else (g._version, g.detach().clone())) for g in grads]
+            self.grads_before = [
+                (g, None if g is None else (_torch_private.version(g), g.detach().clone())) for g in grads
+            ]
         with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
             losses = mb.closure() if idx is None else mb.closure(idx)
         if first and any(
-            p.grad is not g or (g is not None and g._version != v[0])
+            p.grad is not g or (g is not None and _torch_private.version(g) != v[0])
             for p, (g, v) in zip(self.be.params, self.grads_before)
         ):
             self.closure_backward = True

@@ -153,10 +153,7 @@ def test_auto_never_picks_triton_for_float64(monkeypatch):
 
     class FakeCuda:
         device = torch.device("cuda")
-
-        @property
-        def data(self):  # a plain tensor's storage, as resolve_backend asks
-            return torch.empty(0)
+        data = torch.empty(0)  # a plain tensor's storage, not a DTensor shard
 
     fp64, fp32 = FakeCuda(), FakeCuda()
     fp64.dtype, fp32.dtype = torch.float64, torch.float32

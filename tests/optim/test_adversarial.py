@@ -3,10 +3,10 @@ entry point, non-finite values in every pass of every method, resume at every
 stage, mixed precision with and without a GradScaler, DDP with shards that
 lack a group. Every case runs on every backend.
 
-Wherever a call is refused or a step skipped, :func:`snapshot` /
-:func:`assert_unchanged` check that the weights, the optimizer state (base
-state, stage, hyperparameters) and the BatchNorm running statistics are
-bitwise what they were.
+Wherever a call is refused or a step skipped, ``tests.support.snapshot`` and
+``assert_bitwise`` check that the weights, the optimizer state (base state,
+stage, hyperparameters) and the BatchNorm running statistics are bitwise what
+they were.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import PoisonGrad
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
+from tests.support import PoisonGrad, assert_bitwise, snapshot
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -75,46 +75,6 @@ def trained(method, backend, **kw):
     opt = make(method, model, backend, **kw)
     opt.step(clean(model), TAIL)
     return model, opt
-
-
-# ---- one snapshot helper ------------------------------------------------------------------
-def snapshot(model, opt=None) -> dict:
-    """Weights, every buffer (BatchNorm running mean, variance and count), and the
-    optimizer's base state, hyperparameters and stage, cloned."""
-    snap = {
-        "weights": [p.detach().clone() for p in model.parameters()],
-        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-    }
-    if opt is not None:
-        base = opt.optimizer.state_dict()
-        snap["state"] = copy.deepcopy(base["state"])
-        snap["groups"] = copy.deepcopy(base["param_groups"])
-        snap["stage"] = copy.deepcopy(opt.state_dict()["stage"])
-    return snap
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    """Bitwise equality of two snapshots, naming what differs."""
-
-    def same(a, b, where):
-        if isinstance(a, torch.Tensor):
-            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-            differ = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
-            assert not differ.any(), f"{where}: {int(differ.sum())} of {a.numel()} elements differ"
-        elif isinstance(a, dict):
-            assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
-            for k in a:
-                same(a[k], b[k], f"{where}[{k!r}]")
-        elif isinstance(a, (list, tuple)):
-            assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-            for i, (x, y) in enumerate(zip(a, b)):
-                same(x, y, f"{where}[{i}]")
-        else:
-            assert a == b, f"{where}: {a!r} != {b!r}"
-
-    assert before.keys() == after.keys()
-    for key in before:
-        same(before[key], after[key], key)
 
 
 def assert_trains_on(model, opt):
@@ -182,7 +142,7 @@ def test_constructor_refuses_naming_the_argument_and_touches_nothing(backend, bu
     before, ptrs = snapshot(model), [p.data_ptr() for p in model.parameters()]
     with pytest.raises(error, match=words):
         build(model, backend)
-    assert_unchanged(before, snapshot(model))
+    assert_bitwise(snapshot(model), before)
     assert [p.data_ptr() for p in model.parameters()] == ptrs  # not moved into a flat buffer
 
 
@@ -286,7 +246,7 @@ def test_step_refuses_bad_input_and_changes_nothing(backend, closure, kwargs, er
     kwargs = {"tail_mask": TAIL, **kwargs}
     with pytest.raises(error, match=words):
         opt.step(closure(model), **kwargs)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert_trains_on(model, opt)
 
@@ -302,7 +262,7 @@ def test_split_and_auto_check_the_mask_before_any_pass(backend, schedule, mask):
         opt.step(clean(model), mask, schedule=schedule)
     hook.remove()
     assert forwards == []  # refused before any pass ran
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
 
 
 # ---- the official methods -----------------------------------------------------------------
@@ -332,7 +292,7 @@ def test_official_methods_out_of_order(backend, method, calls, error, words):
     before = snapshot(model, opt)
     with pytest.raises(error, match=words):
         calls(model, opt)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert_trains_on(model, opt)
 
 
@@ -344,7 +304,7 @@ def test_sam_first_step_twice_keeps_the_first_perturbation(backend):
     perturbed = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.first_step()
-    assert_unchanged(perturbed, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), perturbed)
     opt.zero_grad()
     _backward(model)
     opt.second_step()  # the sequence is still usable
@@ -358,7 +318,7 @@ def test_step_inside_an_open_official_sequence_is_refused(backend):
     perturbed = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.step(clean(model), TAIL)
-    assert_unchanged(perturbed, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), perturbed)
     _backward(model)
     opt.second_step()
     assert_trains_on(model, opt)
@@ -374,26 +334,37 @@ def test_step_after_a_pending_gradient_sum_raises_on_every_backend(backend):
     pending = snapshot(model, opt)
     with pytest.raises(RuntimeError):
         opt.step(clean(model), TAIL)
-    assert_unchanged(pending, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), pending)
     opt.update()  # the pending sum is still there
     assert not all(torch.equal(a, b) for a, b in zip(pending["weights"], model.parameters()))
     assert_trains_on(model, opt)
 
 
-def test_rebinding_between_first_and_second_step_leaves_a_usable_optimizer(backend):
+def _first_step_then(rebind, backend):
     model, opt = trained("sam", backend)
     model.eval()  # the test's own forwards leave BatchNorm's statistics alone
     before = snapshot(model, opt)
     _backward(model)
     opt.first_step()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.clone()  # re-bound behind the optimizer's back
+    if rebind:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()  # re-bound behind the optimizer's back
     _backward(model)
-    try:
+    return model, opt, before
+
+
+def test_rebinding_between_first_and_second_step_leaves_a_usable_optimizer(backend):
+    model, opt, before = _first_step_then(True, backend)
+    if backend == "reference":  # per parameter: the restore writes into whatever p holds now
         opt.second_step()
-    except RuntimeError:  # refused: the weights come back and the sequence is closed
-        assert_unchanged(before, snapshot(model, opt))
+        twin, twin_opt, _ = _first_step_then(False, backend)
+        twin_opt.second_step()
+        assert_bitwise(snapshot(model, opt), snapshot(twin, twin_opt))
+    else:  # the flat buffers no longer hold the weights: refused, the weights come back
+        with pytest.raises(RuntimeError, match="re-bound"):
+            opt.second_step()
+        assert_bitwise(snapshot(model, opt), before)
     assert_trains_on(model, opt)
     _backward(model)
     opt.first_step()  # the official methods work again too
@@ -469,7 +440,7 @@ def test_load_state_dict_is_all_or_nothing(backend, method, damage, error, words
     before, skipped = snapshot(model, opt), opt.nonfinite_steps
     with pytest.raises(error, match=words):
         opt.load_state_dict(damage(_other(method, backend), opt))
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == skipped
     assert_trains_on(model, opt)
 
@@ -479,7 +450,7 @@ def poisoned(model, which, kind, bad=None, value=float("nan")):
     """A closure whose ``which``-th call (1-based) has a non-finite ``value``: in the
     input batch (``input``), the losses (``loss``: multiplied; ``shift``: added, so
     that only the losses are non-finite, not the gradients) or the gradient of the
-    ``bad`` samples (``grad``, through test_passes.PoisonGrad)."""
+    ``bad`` samples (``grad``, through tests.support.PoisonGrad)."""
     calls = []
 
     def closure():
@@ -536,7 +507,7 @@ def test_a_non_finite_pass_skips_the_step_bitwise(backend, method, which, kind, 
     before = snapshot(model, opt)
     with pytest.warns(RuntimeWarning, match="non-finite value in the"):
         opt.step(poisoned(model, which, kind, bad, value), TAIL)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 1 and opt.state_dict()["nonfinite_steps"] == 1
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert_trains_on(model, opt)
@@ -550,7 +521,7 @@ def test_nonfinite_raise_restores_everything_first(backend, method, which, kind,
     before = snapshot(model, opt)
     with pytest.raises(FloatingPointError, match="non-finite"):
         opt.step(poisoned(model, which, kind, bad), TAIL)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 0
     assert_trains_on(model, opt)
 
@@ -613,7 +584,7 @@ def test_resume_continues_bitwise(backend, method, save_after):
     opt2.load_state_dict(saved["opt"])
     assert opt2.state_dict()["stage"] == saved["opt"]["stage"]
     _train(fresh, opt2, batches, save_after, 8, method)
-    assert_unchanged(expected, snapshot(fresh, opt2))
+    assert_bitwise(snapshot(fresh, opt2), expected)
 
 
 # ---- mixed precision --------------------------------------------------------------------------
@@ -657,7 +628,7 @@ def test_fp16_grad_scaler_overflow_skips_bitwise_and_backs_off(backend):
     before = snapshot(model, opt)
     opt.step(_autocast(model, torch.float16), TAIL, scaler=scaler)
     scaler.update()
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert scaler.get_scale() < 2.0**127
     scaler.update(2.0**10)
     opt.step(_autocast(model, torch.float16), TAIL, scaler=scaler)
@@ -676,7 +647,7 @@ def test_a_nan_loss_with_finite_gradients_is_one_policy(backend, with_scaler):
     before = snapshot(model, opt)
     with pytest.warns(RuntimeWarning, match="non-finite value in the clean forward"):
         opt.step(_nan_loss_finite_grads(model), TAIL, scaler=scaler)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 1
     if scaler is not None:
         scaler.update()
@@ -689,7 +660,7 @@ def test_a_nan_loss_with_a_scaler_raises_under_nonfinite_raise(backend):
     before = snapshot(model, opt)
     with pytest.raises(FloatingPointError, match="clean forward"):
         opt.step(_nan_loss_finite_grads(model), TAIL, scaler=scaler)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
 
 
 # ---- DDP: shards without a group ------------------------------------------------------------------
@@ -813,7 +784,7 @@ def test_a_closure_that_calls_backward_is_refused_and_changes_nothing(backend, m
 
     with pytest.raises(ValueError, match="closure called backward.*returns the per-sample losses"):
         opt.step(closure, TAIL)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     opt.step(clean(model), TAIL)  # and the next step runs
 
@@ -836,7 +807,7 @@ def test_sparse_gradients_are_refused_naming_the_parameter(backend):
     before = snapshot(model)
     with pytest.raises(ValueError, match="emb.weight gets sparse gradients.*sparse=False"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-2), model, backend=backend)
-    assert_unchanged(before, snapshot(model))
+    assert_bitwise(snapshot(model), before)
 
 
 @pytest.mark.parametrize("flat", ["torch", "triton"])
@@ -899,7 +870,7 @@ def test_a_skipped_step_leaves_instance_norm_statistics_alone(backend, sync_free
         warnings.simplefilter("ignore", RuntimeWarning)
         opt.step(clean(model, x), TAIL)
     assert opt.nonfinite_steps == 1
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
 
 
 def test_clean_statistics_policy_covers_instance_norm(backend):
@@ -941,7 +912,7 @@ def test_a_scaler_does_not_hide_a_nan_loss_of_a_perturbed_pass(backend, nonfinit
         with pytest.warns(RuntimeWarning, match="non-finite value in the perturbed all pass"):
             opt.step(_nan_in_the_perturbed_pass(model), scaler=scaler)
         assert opt.nonfinite_steps == 1
-    assert_unchanged(before, snapshot(model, opt))
+    assert_bitwise(snapshot(model, opt), before)
     scaler.update()
     assert scaler.get_scale() < 2.0**10
     opt.step(clean(model), scaler=scaler)  # and training goes on

@@ -12,6 +12,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, per_sample_losses
+from tests.support import assert_bitwise, snapshot
 
 
 def mlp():
@@ -403,19 +404,6 @@ def _trained(method="ssesam", backend="torch"):
     return m, opt
 
 
-def _whole_state(opt):
-    sd = copy.deepcopy(opt.state_dict())
-    return sd, [opt.optimizer.state[p]["momentum_buffer"].clone() for p in opt.model.parameters()]
-
-
-def _assert_unchanged(opt, before):
-    sd, momentum = _whole_state(opt)
-    assert sd["stage"] == before[0]["stage"] and sd["nonfinite_steps"] == before[0]["nonfinite_steps"]
-    assert sd["param_groups"] == before[0]["param_groups"]
-    assert all(torch.equal(a, b) for a, b in zip(momentum, before[1]))
-    assert opt.param_groups is opt.optimizer.param_groups
-
-
 def _other_state(method):
     """A valid state of the same method with a different stage and momentum."""
     m, opt = _trained(method)
@@ -448,18 +436,19 @@ def _other_state(method):
     ],
 )
 def test_a_refused_state_dict_changes_nothing(method, edit, words):
-    _, opt = _trained(method)
-    before = _whole_state(opt)
+    m, opt = _trained(method)
+    before, skipped = snapshot(m, opt), opt.nonfinite_steps
     sd = _other_state(method)
     edit(sd)
     with pytest.raises((ValueError, TypeError), match=words):
         opt.load_state_dict(sd)
-    _assert_unchanged(opt, before)
+    assert_bitwise(snapshot(m, opt), before)
+    assert opt.nonfinite_steps == skipped and opt.param_groups is opt.optimizer.param_groups
 
 
 def test_a_base_load_failing_late_rolls_the_stage_and_the_base_back():
-    _, opt = _trained("ssesam")
-    before = _whole_state(opt)
+    m, opt = _trained("ssesam")
+    before, skipped = snapshot(m, opt), opt.nonfinite_steps
 
     def fail(_optimizer):
         raise RuntimeError("post hook")
@@ -467,20 +456,22 @@ def test_a_base_load_failing_late_rolls_the_stage_and_the_base_back():
     opt.optimizer.register_load_state_dict_post_hook(fail)  # runs after torch replaced the state
     with pytest.raises(RuntimeError, match="post hook"):
         opt.load_state_dict(_other_state("ssesam"))
-    _assert_unchanged(opt, before)
+    assert_bitwise(snapshot(m, opt), before)
+    assert opt.nonfinite_steps == skipped and opt.param_groups is opt.optimizer.param_groups
 
 
 @pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
 def test_a_base_optimizers_own_state_dict_is_refused_naming_the_stage(method):
-    _, opt = _trained(method)
-    before = _whole_state(opt)
+    m, opt = _trained(method)
+    before, skipped = snapshot(m, opt), opt.nonfinite_steps
     stage_keys = list(opt.state_dict()["stage"])
     with pytest.raises(ValueError, match="lacks 'stage'") as exc:
         opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
     for key in stage_keys:
         assert key in str(exc.value)
     assert "base optimizer's own state_dict" in str(exc.value)
-    _assert_unchanged(opt, before)
+    assert_bitwise(snapshot(m, opt), before)
+    assert opt.nonfinite_steps == skipped and opt.param_groups is opt.optimizer.param_groups
 
 
 # ---- float64 with the triton backend (issue 11, item 10) ---------------------------------

@@ -12,6 +12,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, per_sample_losses
+from tests.support import TAIL, PoisonGrad, X, Y, assert_bitwise, snapshot
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -24,36 +25,6 @@ def mlp(seed=0):
 def ssesam(model, backend="torch", **kw):
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     return SSESAM(base, model, 0.05, 0.1, gamma=0.5, total_epochs=2, backend=backend, **kw)
-
-
-def snapshot(model, opt):
-    params = [p.detach().clone() for p in model.parameters()]
-    state = [opt.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    return params, state
-
-
-def assert_same(a, b):
-    for x, y in zip(a[0] + a[1], b[0] + b[1]):
-        assert torch.equal(x, y)
-
-
-X, Y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-TAIL = torch.tensor([True, False] * 5)
-
-
-class PoisonGrad(torch.autograd.Function):
-    """Identity forward; the backward makes the gradient of the ``bad`` samples NaN
-    (where it is not zero: a group's backward leaves the other group's rows at 0)."""
-
-    @staticmethod
-    def forward(ctx, x, bad):
-        ctx.bad = bad
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        poison = ctx.bad[:, None] & (g != 0).any(1, keepdim=True)
-        return torch.where(poison, torch.full_like(g, float("nan")), g), None
 
 
 def nan_on_call(model, which, kind="loss", bad=None):
@@ -92,7 +63,7 @@ def test_nonfinite_skips_the_step_bit_identically_and_names_the_pass(backend, wh
     before = snapshot(model, opt)
     with pytest.warns(RuntimeWarning, match=f"non-finite value in the {name} pass"):
         opt.step(nan_on_call(model, which, kind, bad), TAIL)
-    assert_same(snapshot(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 1 and opt.state_dict()["nonfinite_steps"] == 1
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"), TAIL)  # and training goes on
@@ -107,7 +78,7 @@ def test_nonfinite_raise(backend):
     before = snapshot(model, opt)
     with pytest.raises(FloatingPointError, match="perturbed tail"):
         opt.step(nan_on_call(model, 3), TAIL)
-    assert_same(snapshot(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
 
 
 def test_finite_steps_do_not_warn():
@@ -246,11 +217,11 @@ def test_fp16_grad_scaler_overflow_skips_bit_identically_and_backs_off(backend):
     scaler.update(2.0**127)  # fp16 gradients overflow at this scale
     opt.step(closure, TAIL, scaler=scaler)
     scaler.update()
-    assert_same(snapshot(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
     assert scaler.get_scale() < 2.0**127
     scaler.update(2.0**10)
     opt.step(closure, TAIL, scaler=scaler)
-    assert not torch.equal(next(model.parameters()), before[0][0])
+    assert not torch.equal(next(model.parameters()), before["weights"][0])
 
 
 # ---- resume -------------------------------------------------------------------------------
@@ -309,7 +280,7 @@ def test_a_bad_perturbed_pass_restores_the_weights_bit_identically(backend):
 
     with pytest.raises(ValueError, match="expected 10"):
         opt.step(closure, TAIL)
-    assert_same(snapshot(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
 
 
 # ---- DDP ----------------------------------------------------------------------------------

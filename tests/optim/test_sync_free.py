@@ -5,11 +5,11 @@ give the host-verdict step's results bit for bit or within the fp32 table."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import TAIL, PoisonGrad, X, Y
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
+from tests.support import TAIL, PoisonGrad, X, Y, assert_bitwise, snapshot, tensors
 
 BACKENDS = ["torch", "triton"]
 
@@ -37,18 +37,6 @@ def build(method, backend, base="sgd", sync_free=True, seed=0):
     return model, wrapper
 
 
-def everything(model, opt):
-    """Weights, BatchNorm buffers and every optimizer state tensor, cloned."""
-    state = [v.clone() for p in model.parameters() for v in opt.optimizer.state[p].values()]
-    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]] + state
-
-
-def assert_bitwise(a, b):
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x, y), f"tensor {i} changed"
-
-
 def steps(model, opt, masks):
     for mask in masks:
         opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"), mask)
@@ -69,7 +57,7 @@ def test_sync_free_matches_the_host_verdict_step(method, base, backend):
     for sync_free in (False, True):
         model, opt = build(method, backend, base, sync_free)
         steps(model, opt, MASKS)
-        results.append(everything(model, opt))
+        results.append(tensors(snapshot(model, opt)))
     assert_close(results[1], results[0], torch.float32, f"{method} {base} {backend}")
 
 
@@ -95,7 +83,7 @@ def test_empty_group_runs_its_passes_instead_of_reading_counts(backend):
 def test_device_verdict_skips_bit_identically(which, kind, bad, base, backend):
     model, opt = build("ssesam", backend, base)
     steps(model, opt, [TAIL, TAIL])  # the optimizer state exists: the verdict stays on the device
-    before = everything(model, opt)
+    before = snapshot(model, opt)
     calls = []
 
     def closure():
@@ -110,10 +98,10 @@ def test_device_verdict_skips_bit_identically(which, kind, bad, base, backend):
         return losses * float("nan") if len(calls) == which and kind == "loss" else losses
 
     opt.step(closure, TAIL)  # no warning, no synchronisation: counted on the device
-    assert_bitwise(everything(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
     assert opt._skipped_device is not None and opt.nonfinite_steps == 1
     steps(model, opt, [TAIL])
-    assert not torch.equal(next(model.parameters()), before[0])
+    assert not torch.equal(next(model.parameters()), before["weights"][0])
     assert opt.nonfinite_steps == 1
 
 
@@ -125,15 +113,16 @@ def test_fused_optimizers_skip_inside_their_step_without_a_state_copy(base, back
     copied to be selected back."""
     model, opt = build("ssesam", backend, base)
     steps(model, opt, [TAIL, TAIL])
-    before = everything(model, opt)
+    before = snapshot(model, opt)
     opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none") * float("nan"), TAIL)
-    assert_bitwise(everything(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 1
     assert opt._backend._state_copy.buffers() == []  # no state was ever copied
     fresh_model, fresh = build("ssesam", backend, base, sync_free=False)
     steps(fresh_model, fresh, [TAIL, TAIL, TAIL])
     steps(model, opt, [TAIL])  # the skipped step left no trace
-    assert_close(everything(model, opt), everything(fresh_model, fresh), torch.float32, "after a skip")
+    ours, theirs = tensors(snapshot(model, opt)), tensors(snapshot(fresh_model, fresh))
+    assert_close(ours, theirs, torch.float32, "after a skip")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,16 +131,17 @@ def test_a_first_step_that_fails_creates_no_state(base, backend):
     """The first step creates the optimizer state: that one verdict is read on
     the host, and a failed first step leaves no state behind."""
     model, opt = build("sam", backend, base)
-    before = [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+    before = snapshot(model)
     opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none") * float("nan"))
-    assert_bitwise([t.detach().clone() for t in [*model.parameters(), *model.buffers()]], before)
+    assert_bitwise(snapshot(model), before)
     assert not any(opt.optimizer.state[p] for p in model.parameters())
     assert opt.nonfinite_steps == 1
     # and the next step starts the state as a first step would
     fresh_model, fresh = build("sam", backend, base, sync_free=False)
     steps(model, opt, [TAIL])
     steps(fresh_model, fresh, [TAIL])
-    assert_close(everything(model, opt), everything(fresh_model, fresh), torch.float32, "after a failure")
+    ours, theirs = tensors(snapshot(model, opt)), tensors(snapshot(fresh_model, fresh))
+    assert_close(ours, theirs, torch.float32, "after a failure")
 
 
 def test_raise_policy_reads_the_verdict_on_the_host():
@@ -181,9 +171,9 @@ def test_statistics_and_state_replaced_between_steps_are_taken_back_too(replace,
     else:
         bn.running_var.data = new_var
         opt.optimizer.state[p][key].data = new_state
-    before = everything(model, opt)
+    before = snapshot(model, opt)
     nan_input = X.clone()
     nan_input[0, 0] = float("nan")  # reaches the running statistics of the clean forward
     opt.step(lambda: F.cross_entropy(model(nan_input), Y, reduction="none"), TAIL)
-    assert_bitwise(everything(model, opt), before)
+    assert_bitwise(snapshot(model, opt), before)
     assert opt.nonfinite_steps == 1

@@ -1,15 +1,51 @@
-"""Short training runs shared by the tests of the loop, the checkpoints and compare."""
+"""Short training runs shared by the tests of the loop, the checkpoints and compare,
+and the tiny CIFAR files they and the data tests read."""
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from test_data import write_fake_cifar
 
 from sse_sam_fast.train.config import TrainConfig
 from sse_sam_fast.train.loop import train
 
 DIGITS = [124, 96, 74, 57, 44, 34, 26, 20, 16, 12]
+
+
+def write_fake_cifar(
+    root: Path, name: str = "cifar10-lt", per_class: int = 20, test_per_class: int = 4, seed: int = 0
+) -> Path:
+    """``root/cifar-10-batches-py`` (5 training batches + test_batch, b"labels") or
+    ``root/cifar-100-python`` (train + test, b"fine_labels") with random images."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10-lt" else 100
+
+    def make(n: int) -> tuple[np.ndarray, list[int]]:
+        labels = rng.permutation(np.repeat(np.arange(classes), n))
+        images = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        return images, labels.tolist()
+
+    (x, y), (xt, yt) = make(per_class), make(test_per_class)
+    if name == "cifar10-lt":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, part in enumerate(np.array_split(np.arange(len(y)), 5), 1):
+            batch = {b"data": x[part], b"labels": [y[j] for j in part], b"batch_label": b"fake"}
+            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+        (folder / "test_batch").write_bytes(pickle.dumps({b"data": xt, b"labels": yt}))
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = [c // 5 for c in y]
+        (folder / "train").write_bytes(
+            pickle.dumps({b"data": x, b"fine_labels": y, b"coarse_labels": coarse})
+        )
+        (folder / "test").write_bytes(pickle.dumps({b"data": xt, b"fine_labels": yt}))
+    return root
 
 
 def quiet(cfg: TrainConfig, out, **kw) -> dict:

@@ -8,11 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from short_runs import assert_same_run, digits, fake_cifar, quiet
-from test_data import write_fake_cifar
 
 from sse_sam_fast.train.checkpoint import config_for_resume, load_checkpoint
 from sse_sam_fast.train.config import OptionError, TrainConfig
+from tests.train.short_runs import assert_same_run, digits, fake_cifar, quiet, write_fake_cifar
 
 
 def test_resume_after_a_kill_gives_the_same_weights_across_the_stage_switch(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import write_fake_cifar
+
+from tests.train.short_runs import write_fake_cifar
 
 pytest.importorskip("sklearn", reason="the CLI's default data set needs the cli extra (scikit-learn)")
 

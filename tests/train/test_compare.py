@@ -6,11 +6,11 @@ import dataclasses
 import json
 
 import pytest
-from short_runs import assert_same_run, digits, quiet
 
 from sse_sam_fast.train.compare import compare
 from sse_sam_fast.train.config import OptionError, TrainConfig
 from sse_sam_fast.train.metrics import mean_std
+from tests.train.short_runs import assert_same_run, digits, quiet
 
 
 def test_compare_tabulates_mean_and_std(tmp_path):

@@ -6,9 +6,9 @@ import dataclasses
 import re
 
 import pytest
-from short_runs import DIGITS
 
 from sse_sam_fast.train.config import OptionError, TrainConfig, resolve, resolve_groups
+from tests.train.short_runs import DIGITS
 
 CIFAR100 = [int(500 * 100 ** (-c / 99)) for c in range(100)]
 

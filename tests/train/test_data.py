@@ -1,7 +1,6 @@
 """Long-tailed data sets: the profile, digits, the Gaussian mixture, CIFAR from pickles, augmentation.
 
-``write_fake_cifar`` (also used by short_runs.py, test_loop.py and test_cli.py) writes a tiny
-directory in the CIFAR python-pickle layout, so no test needs the real files.
+The CIFAR files are tests.train.short_runs.write_fake_cifar's, so no test needs the real ones.
 """
 
 from __future__ import annotations
@@ -30,38 +29,7 @@ from sse_sam_fast.train.data import (
     random_crop_flip,
     synthetic_lt,
 )
-
-
-def write_fake_cifar(
-    root: Path, name: str = "cifar10-lt", per_class: int = 20, test_per_class: int = 4, seed: int = 0
-) -> Path:
-    """``root/cifar-10-batches-py`` (5 training batches + test_batch, b"labels") or
-    ``root/cifar-100-python`` (train + test, b"fine_labels") with random images."""
-    rng = np.random.default_rng(seed)
-    classes = 10 if name == "cifar10-lt" else 100
-
-    def make(n: int) -> tuple[np.ndarray, list[int]]:
-        labels = rng.permutation(np.repeat(np.arange(classes), n))
-        images = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-        return images, labels.tolist()
-
-    (x, y), (xt, yt) = make(per_class), make(test_per_class)
-    if name == "cifar10-lt":
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, part in enumerate(np.array_split(np.arange(len(y)), 5), 1):
-            batch = {b"data": x[part], b"labels": [y[j] for j in part], b"batch_label": b"fake"}
-            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-        (folder / "test_batch").write_bytes(pickle.dumps({b"data": xt, b"labels": yt}))
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True, exist_ok=True)
-        coarse = [c // 5 for c in y]
-        (folder / "train").write_bytes(
-            pickle.dumps({b"data": x, b"fine_labels": y, b"coarse_labels": coarse})
-        )
-        (folder / "test").write_bytes(pickle.dumps({b"data": xt, b"fine_labels": yt}))
-    return root
+from tests.train.short_runs import write_fake_cifar
 
 
 def _digits_labels() -> np.ndarray:

@@ -8,14 +8,13 @@ import math
 
 import pytest
 import torch
-from short_runs import DIGITS, digits, fake_cifar, quiet
-from test_data import write_fake_cifar
 
 from sse_sam_fast.train.config import OptionError, TrainConfig, resolve
 from sse_sam_fast.train.data import long_tail_counts
 from sse_sam_fast.train.loop import build_model, load_data, train
 from sse_sam_fast.train.losses import NormedLinear
 from sse_sam_fast.train.metrics import group_accuracy
+from tests.train.short_runs import DIGITS, digits, fake_cifar, quiet, write_fake_cifar
 
 
 def test_run_writes_results_checkpoint_and_plot(tmp_path):

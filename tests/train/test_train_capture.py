@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from short_runs import assert_same_run, digits, quiet, weights
 
 from sse_sam_fast.optim.engine import GroupedSAM
 from sse_sam_fast.train.checkpoint import config_for_resume, load_checkpoint
@@ -21,6 +20,7 @@ from sse_sam_fast.train.config import OptionError, TrainConfig, resolve
 from sse_sam_fast.train.loop import capture_choice
 from sse_sam_fast.train.losses import build_loss
 from sse_sam_fast.verify import assert_close
+from tests.train.short_runs import assert_same_run, digits, quiet, weights
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def captures(monkeypatch):
     return calls
 
 
-def test_a_captured_run_is_the_eager_run_bitwise(tmp_path, captures):
+def test_on_a_cpu_a_run_through_opt_capture_is_the_eager_run_bitwise(tmp_path, captures):
     cfg = digits(epochs=3, gamma=0.5)  # stage 2 from epoch 2: a new graph key
     eager = quiet(dataclasses.replace(cfg, capture=False), tmp_path / "eager")
     assert captures == []
@@ -54,7 +54,7 @@ def test_a_captured_run_is_the_eager_run_bitwise(tmp_path, captures):
 @pytest.mark.parametrize(
     "first, then", [(True, False), (False, True)], ids=["captured-eager", "eager-captured"]
 )
-def test_resume_across_captured_and_eager_steps_gives_the_unbroken_run(tmp_path, first, then):
+def test_on_a_cpu_resume_across_capture_on_and_off_gives_the_unbroken_run(tmp_path, first, then):
     cfg = digits(epochs=3, gamma=0.5)
     quiet(cfg, tmp_path / "full")
     quiet(dataclasses.replace(cfg, capture=first), tmp_path / "cut", stop_after=1)
