@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-import triton_launches  # noqa: E402  (tests/triton_launches.py)
+from tests import triton_launches  # noqa: E402
 
 RECORD = os.path.join(os.path.dirname(__file__), "launches.json")
 SCRIPT = os.path.join(os.path.dirname(__file__), "compile_offline.py")

@@ -186,7 +186,7 @@ class Standin:
 
 
 def _names(spec) -> list[str]:
-    import triton_launches
+    from tests import triton_launches
 
     return triton_launches.kernels()[spec.kernel].arg_names
 

@@ -401,8 +401,8 @@ def fake_graphs(monkeypatch):
     a recording runs nothing), the first-replay check and the replays. A
     recording fails where a CUDA capture would (tests/optim/cuda_standin.py);
     a test that expects no such fault gets none."""
-    import cuda_standin  # tests/optim/cuda_standin.py
-    import triton_launches  # tests/triton_launches.py
+    from tests import triton_launches
+    from tests.optim import cuda_standin
 
     launches = triton_launches.Launches()
     standin = cuda_standin.Standin(launches)
