@@ -15,6 +15,8 @@ the official per-call methods.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -87,7 +89,10 @@ class GroupedSAM(torch.optim.Optimizer):
         local_perturbation: bool = False,
         adaptive: bool = False,
         max_grad_norm: float | None = None,
+        **unknown,
     ):
+        if unknown:
+            raise TypeError(self._unknown_options(unknown))
         params = self._check_init(optimizer, model, backend, bn_stats, nonfinite, local_perturbation)
         check_bool("adaptive", adaptive)
         if max_grad_norm is not None:
@@ -110,6 +115,25 @@ class GroupedSAM(torch.optim.Optimizer):
 
     # SAM(params, base_optimizer_cls, ...): the davda54/sam convention, without a model
     _davda54 = False
+
+    def _unknown_options(self, unknown: dict) -> str:
+        """A typo's message: the option, the closest accepted ones first, then all."""
+        accepted = []
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for cls in type(self).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or not issubclass(cls, GroupedSAM):
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind in kinds and p.name not in ("self", "optimizer", "model", *accepted):
+                    accepted.append(p.name)
+        name = sorted(unknown)[0]
+        close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        return (
+            f"{type(self).__name__}() got an unknown option {name!r}; {hint}"
+            f"accepted: {', '.join(close + [a for a in accepted if a not in close])}"
+        )
 
     def _check_init(self, optimizer, model, backend, bn_stats, nonfinite, local_perturbation) -> list[Tensor]:
         """Validate the options; returns every parameter of ``model`` the base

@@ -59,6 +59,11 @@ class SAM(GroupedSAM):
       ``second_step(zero_grad=False)`` keep the gradients unless asked, and
       ``step(closure)`` takes davda54's closure (forward and backward, returns
       the loss) after the caller's first backward.
+
+    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
+    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
+    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
+    closest.
     """
 
     def __init__(self, optimizer=None, model=None, rho: float = 0.05, adaptive: bool = False, **options):
@@ -266,6 +271,11 @@ class ImbSAM(GroupedSAM):
     backward, ``second_step()`` after the tail backward, ``third_step()`` after the
     perturbed tail backward; they take the gradients the caller computed, so the
     caller's losses set the normalisation and these options do not affect them.
+
+    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
+    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
+    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
+    closest.
     """
 
     def __init__(
@@ -335,6 +345,11 @@ class SSESAM(GroupedSAM):
     ``compute_and_add_epsilon(n_i)`` (0 head, 1 tail) after the clean backward and
     ``compute_grad_sum_and_restore_p()`` after the perturbed one; then
     ``update()``. Call ``update_rho()`` once at the end of every epoch.
+
+    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
+    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
+    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
+    closest.
     """
 
     def __init__(

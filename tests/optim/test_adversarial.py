@@ -1005,3 +1005,18 @@ def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(ddp_runs
         params, skipped = torch.load(f"{out}/uneven-{method}.{rank}")
         assert skipped == 1, f"rank {rank} skipped {skipped} steps"
         assert_close(params, expected, torch.float32, f"DDP rank {rank} {backend}")
+
+
+@pytest.mark.parametrize(
+    "build,typo,meant",
+    [
+        (lambda m, **kw: SSESAM(sgd(m), m, 0.05, 0.1, **kw), "backened", "backend"),
+        (lambda m, **kw: ImbSAM(sgd(m), m, 0.05, **kw), "tail_wieght", "tail_weight"),
+        (lambda m, **kw: SAM(sgd(m), m, 0.05, **kw), "max_grad", "max_grad_norm"),
+    ],
+)
+def test_a_misspelt_option_is_named_with_the_closest_accepted_one(build, typo, meant):
+    model = bn_mlp()
+    words = rf"unknown option '{typo}'; did you mean '{meant}'\?.*accepted: {meant}, "
+    with pytest.raises(TypeError, match=words):
+        build(model, **{typo: 1})
