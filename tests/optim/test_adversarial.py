@@ -685,33 +685,14 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _ddp_worker(rank, world, init, backend, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = nn.parallel.DistributedDataParallel(_mlp())
-    opt = SSESAM(sgd(model), model, 0.05, 0.11, backend=backend)
-    for x, y, tail in _ddp_shards():
-        shard = slice(rank * 6, (rank + 1) * 6)
-        opt.step(lambda: F.cross_entropy(model(x[shard]), y[shard], reduction="none"), tail[shard])
-    if rank == 0:
-        torch.save([p.detach().clone() for p in model.parameters()], out)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
-
-
-def test_ddp_shards_without_a_group_follow_one_process(backend, tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "params.pt")
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", backend, out), nprocs=2, join=True)
+def test_ddp_shards_without_a_group_follow_one_process(ddp_runs):
+    backend, out = ddp_runs
     model = _mlp()
     opt = SSESAM(sgd(model), model, 0.05, 0.11, backend=backend)
     for x, y, tail in _ddp_shards():
         opt.step(clean(model, x, y), tail)
-    assert_close(torch.load(out), [p.detach() for p in model.parameters()], torch.float32, f"DDP {backend}")
+    expected = [p.detach() for p in model.parameters()]
+    assert_close(torch.load(f"{out}/shards.0"), expected, torch.float32, f"DDP {backend}")
 
 
 # ---- DDP: a parameter used on one process only ----------------------------------------------------
@@ -959,6 +940,12 @@ def _ddp_worker_cases(rank, world, init, backend, out):
                 opt.step(lambda: _uneven_losses(model, x[part], y[part], bad), tail[part])
         saved = ([p.detach().clone() for p in model.parameters()], opt.nonfinite_steps)
         torch.save(saved, f"{out}/uneven-{method}.{rank}")
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    opt = SSESAM(sgd(model), model, 0.05, 0.11, backend=backend)
+    for x, y, tail in _ddp_shards():
+        shard = slice(rank * 6, (rank + 1) * 6)
+        opt.step(lambda: F.cross_entropy(model(x[shard]), y[shard], reduction="none"), tail[shard])
+    torch.save([p.detach().clone() for p in model.parameters()], f"{out}/shards.{rank}")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then

@@ -291,26 +291,48 @@ def _imbsam_group_asam_clipped(model, backend="torch", **kw):
     return ImbSAM(base, model, 0.3, **options, **kw)
 
 
-def _ddp_worker(rank, world, init, local, stage, out, build=ssesam):
+# every DDP configuration of this module in one process group: a spawn costs seconds
+_DDP_RUNS = {  # name: (local_perturbation, stage, build)
+    "global-1": (False, 1, "ssesam"),
+    "global-2": (False, 2, "ssesam"),
+    "local-1": (True, 1, "ssesam"),
+    "local-2": (True, 2, "ssesam"),
+    "imbsam-group-asam-clipped": (False, 1, "imbsam"),
+}
+
+
+def _ddp_worker(rank, world, init, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = nn.parallel.DistributedDataParallel(mlp())
-    opt = build(model, "torch", local_perturbation=local)
-    if stage == 2:
-        opt.update_rho()
-    for x, y, tail in _ddp_batches():
-        shard = slice(rank * 6, (rank + 1) * 6)
-        opt.step(lambda: F.cross_entropy(model(x[shard]), y[shard], reduction="none"), tail[shard])
-    if rank == 0:
-        torch.save([p.detach() for p in model.parameters()], out)
+    for name, (local, stage, build) in _DDP_RUNS.items():
+        model = nn.parallel.DistributedDataParallel(mlp())
+        build = ssesam if build == "ssesam" else _imbsam_group_asam_clipped
+        opt = build(model, "torch", local_perturbation=local)
+        if stage == 2:
+            opt.update_rho()
+        for x, y, tail in _ddp_batches():
+            shard = slice(rank * 6, (rank + 1) * 6)
+            opt.step(lambda: F.cross_entropy(model(x[shard]), y[shard], reduction="none"), tail[shard])
+        if rank == 0:
+            torch.save([p.detach() for p in model.parameters()], f"{out}/{name}.pt")
     dist.barrier()  # gloo aborts a process whose peer tears the group down first
     dist.destroy_process_group()
     # gloo's threads may still be winding down when the interpreter exits, which
     # now and then aborts the process ("terminate called without an active
     # exception"); the result is saved, so leave without the C++ teardown
     os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def ddp_params(tmp_path_factory):
+    """The parameters rank 0 ends with, per configuration of ``_DDP_RUNS``."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, f"file://{out}/pg", str(out)), nprocs=2, join=True)
+    return lambda name: torch.load(f"{out}/{name}.pt")
 
 
 def _ddp_batches():
@@ -348,13 +370,9 @@ def _sse_grads(model, x, y, tail, head_rho):
 
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
-def test_ddp_two_processes(tmp_path, local, stage):
+def test_ddp_two_processes(ddp_params, local, stage):
     """Stage 2 has an unperturbed group (rho_H = 0), whose gradient must be averaged too."""
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "params.pt")
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", local, stage, out), nprocs=2, join=True)
-    got = torch.load(out)
+    got = ddp_params(f"{'local' if local else 'global'}-{stage}")
     model = mlp()
     if not local:  # one process on the whole batch
         opt = ssesam(model, "torch")
@@ -372,21 +390,15 @@ def test_ddp_two_processes(tmp_path, local, stage):
             base.step()
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
-    assert os.path.exists(out)
 
 
-def test_ddp_group_normalisation_asam_and_clipping_are_global(tmp_path):
+def test_ddp_group_normalisation_asam_and_clipping_are_global(ddp_params):
     """ImbSAM averaging each group over its global count, with ASAM and clipping:
     two processes on shards (one shard without tail samples) follow one process
     on the whole batch."""
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "params.pt")
-    build = _imbsam_group_asam_clipped
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", False, 1, out, build), nprocs=2, join=True)
-    got = torch.load(out)
+    got = ddp_params("imbsam-group-asam-clipped")
     model = mlp()
-    opt = build(model)
+    opt = _imbsam_group_asam_clipped(model)
     for x, y, tail in _ddp_batches():
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
     for a, b in zip(got, model.parameters()):
