@@ -60,10 +60,6 @@ class SAM(GroupedSAM):
       ``step(closure)`` takes davda54's closure (forward and backward, returns
       the loss) after the caller's first backward.
 
-    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
-    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
-    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
-    closest.
     """
 
     def __init__(self, optimizer=None, model=None, rho: float = 0.05, adaptive: bool = False, **options):
@@ -272,10 +268,6 @@ class ImbSAM(GroupedSAM):
     perturbed tail backward; they take the gradients the caller computed, so the
     caller's losses set the normalisation and these options do not affect them.
 
-    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
-    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
-    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
-    closest.
     """
 
     def __init__(
@@ -346,10 +338,6 @@ class SSESAM(GroupedSAM):
     ``compute_grad_sum_and_restore_p()`` after the perturbed one; then
     ``update()``. Call ``update_rho()`` once at the end of every epoch.
 
-    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
-    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
-    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
-    closest.
     """
 
     def __init__(
@@ -437,3 +425,14 @@ class SSESAM(GroupedSAM):
         if not self._backend.holds(_SUM):
             raise RuntimeError("update() needs compute_grad_sum_and_restore_p() first")
         self._finish(grads=_SUM)
+
+
+# the engine's keyword options, listed in every method's docstring (help(SSESAM) shows them)
+_OPTIONS = """
+    Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
+    ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
+    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
+    closest.
+    """
+for _method in (SAM, ImbSAM, SSESAM):
+    _method.__doc__ = _method.__doc__.rstrip() + "\n" + _OPTIONS
