@@ -20,13 +20,10 @@ from .. import _torch_private
 from .._saved import Saved
 from ..backends import Ending, Perturbation
 from . import batchnorm
-from .checks import SampleIndex, check_losses, check_mask
+from .checks import check_losses
 from .plan import Group, StepPlan
+from .samples import Exact, Split
 from .verdict import Verdict
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
@@ -46,7 +43,7 @@ class StepRun:
 
     def __init__(self, opt, plan: StepPlan, closures: Sequence[Callable], masks: Sequence, scaler):
         self.opt, self.be, self.dist, self.scaler = opt, opt._backend, opt._dist, scaler
-        self.split = plan.split
+        self.samples = Split() if plan.split else Exact()  # which samples each pass sees
         # split needs the sample indices on the host anyway, a scaler reads its own
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
@@ -57,7 +54,7 @@ class StepRun:
         self.plan, self.closures, self.masks = plan, closures, masks
 
     # ---- before any backward -------------------------------------------------------
-    def _call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
+    def call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
         first = self.grads_before is None
         if first:  # a closure that calls backward() does so at every call: the first tells
             grads = [p.grad for p in self.be.params]  # None after every step; a copy only of stray ones
@@ -76,20 +73,14 @@ class StepRun:
                 "opt.step(closure, tail_mask) the closure returns the per-sample losses, shape (B,), "
                 "and the optimizer runs every backward itself; nothing was changed"
             )
-        return check_losses(losses, n, allow_empty=self.dist.lockstep)
+        losses = check_losses(losses, n, allow_empty=self.dist.lockstep)
+        self.loss_dtype = losses.dtype  # the dtype step() returns its loss in
+        return losses
 
-    def _prepare(self, plan: StepPlan, closure, mask) -> MicroBatch:
+    def _prepare(self, closure, mask) -> MicroBatch:
         """exact: the clean forward runs here; split: the mask gives each group's samples."""
-        if plan.split:
-            mask = check_mask(mask, device=self.be.params[0].device, allow_empty=self.dist.lockstep)
-            index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
-            index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
-            return MicroBatch(closure, mask, mask.shape[0], index=index)
         mb = MicroBatch(closure, None, 0)
-        mb.losses = self._call(mb, None, None)
-        mb.size = mb.losses.shape[0]
-        if plan.masked:
-            mb.mask = check_mask(mask, mb.losses)
+        self.samples.prepare(self, mb, mask)
         return mb
 
     def _empty(self, plan: StepPlan) -> dict[str, bool]:
@@ -99,11 +90,7 @@ class StepRun:
         for mb in self.batches:
             mb.counts["all"] = mb.size
         if plan.masked:
-            if self.split:  # nonzero() already brought the sizes to the host
-                tails = [mb.index["tail"].numel() for mb in self.batches]
-            else:
-                tails = torch.stack([mb.mask.sum() for mb in self.batches]).tolist()
-            for mb, t in zip(self.batches, tails):
+            for mb, t in zip(self.batches, self.samples.tails(self.batches)):
                 mb.counts.update(tail=t, head=mb.size - t)
         keys = sorted(self.batches[0].counts)
         totals = self.dist.totals([sum(mb.counts[k] for mb in self.batches) for k in keys])
@@ -114,7 +101,7 @@ class StepRun:
         # the forwards must match across processes (buffer broadcasts)
         return self.sync_free or self.dist.lockstep or mb.counts[g.members] > 0
 
-    def _check(self, name: str, value: Tensor) -> None:
+    def check(self, name: str, value: Tensor) -> None:
         self.verdict.check(name, value)
 
     def _count(self, g: Group) -> int | Tensor:
@@ -131,11 +118,8 @@ class StepRun:
         if key not in self.normalisers:
             if key in ("all", "batch"):
                 n = self.total
-            elif self.split:
-                n = sum(mb.index[g.members].numel() for mb in self.batches)
             else:
-                tail = torch.stack([mb.mask.sum() for mb in self.batches]).sum()
-                n = tail if g.members == "tail" else self.total - tail
+                n = self.samples.count(self.batches, g.members, self.total)
             self.normalisers[key] = self.dist.normaliser(n)
         return self.normalisers[key]
 
@@ -151,15 +135,11 @@ class StepRun:
                 w = torch.ones_like(losses, requires_grad=False).mul_((g.weight / n).to(losses))
             else:
                 w = torch.full_like(losses, g.weight / n, requires_grad=False)
-            # in place, without ~mask or a 0-d zero: one launch per group (weights are finite)
-            if not self.split and g.members == "tail":
-                w.mul_(mb.mask)
-            elif not self.split and g.members == "head":
-                w.masked_fill_(mb.mask, 0.0)
+            self.samples.weigh(w, mb, g.members)
             mb.weights[key] = w
         return w
 
-    def _backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
+    def backward(self, g: Group, mb: MicroBatch, losses: Tensor, retain: bool = False) -> None:
         with torch.enable_grad():
             out = torch.dot(losses, self._weights(g, mb, losses))
             (out if self.scaler is None else self.scaler.scale(out)).backward(retain_graph=retain)
@@ -174,7 +154,7 @@ class StepRun:
         stats.save(batchnorm.running_stats(self.batchnorms))  # before the first forward
         try:
             plan = self.plan
-            self.batches = [self._prepare(plan, c, m) for c, m in zip(self.closures, self.masks)]
+            self.batches = [self._prepare(c, m) for c, m in zip(self.closures, self.masks)]
             self.total = sum(mb.size for mb in self.batches)
             self.plan = plan if self.sync_free else plan.without(self._empty(plan))
             be.begin()
@@ -208,27 +188,11 @@ class StepRun:
         return loss
 
     def _clean_passes(self) -> Tensor:
-        sums, dtype = [], None  # summed per pass, then together (no 0.0 + tensor launch)
+        sums = []  # summed per pass, then together (no 0.0 + tensor launch)
         for mb in self.batches:
-            mine = [g for g in self.plan.groups if self._runs(g, mb)]
-            if self.split:
-                for g in mine:
-                    idx = mb.index[g.members]
-                    losses = self._call(mb, idx, idx.numel())
-                    self._backward(g, mb, losses)
-                    self.be.accumulate(g.slot)
-                    sums.append(losses.detach().sum(dtype=_accumulation(losses.dtype)))
-                    dtype = losses.dtype
-                    self._check(f"clean {g.members}", losses.detach())
-            else:
-                for i, g in enumerate(mine):
-                    self._backward(g, mb, mb.losses, retain=i + 1 < len(mine))
-                    self.be.accumulate(g.slot)
-                sums.append(mb.losses.detach().sum(dtype=_accumulation(mb.losses.dtype)))
-                self._check("clean forward", mb.losses.detach())
-                dtype, mb.losses = mb.losses.dtype, None  # frees the graph of a micro-batch no group used
+            sums += self.samples.clean(self, mb, [g for g in self.plan.groups if self._runs(g, mb)])
         # a fp16 sum of finite losses can overflow: summed in fp32, returned in the losses' dtype
-        return (sum(sums[1:], sums[0]) / self.total).to(dtype)
+        return (sum(sums[1:], sums[0]) / self.total).to(self.loss_dtype)
 
     def _perturbations(self) -> dict[Group, Perturbation]:
         """Every group's norm (checked for finiteness) and the moves of the perturbed ones."""
@@ -241,7 +205,7 @@ class StepRun:
         for g, move in zip(plan.groups, moves):
             # under a scaler an inf gradient is the scaler's to handle (skip and back off)
             if move.norm is not None and self.scaler is None:
-                self._check(f"clean {g.members} gradient", move.norm)
+                self.check(f"clean {g.members} gradient", move.norm)
         return dict(zip(plan.groups, moves))
 
     def _perturbed_pass(self, g: Group, move: Perturbation) -> None:
@@ -250,13 +214,13 @@ class StepRun:
             for mb in self.batches:
                 if not self._runs(g, mb):
                     continue
-                idx = mb.index[g.members] if self.split else None
-                losses = self._call(mb, idx, mb.size if idx is None else idx.numel())
-                self._backward(g, mb, losses)
-                self._check(f"perturbed {g.members}", self._unless_overflowed(losses.detach(), move))
+                idx = self.samples.subset(mb, g.members)
+                losses = self.call(mb, idx, mb.size if idx is None else idx.numel())
+                self.backward(g, mb, losses)
+                self.check(f"perturbed {g.members}", self._unless_overflowed(losses.detach(), move))
         norm = self.be.live_norm() if self.scaler is None else None
         if norm is not None:
-            self._check(f"perturbed {g.members} gradient", norm)
+            self.check(f"perturbed {g.members} gradient", norm)
 
     def _unless_overflowed(self, losses: Tensor, move: Perturbation) -> Tensor:
         """Under a scaler, a perturbed pass after a clean gradient that overflowed
@@ -283,7 +247,7 @@ class StepRun:
         if add and self.scaler is None and any(p.dtype == torch.float16 for p in self.be.params):
             norm = self.be.live_norm(add)
             if norm is not None:
-                self._check("final gradient", norm)
+                self.check("final gradient", norm)
 
     # ---- the base step -------------------------------------------------------------------
     def _finish(self, ok: Tensor | None, stats: Saved) -> None:
