@@ -17,8 +17,9 @@ from sse_sam_fast.verify import assert_close
 
 pytest.importorskip("triton")
 
-from bits import BITS, assert_same_bits  # noqa: E402  (tests/kernels/bits.py)
 from sse_sam_fast.kernels import grouped_sumsq, perturb_, restore_sgd_  # noqa: E402
+
+from tests.kernels.bits import BITS, assert_same_bits  # noqa: E402
 
 SIZES = (0, 1, 7, 97, 4097, 98432)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

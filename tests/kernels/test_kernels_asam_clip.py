@@ -16,8 +16,9 @@ from sse_sam_fast.verify import assert_close
 
 pytest.importorskip("triton")
 
-from bits import assert_same_bits  # noqa: E402  (tests/kernels/bits.py)
 from sse_sam_fast.kernels import grouped_sumsq, perturb_, restore_sgd_  # noqa: E402
+
+from tests.kernels.bits import assert_same_bits  # noqa: E402
 
 EPS = 1e-16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -10,6 +10,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, assert_close, per_sample_losses, run, run_published
+from tests.support import snapshot, tensors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -267,7 +268,8 @@ def _run(opt_model, device, steps, call, start=0, per_epoch=None, sched=None):
 
 
 def _state(model):
-    return [t.detach().cpu().clone() for t in [*model.parameters(), *model.buffers()]]
+    """Weights and buffers, on the CPU, for comparisons within the tolerance table."""
+    return [t.cpu() for t in tensors(snapshot(model))]
 
 
 def _both(device, make, loss_of, steps=10, sched_of=None, per_epoch=False):
