@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import EPS, Adaptive, Backend, Ending, Perturbation, Radius, Slot
+from .flat import owned
 
 __all__ = [
     "BACKENDS",
@@ -48,7 +49,7 @@ def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
     parameters whose storage another system owns (FSDP2's DTensor shards)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "auto" and not all(type(p.data) is torch.Tensor for p in params):
+    if name == "auto" and not all(owned(p) for p in params):
         return "reference"
     if name == "auto":
         on_cuda = all(p.device.type == "cuda" for p in params)

@@ -275,11 +275,12 @@ class TorchBackend(Backend):
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return
+        fresh = not any(seen)  # the row holds no set: it may hold a freed set's values
         try:
-            if any(seen):
-                torch._foreach_add_([views[i] for i in present], [grads[i] for i in present])
-            else:
+            if fresh:
                 torch._foreach_copy_([views[i] for i in present], [grads[i] for i in present])
+            else:
+                torch._foreach_add_([views[i] for i in present], [grads[i] for i in present])
         except RuntimeError:
             sparse = [i for i in present if grads[i].layout != torch.strided]
             if sparse:  # looked for only here: a check per step would cost host time
@@ -288,7 +289,7 @@ class TorchBackend(Backend):
                     "SAM family perturbs along dense gradients (nn.Embedding(sparse=False))"
                 ) from None
             raise
-        if not any(seen):  # the row held no set: what it held where no gradient came is stale
+        if fresh:  # where no gradient came, what the row held is stale
             absent = [views[i] for i, g in enumerate(grads) if g is None]
             if absent:
                 torch._foreach_zero_(absent)

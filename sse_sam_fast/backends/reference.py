@@ -92,19 +92,20 @@ class ReferenceBackend(Backend):
         """Average per parameter, in the order of ``self.params`` on every process;
         a parameter with a gradient on any process gets the average on all
         (zeros stand in for the missing ones), as DDP's reducer gives it."""
-        sets = [self.slots[slot] for slot in slots]
+        sets = [(self.slots[slot], False) for slot in slots]
         if live:
-            sets.append({p: p.grad for p in self.params if p.grad is not None})
-        present = dist.union([[p in grads for p in self.params] for grads in sets])
-        for grads, now in zip(sets, present):
+            sets.append(({p: p.grad for p in self.params if p.grad is not None}, True))
+        present = dist.union([[p in grads for p in self.params] for grads, _ in sets])
+        for (grads, is_live), now in zip(sets, present):
             for p, there in zip(self.params, now):
-                if there and p not in grads:
+                if not there:
+                    continue
+                if p not in grads:
                     grads[p] = torch.zeros_like(p)
-                    if live and grads is sets[-1]:
+                    if is_live:
                         p.grad = grads[p]
-                if there:
-                    dist.all_reduce_(grads[p])
-                    grads[p].div_(dist.world)
+                dist.all_reduce_(grads[p])
+                grads[p].div_(dist.world)
 
     def _unperturbed(self, p: Tensor) -> Tensor:
         return self._saved[p] if self._saved is not None else p

@@ -48,7 +48,7 @@ class StepRun:
         # verdict, and nonfinite="raise" must know before it returns
         self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
         self.verdict = Verdict(on_device=self.sync_free)
-        self.grads_before: list | None = None  # p.grad before the first closure: (g, (version, copy))
+        self.grads_before: list | None = None  # p.grad before the first closure: (g, version, copy)
         self.closure_backward = False  # the closure called backward() itself
         self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
@@ -59,13 +59,14 @@ class StepRun:
         if first:  # a closure that calls backward() does so at every call: the first tells
             grads = [p.grad for p in self.be.params]  # None after every step; a copy only of stray ones
             self.grads_before = [
-                (g, None if g is None else (_torch_private.version(g), g.detach().clone())) for g in grads
+                (g, None, None) if g is None else (g, _torch_private.version(g), g.detach().clone())
+                for g in grads
             ]
         with torch.enable_grad():  # step() may run under no_grad, as torch.optim's do
             losses = mb.closure() if idx is None else mb.closure(idx)
         if first and any(
-            p.grad is not g or (g is not None and _torch_private.version(g) != v[0])
-            for p, (g, v) in zip(self.be.params, self.grads_before)
+            p.grad is not g or (g is not None and _torch_private.version(g) != version)
+            for p, (g, version, _) in zip(self.be.params, self.grads_before)
         ):
             self.closure_backward = True
             raise ValueError(
@@ -168,8 +169,8 @@ class StepRun:
             be.abort()
             stats.restore()
             if self.closure_backward:  # the gradients as the caller left them
-                for p, (g, v) in zip(be.params, self.grads_before):
-                    p.grad = None if g is None else v[1]
+                for p, (_, _, copy) in zip(be.params, self.grads_before):
+                    p.grad = copy
             raise
         try:
             self._finish(ok, stats)
