@@ -102,3 +102,20 @@ def tensors(tree) -> list[Tensor]:
         return [tree]
     values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
     return [t for v in values for t in tensors(v)]
+
+
+def spawn_bounded(fn, args: tuple, nprocs: int = 2, seconds: float = 300) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, failing the test instead of
+    waiting forever when a process hangs (a rank left in a collective)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"a process of {fn.__name__} still ran after {seconds} s")

@@ -23,7 +23,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
-from tests.support import PoisonGrad, assert_bitwise, snapshot
+from tests.support import PoisonGrad, assert_bitwise, snapshot, spawn_bounded
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -955,21 +955,10 @@ def _ddp_worker_cases(rank, world, init, backend, out):
 def ddp_runs(request, tmp_path_factory):
     """(backend, folder): the DDP cases run once per backend on 2 gloo processes,
     bounded in time: a process that waits forever fails the tests."""
-    import time
-
-    import torch.multiprocessing as mp
-
     if request.param == "triton":
         pytest.importorskip("triton")
     out = tmp_path_factory.mktemp(f"ddp-{request.param}")
-    args = (2, f"file://{out}/pg", request.param, str(out))
-    ctx = mp.spawn(_ddp_worker_cases, args=args, nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("a DDP process waited forever")
+    spawn_bounded(_ddp_worker_cases, (2, f"file://{out}/pg", request.param, str(out)))
     return request.param, str(out)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import Case, per_sample_losses
-from tests.support import TAIL, PoisonGrad, X, Y, assert_bitwise, snapshot
+from tests.support import TAIL, PoisonGrad, X, Y, assert_bitwise, snapshot, spawn_bounded
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -328,10 +328,8 @@ def _ddp_worker(rank, world, init, out):
 @pytest.fixture(scope="module")
 def ddp_params(tmp_path_factory):
     """The parameters rank 0 ends with, per configuration of ``_DDP_RUNS``."""
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, f"file://{out}/pg", str(out)), nprocs=2, join=True)
+    spawn_bounded(_ddp_worker, (2, f"file://{out}/pg", str(out)))
     return lambda name: torch.load(f"{out}/{name}.pt")
 
 
