@@ -159,6 +159,16 @@ class Backend(abc.ABC):
     def load(self, slot: Slot, values: Sequence[Tensor | None]) -> None:
         """``slot`` := ``values`` (as :meth:`export` gives them), converted as ``copy_`` does."""
 
+    @abc.abstractmethod
+    def keep(self, slot: Slot, into: Slot) -> None:
+        """``into`` := a copy of ``slot`` (a lasting slot: a gradient kept for later
+        steps); ``slot`` is unchanged. The copy's storage is reused from step to
+        step, so a captured step reading ``into`` stays valid."""
+
+    def discard(self, slot: Slot) -> None:
+        """Empty ``slot``."""
+        self.slots.pop(slot, None)
+
     def holds(self, slot: Slot) -> bool:
         """Whether ``slot`` holds a gradient."""
         return slot in self.slots

@@ -244,6 +244,13 @@ class TorchBackend(Backend):
                 v.copy_(x)
         self.slots[slot] = (row, [x is not None for x in values])
 
+    @torch.no_grad()
+    def keep(self, slot: Slot, into: Slot) -> None:
+        row, seen = self.slots[slot]
+        dst = self.slots[into][0] if into in self.slots else self._free_row()
+        self._rows_op(lambda b: b.g[dst].copy_(b.g[row]))
+        self.slots[into] = (dst, list(seen))
+
     # ---- autograd's gradients and the rows ------------------------------------------
     @torch.no_grad()
     def _gather(self, row: int | None = None, seen: list[bool] | None = None) -> None:

@@ -82,6 +82,11 @@ class ReferenceBackend(Backend):
         self.slots[slot] = {p: torch.empty_like(p).copy_(v) for p, v in pairs}
 
     @torch.no_grad()
+    def keep(self, slot: Slot, into: Slot) -> None:
+        kept, grads = self.slots.get(into, {}), self.slots[slot]
+        self.slots[into] = {p: kept[p].copy_(g) if p in kept else g.clone() for p, g in grads.items()}
+
+    @torch.no_grad()
     def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:
         for slot in slots:
             for g in self.slots[slot].values():

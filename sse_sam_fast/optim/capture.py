@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import _torch_private
 from .._saved import Saved
 from . import batchnorm
+from .checks import micro_batches
 
 WARMUP = 3  # eager calls per graph key before it is captured (lazy initialisation, compilation)
 # graph keys at most: a key that changes at every call (a scheduler moving Adam's betas)
@@ -41,6 +42,8 @@ class _Graph:
         self.mask = None if mask is None else mask.clone()
         self.graph = torch.cuda.CUDAGraph()
         self.loss: Tensor | None = None
+        self.reused = False  # a step moving groups by kept gradients (reuse=K): counted at each replay
+        self.rows: tuple = ()  # the gradient buffers it was recorded with
         # what the recorded kernels touch outside the graph's own pool (see _alive)
         self.keep: list[Tensor] = []
 
@@ -101,6 +104,9 @@ class CapturedStep:
         graph = self._graphs[key]
         if graph is None:
             return self._eager(inputs, tail_mask)
+        if graph.rows != _rows(self.opt._backend):  # gradient rows grown since (official methods)
+            del self._graphs[key], self._calls[key]
+            return self(*inputs, tail_mask=tail_mask)
         return self._replay(graph, inputs, tail_mask)
 
     # ---- when a graph gives the same update ---------------------------------------
@@ -110,6 +116,8 @@ class CapturedStep:
         device = be.params[0].device
         if not _graphs_on(device):
             return ""
+        if opt._reuse_plan(opt._groups()).get("keep"):
+            return ""  # reuse=K: a step that keeps its clean gradients reads its verdict on the host
         kind = _kind(opt.optimizer)
         elsewhere = [
             k for g in opt.param_groups for k, v in g.items() if isinstance(v, Tensor) and v.device != device
@@ -145,6 +153,8 @@ class CapturedStep:
         be._check_layout()  # ... and a re-bound parameter gets new buffers: a new layout
         shapes = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else ("value", x) for x in inputs)
         layout = (tuple(id(b.w) for b in be.buckets), tuple(p.requires_grad for p in be.params))
+        # reuse=K: the rows of the kept gradients a graph reads (another row: a new graph)
+        kept = tuple(sorted((s, be.slots[s][0]) for s in be.lasting if be.holds(s)))
         # the param group dicts by identity: the fused kernel reads each one's device copy
         groups = (tuple(map(id, opt.param_groups)), _baked(opt.optimizer))
         model, batchnorms = opt.model, opt._batchnorms
@@ -155,7 +165,9 @@ class CapturedStep:
         # ASAM and clipping choose kernels and their arguments too
         options = (opt._adaptive(), opt.max_grad_norm)
         mask_shape = None if mask is None else mask.shape
-        return shapes, mask_shape, tuple(opt._groups()), layout, groups, modes, stats, options
+        groups_now = tuple(opt._groups())
+        phase = tuple(sorted(opt._reuse_plan(groups_now).items()))
+        return shapes, mask_shape, groups_now, phase, layout, kept, groups, modes, stats, options
 
     # ---- the three ways to run a call ---------------------------------------------------
     def _eager(self, inputs: tuple, mask, why: str | None = None, side_stream: bool = False) -> Tensor:
@@ -179,6 +191,7 @@ class CapturedStep:
         if _kind(self.opt.optimizer) == "sgd":
             self.opt._backend.load_hyperparameters()
         graph.graph.replay()
+        self.opt._advance(graph.reused)
         self.graphed = True
         return graph.loss.clone()  # the static loss is overwritten by the next replay
 
@@ -188,14 +201,17 @@ class CapturedStep:
         if sgd:
             be.hyperparameters_on_device()
         graph = _Graph(inputs, mask)
-        step = lambda: opt.step(lambda: self.loss_fn(*graph.inputs), graph.mask, schedule=self.schedule)
+        graph.reused = bool(opt._reuse_plan(opt._groups()).get("reused"))
+        # recorded without counting it for reuse=K: every replay counts itself
+        closures, masks = micro_batches(lambda: self.loss_fn(*graph.inputs), graph.mask)
+        step = lambda: opt._step(closures, masks, self.schedule, None, advance=False)
         try:
             graph.loss = _record(opt, graph.graph, step)
             fused = be.fused_last
         except Exception as err:  # nothing ran: the recorded kernels are dropped with the graph
             self._graphs[key] = None
             return self._eager(inputs, mask, f"capture failed ({type(err).__name__}: {err})")
-        graph.keep = _alive(opt)
+        graph.keep, graph.rows = _alive(opt), _rows(be)
         if sgd and not fused:
             self._graphs[key] = None
             return self._eager(inputs, mask, "the step did not take the fused SGD update")
@@ -281,6 +297,12 @@ def _alive(opt) -> list[Tensor]:
     return keep
 
 
+def _rows(be) -> tuple:
+    """The gradient buffers by identity: rows added for a new gradient set
+    replace them, and a graph must not read the old ones."""
+    return tuple(id(b.g) for b in be.buckets)
+
+
 def _kind(optimizer: torch.optim.Optimizer) -> str | None:
     """Which captured base step this is: "sgd" (the fused kernel, hyperparameters
     read from device memory), "adam" (torch's capturable Adam/AdamW with a tensor
@@ -323,9 +345,11 @@ class _State:
         if opt._skipped_device is not None:
             self.tensors.append(opt._skipped_device)
         self.saved = Saved(self.tensors)
+        self.opt, self.kept_age = opt, opt._kept_age
 
     def now(self) -> list[Tensor]:
         return [t.clone() for t in self.tensors]
 
     def restore(self) -> None:
         self.saved.restore()
+        self.opt._kept_age = self.kept_age

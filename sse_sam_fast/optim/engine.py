@@ -37,7 +37,7 @@ from .checks import (
     takes_index,
 )
 from .passes import StepRun
-from .plan import SCHEDULES, Group, StepPlan
+from .plan import KEPT, SCHEDULES, Group, StepPlan
 
 
 class GroupedSAM(torch.optim.Optimizer):
@@ -76,6 +76,18 @@ class GroupedSAM(torch.optim.Optimizer):
       unscaling). Applies to :meth:`step`, :meth:`capture` and the official
       methods' last call; do not clip between the official calls yourself, that
       would clip a part of the final gradient.
+    - ``reuse``: an integer ``K >= 1`` (default 1: every step computes its
+      perturbations). With ``K > 1`` a :meth:`step` (and :meth:`capture`) keeps
+      each perturbed group's clean gradient and the next ``K - 1`` steps move
+      that group along it (``e_k = rho_k · g_kept / ||g_kept||`` with the
+      current radius; ASAM with the current ``|w|``) instead of computing a new
+      one: they skip the group's clean pass. A group with ``rho = 0`` has its
+      clean pass at every step. A group without a kept gradient (the first
+      step, a radius that was 0, a step skipped by a GradScaler) computes one.
+      The kept gradients are in :meth:`state_dict`. A step that keeps
+      gradients reads its non-finite verdict on the host, so only finite ones
+      are kept. Steps that reuse return the mean loss at the weights the batch
+      was evaluated at (``w + e_k`` for a reused group's samples).
     """
 
     def __init__(
@@ -89,6 +101,7 @@ class GroupedSAM(torch.optim.Optimizer):
         local_perturbation: bool = False,
         adaptive: bool = False,
         max_grad_norm: float | None = None,
+        reuse: int = 1,
         **unknown,
     ):
         if unknown:
@@ -99,16 +112,20 @@ class GroupedSAM(torch.optim.Optimizer):
             max_grad_norm = check_rho("max_grad_norm", max_grad_norm)
             if max_grad_norm == 0:
                 raise ValueError("max_grad_norm must be > 0 (None: no clipping), got 0")
+        reuse = check_count("reuse", reuse, 1)
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.model = model
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
-        self.adaptive, self.max_grad_norm = adaptive, max_grad_norm
+        self.adaptive, self.max_grad_norm, self.reuse = adaptive, max_grad_norm, reuse
+        self._kept_age = 0  # steps since the kept gradients were computed (reuse > 1)
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._dist = distribution.strategy(model)  # single process or DDP: global counts and averages
         self._backend = make_backend(backend, optimizer, params)
+        if reuse > 1:
+            self._backend.lasting.update(KEPT.values())
         self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
         self._stats = Saved()  # the BatchNorm statistics a step may have to take back
@@ -343,10 +360,36 @@ class GroupedSAM(torch.optim.Optimizer):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scaler is not None and not scaler.is_enabled():
             scaler = None
+        return self._step(closures, masks, schedule, scaler)
+
+    def _step(self, closures, masks, schedule: str, scaler, advance: bool = True) -> Tensor:
+        """The step of checked arguments; ``advance``: count it for ``reuse``
+        (a captured step's replay counts itself, :meth:`_advance`)."""
         groups = tuple(self._groups())
-        plan = StepPlan(groups, split=self._split(schedule, closures[0], groups))
+        plan = StepPlan(groups, self._split(schedule, closures[0], groups), **self._reuse_plan(groups))
         with self._dist.no_sync():  # the engine averages gradients itself (see distribution)
-            return StepRun(self, plan, closures, masks, scaler).run()
+            loss = StepRun(self, plan, closures, masks, scaler).run()
+        if advance:
+            self._advance(bool(plan.reused))
+        return loss
+
+    def _reuse_plan(self, groups: Sequence[Group]) -> dict:
+        """``reuse > 1``: which perturbed groups move by their kept gradient in the
+        next step (none every ``reuse``-th step), and whether the step keeps the
+        others' clean gradients. A group no longer perturbed drops its own."""
+        if self.reuse == 1:
+            return {}
+        for g in groups:
+            if g.rho == 0:
+                self._backend.discard(g.kept)
+        perturbed = [g for g in groups if g.rho > 0]
+        due = self._kept_age >= self.reuse
+        reused = frozenset(g.members for g in perturbed if not due and self._backend.holds(g.kept))
+        return {"reused": reused, "keep": any(g.members not in reused for g in perturbed)}
+
+    def _advance(self, reused: bool) -> None:
+        if self.reuse > 1:
+            self._kept_age = self._kept_age + 1 if reused else 1
 
     def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:
         """A step function replayed as one CUDA graph per input shape and stage::
@@ -388,6 +431,11 @@ class GroupedSAM(torch.optim.Optimizer):
     # ---- official-method helpers --------------------------------------------------
     def _enter(self, method: str, after: str | None) -> None:
         """Check the call order of the official methods; take ``p.grad`` as left."""
+        if self.reuse > 1:
+            raise RuntimeError(
+                f"{method}(): reuse={self.reuse} applies to step() and capture(), which compute the clean "
+                "gradients themselves; the official methods take the caller's: build it with reuse=1"
+            )
         if self._open_method != after:
             where = f"after {after}()" if after else "first"
             raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
@@ -429,10 +477,12 @@ class GroupedSAM(torch.optim.Optimizer):
         sd = self.optimizer.state_dict()
         sd.update(stage=self._stage_state(), nonfinite_steps=self.nonfinite_steps)
         if self._backend.lasting:
-            sd["kept"] = {int(slot): self._backend.export(slot) for slot in sorted(self._backend.lasting)}
+            be = self._backend
+            sd["kept"] = {int(slot): be.export(slot) for slot in sorted(be.lasting) if be.holds(slot)}
+            sd["kept_age"] = self._kept_age
         return sd
 
-    _KEYS = ("state", "param_groups", "stage", "nonfinite_steps", "kept")
+    _KEYS = ("state", "param_groups", "stage", "nonfinite_steps", "kept", "kept_age")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what :meth:`state_dict` saved, or the layout before it (``base``
@@ -453,6 +503,7 @@ class GroupedSAM(torch.optim.Optimizer):
             )
         nonfinite_steps = check_count("nonfinite_steps", extra.get("nonfinite_steps", 0), 0)
         kept = self._check_kept(extra.get("kept", {}))
+        kept_age = check_count("kept_age", extra.get("kept_age", 0), 0)
         check_base_state(base, self.optimizer)
         self._check_radii(base, stage)
         before = self._stage_state()
@@ -466,8 +517,12 @@ class GroupedSAM(torch.optim.Optimizer):
             self._load_stage_state(before)
             self.optimizer.__dict__.update(old)
             raise
+        for slot in self._backend.lasting:  # what the state kept, nothing else
+            self._backend.discard(slot)
         for slot, values in kept.items():
-            self._backend.load(Slot(slot), values)
+            if slot in self._backend.lasting:  # reuse=1 has no use for them
+                self._backend.load(Slot(slot), values)
+        self._kept_age = kept_age
         self.nonfinite_steps = nonfinite_steps
 
     def _split_state(self, state_dict: dict) -> tuple[dict, dict, dict]:
@@ -513,7 +568,8 @@ class GroupedSAM(torch.optim.Optimizer):
         if not isinstance(kept, dict):
             raise ValueError(f"state_dict['kept'] must be a dict, got {type(kept).__name__}")
         n = len(self._backend.params)
-        foreign = sorted(map(str, set(kept) - {int(s) for s in self._backend.lasting}))
+        keepable = {int(s) for s in self._backend.lasting} | {int(s) for s in KEPT.values()}
+        foreign = sorted(map(str, set(kept) - keepable))
         if foreign:
             name = type(self).__name__
             raise ValueError(f"state_dict['kept'] has slots {foreign}, which {name} does not keep")
@@ -526,7 +582,8 @@ class GroupedSAM(torch.optim.Optimizer):
         return kept
 
     def __repr__(self) -> str:
-        options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm}
+        reuse = self.reuse if self.reuse > 1 else None
+        options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm, "reuse": reuse}
         shown = {**self._stage_state(), **{k: v for k, v in options.items() if v}}
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         base = "\n    ".join(repr(self.optimizer).splitlines())

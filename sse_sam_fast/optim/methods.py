@@ -200,7 +200,7 @@ class SAM(GroupedSAM):
 # this library's options in the davda54/sam convention; the rest of **kwargs build the base
 _ENGINE_OPTIONS = ("backend", "max_grad_norm")
 # options that need a model or the one-call step: refused there rather than ignored
-_MODEL_OPTIONS = ("bn_stats", "nonfinite", "local_perturbation")
+_MODEL_OPTIONS = ("bn_stats", "nonfinite", "local_perturbation", "reuse")
 
 
 def _zeroes(zero_grad: bool | None, davda54: bool) -> bool:
@@ -431,8 +431,8 @@ class SSESAM(GroupedSAM):
 _OPTIONS = """
     Keyword options of every method (:class:`~.engine.GroupedSAM` describes each):
     ``backend``, ``bn_stats``, ``nonfinite``, ``local_perturbation``,
-    ``adaptive``, ``max_grad_norm``; a misspelt one is refused naming the
-    closest.
+    ``adaptive``, ``max_grad_norm``, ``reuse``; a misspelt one is refused
+    naming the closest.
     """
 for _method in (SAM, ImbSAM, SSESAM):
     _method.__doc__ = _method.__doc__.rstrip() + "\n" + _OPTIONS

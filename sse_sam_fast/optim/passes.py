@@ -30,7 +30,7 @@ from .verdict import Verdict
 class MicroBatch:
     closure: Callable[..., Tensor]
     mask: Tensor | None
-    size: int
+    size: int | None  # None: known from the first losses (a step without clean forward)
     losses: Tensor | None = None  # exact: the clean forward, dropped once its backwards ran
     index: dict[str, Tensor] | None = None  # split: the sample indices of head and tail
     counts: dict[str, int] = field(default_factory=dict)  # samples of each group's members
@@ -45,13 +45,16 @@ class StepRun:
         self.opt, self.be, self.dist, self.scaler = opt, opt._backend, opt._dist, scaler
         self.samples = Split() if plan.split else Exact()  # which samples each pass sees
         # split needs the sample indices on the host anyway, a scaler reads its own
-        # verdict, and nonfinite="raise" must know before it returns
-        self.sync_free = opt._sync_free() and not plan.split and scaler is None and opt.nonfinite == "skip"
+        # verdict, nonfinite="raise" must know before it returns, and a step keeping
+        # its clean gradients for later steps (reuse=K) keeps only finite ones
+        on_host = plan.split or scaler is not None or opt.nonfinite == "raise" or plan.keep
+        self.sync_free = opt._sync_free() and not on_host
         self.verdict = Verdict(on_device=self.sync_free)
         self.grads_before: list | None = None  # p.grad before the first closure: (g, version, copy)
         self.closure_backward = False  # the closure called backward() itself
         self.normalisers: dict[str, int | Tensor] = {}  # per-group normalisers, once per step
         self.plan, self.closures, self.masks = plan, closures, masks
+        self.sums: list[Tensor] = []  # the step's loss, summed per pass (see _loss)
 
     # ---- before any backward -------------------------------------------------------
     def call(self, mb: MicroBatch, idx: Tensor | None, n: int | None) -> Tensor:
@@ -89,18 +92,27 @@ class StepRun:
         host: one synchronisation for all micro-batches. Under DDP the global
         counts decide, so that every process runs the same passes and collectives."""
         for mb in self.batches:
-            mb.counts["all"] = mb.size
+            if mb.size is not None:  # else one micro-batch, checked by its first pass
+                mb.counts["all"] = mb.size
         if plan.masked:
             for mb, t in zip(self.batches, self.samples.tails(self.batches)):
                 mb.counts.update(tail=t, head=mb.size - t)
         keys = sorted(self.batches[0].counts)
+        if not keys:
+            return {}
         totals = self.dist.totals([sum(mb.counts[k] for mb in self.batches) for k in keys])
         return {k: total == 0 for k, total in zip(keys, totals)}
 
+    @property
+    def total(self) -> int:
+        """The samples of the step's micro-batches (known once every one has losses)."""
+        return sum(mb.size for mb in self.batches)
+
     def _runs(self, g: Group, mb: MicroBatch) -> bool:
         # a micro-batch without samples of the group skips its pass, but under DDP
-        # the forwards must match across processes (buffer broadcasts)
-        return self.sync_free or self.dist.lockstep or mb.counts[g.members] > 0
+        # the forwards must match across processes (buffer broadcasts); a batch
+        # whose size its first pass tells (no count) runs it
+        return self.sync_free or self.dist.lockstep or mb.counts.get(g.members, 1) > 0
 
     def check(self, name: str, value: Tensor) -> None:
         self.verdict.check(name, value)
@@ -156,7 +168,6 @@ class StepRun:
         try:
             plan = self.plan
             self.batches = [self._prepare(c, m) for c, m in zip(self.closures, self.masks)]
-            self.total = sum(mb.size for mb in self.batches)
             self.plan = plan if self.sync_free else plan.without(self._empty(plan))
             be.begin()
             loss = self._passes()
@@ -165,6 +176,9 @@ class StepRun:
                 if self.verdict.settle(self.opt, ok, lambda: (be.abort(), stats.restore()), self.scaler):
                     return loss
                 ok = None
+            if self.plan.keep:  # the verdict was read: these gradients are finite
+                for g in self.plan.fresh:
+                    be.keep(g.slot, g.kept)
         except BaseException:
             be.abort()
             stats.restore()
@@ -180,29 +194,34 @@ class StepRun:
         return loss
 
     def _passes(self) -> Tensor:
-        loss = self._clean_passes()
+        self._clean_passes()
         moves = self._perturbations()
         for g in self.plan.perturbed:
             self._perturbed_pass(g, moves[g])
         self._reduce_final()
         self._check_sum()
-        return loss
+        return self._loss()
 
-    def _clean_passes(self) -> Tensor:
-        sums = []  # summed per pass, then together (no 0.0 + tensor launch)
+    def _clean_passes(self) -> None:
         for mb in self.batches:
-            sums += self.samples.clean(self, mb, [g for g in self.plan.groups if self._runs(g, mb)])
-        # a fp16 sum of finite losses can overflow: summed in fp32, returned in the losses' dtype
+            self.sums += self.samples.clean(self, mb, [g for g in self.plan.clean if self._runs(g, mb)])
+
+    def _loss(self) -> Tensor:
+        """The mean over the batch of each sample's loss where its group's first
+        pass took it: at ``w``, or at ``w + e_k`` for a group reusing its move.
+        Summed per pass, then together (no 0.0 + tensor launch); a fp16 sum of
+        finite losses can overflow: summed in fp32, returned in the losses' dtype."""
+        sums = self.sums
         return (sum(sums[1:], sums[0]) / self.total).to(self.loss_dtype)
 
     def _perturbations(self) -> dict[Group, Perturbation]:
         """Every group's norm (checked for finiteness) and the moves of the perturbed ones."""
         be, plan = self.be, self.plan
-        if self.scaler is not None and plan.perturbed:
-            be.unscale([g.slot for g in plan.perturbed], _torch_private.inverse_scale(self.scaler))
+        if self.scaler is not None and plan.fresh:  # kept gradients were kept unscaled
+            be.unscale([g.slot for g in plan.fresh], _torch_private.inverse_scale(self.scaler))
         if not self.opt.local_perturbation:
-            self.dist.average(be, [g.slot for g in plan.groups], False)
-        moves = be.perturbations([(g.slot, g.rho) for g in plan.groups], self.opt._adaptive())
+            self.dist.average(be, [g.slot for g in plan.clean], False)
+        moves = be.perturbations([(plan.source(g), g.rho) for g in plan.groups], self.opt._adaptive())
         for g, move in zip(plan.groups, moves):
             # under a scaler an inf gradient is the scaler's to handle (skip and back off)
             if move.norm is not None and self.scaler is None:
@@ -217,8 +236,12 @@ class StepRun:
                     continue
                 idx = self.samples.subset(mb, g.members)
                 losses = self.call(mb, idx, mb.size if idx is None else idx.numel())
+                if mb.size is None:
+                    mb.size = losses.shape[0]
                 self.backward(g, mb, losses)
                 self.check(f"perturbed {g.members}", self._unless_overflowed(losses.detach(), move))
+                if g.members in self.plan.reused:  # no clean pass gave these samples' losses
+                    self.sums.append(self.samples.own(mb, g.members, losses))
         norm = self.be.live_norm() if self.scaler is None else None
         if norm is not None:
             self.check(f"perturbed {g.members} gradient", norm)
@@ -258,6 +281,9 @@ class StepRun:
         self.be.finish(Ending(add, scaler=self.scaler, ok=ok, max_norm=self.opt.max_grad_norm))
         if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
             stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
+            if self.plan.keep:  # the kept gradients may be the inf ones: the next step computes anew
+                for g in self.plan.fresh:
+                    self.be.discard(g.kept)
         if ok is not None:
             stats.keep_if(ok)
             self.opt._count_skipped(~ok)

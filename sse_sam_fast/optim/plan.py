@@ -16,6 +16,10 @@ Passes of a plan, in order (``F`` a forward, ``B`` a backward):
    own samples in ``split``).
 3. the base step from the restored ``w`` with the perturbed groups' gradients
    plus the clean gradients of the groups with ``rho = 0``.
+
+With ``reuse=K`` a perturbed group may take its move from the clean gradient
+kept from an earlier step (:attr:`StepPlan.reused`): it then has no clean
+pass, only its perturbed one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ SCHEDULES = ("exact", "split", "auto")  # the values of step(schedule=...)
 MEMBERS = ("all", "head", "tail")
 # the backend slot holding each group's clean gradient between passes
 _SLOTS = {members: Slot(i) for i, members in enumerate(MEMBERS)}
+# the lasting slot holding each group's clean gradient kept for later steps (reuse=K)
+KEPT = {members: Slot(len(MEMBERS) + i) for i, members in enumerate(MEMBERS)}
 
 
 class Group(NamedTuple):
@@ -48,11 +54,17 @@ class Group(NamedTuple):
     def slot(self) -> Slot:
         return _SLOTS[self.members]
 
+    @property
+    def kept(self) -> Slot:
+        return KEPT[self.members]
+
 
 @dataclass(frozen=True)
 class StepPlan:
     groups: tuple[Group, ...]
     split: bool  # each group's passes on its own samples (else every pass sees the batch)
+    reused: frozenset[str] = frozenset()  # perturbed groups moved by their kept gradient
+    keep: bool = False  # the perturbed groups' clean gradients are kept for later steps
 
     @property
     def masked(self) -> bool:
@@ -68,7 +80,22 @@ class StepPlan:
         """Groups whose clean gradient enters the update as it is."""
         return tuple(g for g in self.groups if g.rho == 0)
 
+    @property
+    def clean(self) -> tuple[Group, ...]:
+        """Groups with a clean pass: all but the reused ones."""
+        return tuple(g for g in self.groups if g.members not in self.reused)
+
+    @property
+    def fresh(self) -> tuple[Group, ...]:
+        """Perturbed groups whose move comes from this step's clean gradient."""
+        return tuple(g for g in self.perturbed if g.members not in self.reused)
+
+    def source(self, g: Group) -> Slot:
+        """The slot group ``g``'s move is formed from."""
+        return g.kept if g.members in self.reused else g.slot
+
     def without(self, empty: Mapping[str, bool]) -> StepPlan:
         """The plan without the groups whose members are ``empty`` in this batch:
         an empty group gets no pass at all."""
-        return StepPlan(tuple(g for g in self.groups if not empty[g.members]), self.split)
+        groups = tuple(g for g in self.groups if not empty.get(g.members, False))
+        return StepPlan(groups, self.split, self.reused, self.keep)

@@ -27,7 +27,15 @@ class Exact:
     split = False
 
     def prepare(self, run, mb, mask) -> None:
-        """The clean forward runs here; the mask is checked against its losses."""
+        """The clean forward runs here; the mask is checked against its losses.
+        A step whose every group reuses its kept move has no clean pass and runs
+        no clean forward, unless it needs the batch size before its first pass
+        (micro-batches without a mask: the size comes with the first losses)."""
+        if not run.plan.clean and (run.plan.masked or len(run.closures) == 1):
+            if run.plan.masked:
+                mb.mask = check_mask(mask, device=run.be.params[0].device, allow_empty=run.dist.lockstep)
+            mb.size = mask.shape[0] if run.plan.masked else None
+            return
         mb.losses = run.call(mb, None, None)
         mb.size = mb.losses.shape[0]
         if run.plan.masked:
@@ -53,14 +61,27 @@ class Exact:
         elif members == "head":
             w.masked_fill_(mb.mask, 0.0)
 
+    def own(self, mb, members: str, losses: Tensor) -> Tensor:
+        """The sum of the losses of ``members``' samples (in fp32 or wider: finite
+        fp16 losses can sum past 65504)."""
+        losses = losses.detach()
+        if members != "all":  # a select, not a product: another sample's inf must not make a NaN
+            losses = torch.where(mb.mask if members == "tail" else ~mb.mask, losses, 0.0)
+        return losses.sum(dtype=_accumulation(losses.dtype))
+
     def clean(self, run, mb, groups) -> list[Tensor]:
-        """Each group's backward from the shared forward; returns the losses' sum
-        (in fp32 or wider: finite fp16 losses can sum past 65504)."""
+        """Each group's backward from the shared forward; returns the losses' sum,
+        over the samples of the groups that have a clean pass (a reused group's
+        samples count at its perturbed weights, :meth:`own`)."""
+        if mb.losses is None:  # no clean forward: every group reuses its kept move
+            return []
         for i, g in enumerate(groups):
             run.backward(g, mb, mb.losses, retain=i + 1 < len(groups))
             run.be.accumulate(g.slot)
         losses, mb.losses = mb.losses.detach(), None  # frees the graph of a micro-batch no group used
         run.check("clean forward", losses)
+        if run.plan.reused:
+            return [self.own(mb, g.members, losses) for g in groups]
         return [losses.sum(dtype=_accumulation(losses.dtype))]
 
 
@@ -87,6 +108,10 @@ class Split(Exact):
     def weigh(self, w: Tensor, mb, members: str) -> None:
         """Nothing to zero: the pass saw the group's samples only."""
 
+    def own(self, mb, members: str, losses: Tensor) -> Tensor:
+        losses = losses.detach()
+        return losses.sum(dtype=_accumulation(losses.dtype))
+
     def clean(self, run, mb, groups) -> list[Tensor]:
         """A forward and backward per group on its samples; returns their losses' sums."""
         sums = []
@@ -95,7 +120,6 @@ class Split(Exact):
             losses = run.call(mb, idx, idx.numel())
             run.backward(g, mb, losses)
             run.be.accumulate(g.slot)
-            losses = losses.detach()
-            run.check(f"clean {g.members}", losses)
-            sums.append(losses.sum(dtype=_accumulation(losses.dtype)))
+            run.check(f"clean {g.members}", losses.detach())
+            sums.append(self.own(mb, g.members, losses))
         return sums

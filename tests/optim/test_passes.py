@@ -298,6 +298,7 @@ _DDP_RUNS = {  # name: (local_perturbation, stage, build)
     "local-1": (True, 1, "ssesam"),
     "local-2": (True, 2, "ssesam"),
     "imbsam-group-asam-clipped": (False, 1, "imbsam"),
+    "global-reuse": (False, 1, "ssesam-reuse"),
 }
 
 
@@ -308,8 +309,9 @@ def _ddp_worker(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     for name, (local, stage, build) in _DDP_RUNS.items():
         model = nn.parallel.DistributedDataParallel(mlp())
-        build = ssesam if build == "ssesam" else _imbsam_group_asam_clipped
-        opt = build(model, "torch", local_perturbation=local)
+        kw = {"reuse": 2} if build.endswith("-reuse") else {}
+        build = _imbsam_group_asam_clipped if build == "imbsam" else ssesam
+        opt = build(model, "torch", local_perturbation=local, **kw)
         if stage == 2:
             opt.update_rho()
         for x, y, tail in _ddp_batches():
@@ -397,6 +399,18 @@ def test_ddp_group_normalisation_asam_and_clipping_are_global(ddp_params):
     got = ddp_params("imbsam-group-asam-clipped")
     model = mlp()
     opt = _imbsam_group_asam_clipped(model)
+    for x, y, tail in _ddp_batches():
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_ddp_reuse_keeps_the_averaged_gradient(ddp_params):
+    """reuse=2 under DDP: the kept gradient is the averaged one, so the reusing
+    step (whose first shard has no tail sample) follows one process too."""
+    got = ddp_params("global-reuse")
+    model = mlp()
+    opt = ssesam(model, reuse=2)
     for x, y, tail in _ddp_batches():
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
     for a, b in zip(got, model.parameters()):
