@@ -24,7 +24,16 @@ import torch
 
 from . import __version__
 from .train.config import FIELDS, OptionError, TrainConfig, check_read, default_device
-from .train.registry import BACKENDS, DATASETS, IMAGE_MODELS, LOSSES, METHODS, MODELS, SCHEDULES
+from .train.registry import (
+    BACKENDS,
+    DATASETS,
+    IMAGE_MODELS,
+    LOSSES,
+    METHODS,
+    MODELS,
+    REUSE_POLICIES,
+    SCHEDULES,
+)
 
 
 def _number(cast, low, what: str):
@@ -231,6 +240,20 @@ def _add_train(commands) -> None:
     )
     _add_run_options(train)
     train.add_argument(
+        "--reuse",
+        type=_positive_int,
+        metavar="K",
+        help="sam/imbsam/ssesam: compute each perturbation every K-th step and reuse it on the K-1 steps "
+        "between, which skip its clean pass (default 1: every step)",
+    )
+    train.add_argument(
+        "--reuse-policy",
+        choices=REUSE_POLICIES,
+        help="with --reuse K > 1, what the steps between reuse: perturbation (default: each group's kept "
+        "move) or correction (the kept difference of the SAM gradient to the clean one, added to one "
+        "clean pass: the passes of an SGD step)",
+    )
+    train.add_argument(
         "--capture",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -271,6 +294,24 @@ def _add_compare(commands) -> None:
         "--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS), help="methods (default all)"
     )
     _add_run_options(compare)
+    compare.add_argument(
+        "--reuse",
+        dest="reuses",
+        nargs="+",
+        type=_positive_int,
+        default=[1],
+        metavar="K",
+        help="train every sam-family method once per K (reuse=K); the table adds a row per K > 1",
+    )
+    compare.add_argument(
+        "--reuse-policy",
+        dest="reuse_policies",
+        nargs="+",
+        choices=REUSE_POLICIES,
+        default=["perturbation"],
+        metavar="POLICY",
+        help=f"with --reuse K > 1, one row per policy ({', '.join(REUSE_POLICIES)}; default perturbation)",
+    )
     compare.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<dataset>)")
     compare.set_defaults(func=functools.partial(_cmd_compare, parser=compare))
 
@@ -337,6 +378,8 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             out,
             seeds=args.seeds,
             methods=args.methods,
+            reuse=args.reuses,
+            reuse_policies=args.reuse_policies,
             download=args.download,
             plot=not args.no_plot,
             quiet=args.quiet,

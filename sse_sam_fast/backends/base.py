@@ -165,6 +165,11 @@ class Backend(abc.ABC):
         steps); ``slot`` is unchanged. The copy's storage is reused from step to
         step, so a captured step reading ``into`` stays valid."""
 
+    @abc.abstractmethod
+    def keep_difference(self, into: Slot, minus: Sequence[Slot], norm_of: Sequence[Slot]) -> None:
+        """``into := (live − Σ minus) / (||Σ norm_of|| + 1e-16)`` (a lasting slot): the
+        SAM gradient's difference to the clean one, relative to the clean norm."""
+
     def discard(self, slot: Slot) -> None:
         """Empty ``slot``."""
         self.slots.pop(slot, None)
@@ -178,8 +183,9 @@ class Backend(abc.ABC):
         """``slot := live``; live gradients := none."""
 
     @abc.abstractmethod
-    def add(self, slot: Slot) -> None:
-        """``live += slot``; the slot keeps its gradient."""
+    def add(self, slot: Slot, scale: Tensor | None = None) -> None:
+        """``live += slot`` (``live += scale · slot``, ``scale`` a device scalar);
+        the slot keeps its gradient."""
 
     @abc.abstractmethod
     def accumulate(self, slot: Slot) -> None:

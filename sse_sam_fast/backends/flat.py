@@ -385,15 +385,40 @@ class TorchBackend(Backend):
             self._gather(row, seen)
 
     @torch.no_grad()
-    def add(self, slot: Slot) -> None:
+    def add(self, slot: Slot, scale: Tensor | None = None) -> None:
         self._gather()
         row, seen = self.slots[slot]
-        live = self.live
-        if any(self.seen):
-            self._rows_op(lambda b: b.g[live].add_(b.g[row]))
-        else:  # the live row holds no set: it may hold anything
+        live, empty = self.live, not any(self.seen)  # an empty live row may hold anything
+        if scale is None and empty:
             self._rows_op(lambda b: b.g[live].copy_(b.g[row]))
+        elif scale is None:
+            self._rows_op(lambda b: b.g[live].add_(b.g[row]))
+        else:
+            if empty:
+                self._rows_op(lambda b: b.g[live].zero_())
+            self._rows_op(lambda b: b.g[live].addcmul_(b.g[row], scale.to(b.g.device)))
         self.seen = _either(self.seen, seen)
+
+    @torch.no_grad()
+    def keep_difference(self, into: Slot, minus: Sequence[Slot], norm_of: Sequence[Slot]) -> None:
+        self._valid_live()
+        rows = [self.slots[s][0] for s in norm_of]
+        n = self._norms(rows[:1], plus=rows[1:])[0] + EPS
+        dst = self.slots[into][0] if into in self.slots else self._free_row()
+        live, sub = self.live, [self.slots[s][0] for s in minus]
+
+        def difference(b: Bucket) -> None:
+            d = b.g[dst]
+            d.copy_(b.g[live])
+            for r in sub:
+                d.sub_(b.g[r])
+            d.div_(n.to(d.device))
+
+        self._rows_op(difference)
+        seen = self.seen
+        for s in (*minus, *norm_of):
+            seen = _either(seen, self.slots[s][1])
+        self.slots[into] = (dst, list(seen))
 
     @torch.no_grad()
     def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:

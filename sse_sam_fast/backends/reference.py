@@ -53,8 +53,9 @@ class ReferenceBackend(Backend):
         self.optimizer.zero_grad()
 
     @torch.no_grad()
-    def add(self, slot: Slot) -> None:
+    def add(self, slot: Slot, scale: Tensor | None = None) -> None:
         for p, g in self.slots[slot].items():
+            g = g if scale is None else g * scale.to(g.device)
             if p.grad is None:
                 p.grad = g.clone()
             else:
@@ -85,6 +86,28 @@ class ReferenceBackend(Backend):
     def keep(self, slot: Slot, into: Slot) -> None:
         kept, grads = self.slots.get(into, {}), self.slots[slot]
         self.slots[into] = {p: kept[p].copy_(g) if p in kept else g.clone() for p, g in grads.items()}
+
+    @torch.no_grad()
+    def keep_difference(self, into: Slot, minus: Sequence[Slot], norm_of: Sequence[Slot]) -> None:
+        def total(slots, start):
+            out = dict(start)
+            for s in slots:
+                for p, g in self.slots[s].items():
+                    out[p] = g.clone() if p not in out else out[p] + g
+            return out
+
+        clean = total(norm_of, {})
+        n = torch.norm(torch.stack([torch.norm(g.float()) for g in clean.values()])) + EPS
+        live = {p: p.grad for p in self.params if p.grad is not None}
+        minus_sum = total(minus, {})
+        diff = {}
+        for p in self.params:
+            if p in live or p in minus_sum or p in clean:
+                d = live[p].clone() if p in live else torch.zeros_like(p)
+                if p in minus_sum:
+                    d -= minus_sum[p]
+                diff[p] = d / n.to(d.device)
+        self.slots[into] = diff
 
     @torch.no_grad()
     def unscale(self, slots: Sequence[Slot], inv_scale: Tensor) -> None:

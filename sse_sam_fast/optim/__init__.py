@@ -4,6 +4,6 @@ step plan (:mod:`.plan`) through pass runners (:mod:`.passes`) on a backend
 configurations of it."""
 
 from .methods import SAM, SSESAM, ImbSAM
-from .plan import SCHEDULES
+from .plan import REUSE_POLICIES, SCHEDULES
 
-__all__ = ["SAM", "ImbSAM", "SSESAM", "SCHEDULES"]
+__all__ = ["SAM", "ImbSAM", "SSESAM", "SCHEDULES", "REUSE_POLICIES"]

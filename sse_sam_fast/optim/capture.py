@@ -201,7 +201,8 @@ class CapturedStep:
         if sgd:
             be.hyperparameters_on_device()
         graph = _Graph(inputs, mask)
-        graph.reused = bool(opt._reuse_plan(opt._groups()).get("reused"))
+        phase = opt._reuse_plan(opt._groups())
+        graph.reused = bool(phase.get("reused")) or phase.get("corrected", False)
         # recorded without counting it for reuse=K: every replay counts itself
         closures, masks = micro_batches(lambda: self.loss_fn(*graph.inputs), graph.mask)
         step = lambda: opt._step(closures, masks, self.schedule, None, advance=False)

@@ -37,7 +37,7 @@ from .checks import (
     takes_index,
 )
 from .passes import StepRun
-from .plan import KEPT, SCHEDULES, Group, StepPlan
+from .plan import CORRECTION, KEPT, REUSE_POLICIES, SCHEDULES, Group, StepPlan
 
 
 class GroupedSAM(torch.optim.Optimizer):
@@ -88,6 +88,15 @@ class GroupedSAM(torch.optim.Optimizer):
       gradients reads its non-finite verdict on the host, so only finite ones
       are kept. Steps that reuse return the mean loss at the weights the batch
       was evaluated at (``w + e_k`` for a reused group's samples).
+    - ``reuse_policy`` (with ``reuse > 1``): what the steps between reuse.
+      ``"perturbation"`` (default): each group's kept clean gradient, as above.
+      ``"correction"``: the step that computes keeps
+      ``d = (g_SAM - g) / ||g||``, its final gradient's difference to the clean
+      gradient ``g = Σ_k ∇L_k(w)``; the steps between run one clean pass of
+      all groups together (a forward and a backward over the batch, the cost
+      of an SGD step) and step with ``g + ||g|| · d``. A change of the groups'
+      radii (SSE-SAM's stage 2, a scheduler) computes ``d`` anew. Not with
+      ``local_perturbation`` or a GradScaler.
     """
 
     def __init__(
@@ -102,6 +111,7 @@ class GroupedSAM(torch.optim.Optimizer):
         adaptive: bool = False,
         max_grad_norm: float | None = None,
         reuse: int = 1,
+        reuse_policy: str = "perturbation",
         **unknown,
     ):
         if unknown:
@@ -113,19 +123,28 @@ class GroupedSAM(torch.optim.Optimizer):
             if max_grad_norm == 0:
                 raise ValueError("max_grad_norm must be > 0 (None: no clipping), got 0")
         reuse = check_count("reuse", reuse, 1)
+        if reuse_policy not in REUSE_POLICIES:
+            raise ValueError(f"reuse_policy must be one of {REUSE_POLICIES}, got {reuse_policy!r:.40}")
+        if reuse_policy == "correction" and local_perturbation:
+            raise ValueError(
+                "reuse_policy='correction' keeps the difference of the averaged gradients; "
+                "local_perturbation=True perturbs each replica with its own: use one or the other"
+            )
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.model = model
         self.bn_stats, self.nonfinite, self.local_perturbation = bn_stats, nonfinite, local_perturbation
         self.adaptive, self.max_grad_norm, self.reuse = adaptive, max_grad_norm, reuse
+        self.reuse_policy = reuse_policy
         self._kept_age = 0  # steps since the kept gradients were computed (reuse > 1)
+        self._kept_groups: tuple | None = None  # the groups a kept correction was computed with
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
         self._dist = distribution.strategy(model)  # single process or DDP: global counts and averages
         self._backend = make_backend(backend, optimizer, params)
         if reuse > 1:
-            self._backend.lasting.update(KEPT.values())
+            self._backend.lasting.update(KEPT.values() if reuse_policy == "perturbation" else [CORRECTION])
         self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
         self._stats = Saved()  # the BatchNorm statistics a step may have to take back
@@ -360,6 +379,11 @@ class GroupedSAM(torch.optim.Optimizer):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scaler is not None and not scaler.is_enabled():
             scaler = None
+        if scaler is not None and self.reuse > 1 and self.reuse_policy == "correction":
+            raise ValueError(
+                "scaler: reuse_policy='correction' does not take a GradScaler; use bf16 autocast, "
+                "or reuse_policy='perturbation'"
+            )
         return self._step(closures, masks, schedule, scaler)
 
     def _step(self, closures, masks, schedule: str, scaler, advance: bool = True) -> Tensor:
@@ -370,7 +394,7 @@ class GroupedSAM(torch.optim.Optimizer):
         with self._dist.no_sync():  # the engine averages gradients itself (see distribution)
             loss = StepRun(self, plan, closures, masks, scaler).run()
         if advance:
-            self._advance(bool(plan.reused))
+            self._advance(bool(plan.reused) or plan.corrected)
         return loss
 
     def _reuse_plan(self, groups: Sequence[Group]) -> dict:
@@ -379,15 +403,24 @@ class GroupedSAM(torch.optim.Optimizer):
         others' clean gradients. A group no longer perturbed drops its own."""
         if self.reuse == 1:
             return {}
+        due = self._kept_age >= self.reuse
+        perturbed = [g for g in groups if g.rho > 0]
+        if self.reuse_policy == "correction":
+            if tuple(groups) != self._kept_groups:  # computed with other radii
+                self._backend.discard(CORRECTION)
+            if not perturbed:
+                return {}
+            corrected = not due and self._backend.holds(CORRECTION)
+            return {"corrected": True} if corrected else {"keep": "correction"}
         for g in groups:
             if g.rho == 0:
                 self._backend.discard(g.kept)
-        perturbed = [g for g in groups if g.rho > 0]
-        due = self._kept_age >= self.reuse
         reused = frozenset(g.members for g in perturbed if not due and self._backend.holds(g.kept))
-        return {"reused": reused, "keep": any(g.members not in reused for g in perturbed)}
+        keep = "perturbations" if any(g.members not in reused for g in perturbed) else ""
+        return {"reused": reused, "keep": keep}
 
     def _advance(self, reused: bool) -> None:
+        """Count a step for ``reuse``: the kept values are one step older, or new."""
         if self.reuse > 1:
             self._kept_age = self._kept_age + 1 if reused else 1
 
@@ -478,6 +511,7 @@ class GroupedSAM(torch.optim.Optimizer):
         sd.update(stage=self._stage_state(), nonfinite_steps=self.nonfinite_steps)
         if self._backend.lasting:
             be = self._backend
+            self._reuse_plan(self._groups())  # drops what the current radii make stale
             sd["kept"] = {int(slot): be.export(slot) for slot in sorted(be.lasting) if be.holds(slot)}
             sd["kept_age"] = self._kept_age
         return sd
@@ -522,6 +556,7 @@ class GroupedSAM(torch.optim.Optimizer):
         for slot, values in kept.items():
             if slot in self._backend.lasting:  # reuse=1 has no use for them
                 self._backend.load(Slot(slot), values)
+        self._kept_groups = tuple(self._groups())  # saved without the stale ones (state_dict)
         self._kept_age = kept_age
         self.nonfinite_steps = nonfinite_steps
 
@@ -568,7 +603,7 @@ class GroupedSAM(torch.optim.Optimizer):
         if not isinstance(kept, dict):
             raise ValueError(f"state_dict['kept'] must be a dict, got {type(kept).__name__}")
         n = len(self._backend.params)
-        keepable = {int(s) for s in self._backend.lasting} | {int(s) for s in KEPT.values()}
+        keepable = {int(s) for s in (*self._backend.lasting, *KEPT.values(), CORRECTION)}
         foreign = sorted(map(str, set(kept) - keepable))
         if foreign:
             name = type(self).__name__

@@ -21,9 +21,11 @@ from .._saved import Saved
 from ..backends import Ending, Perturbation
 from . import batchnorm
 from .checks import check_losses
-from .plan import Group, StepPlan
+from .plan import CORRECTION, Group, StepPlan
 from .samples import Exact, Split
 from .verdict import Verdict
+
+_WHOLE = Exact()  # the weighing of a pass over the whole batch, whatever the schedule
 
 
 @dataclass
@@ -136,11 +138,12 @@ class StepRun:
             self.normalisers[key] = self.dist.normaliser(n)
         return self.normalisers[key]
 
-    def _weights(self, g: Group, mb: MicroBatch, losses: Tensor) -> Tensor:
+    def _weights(self, g: Group, mb: MicroBatch, losses: Tensor, whole: bool = False) -> Tensor:
         """``d L_k / d l_i``: ``c_k / n_k`` for the samples of group ``k`` (``n_k = B``,
         or the group's count), 0 for the others. Made once per step for the clean
-        and the perturbed pass of a group (a few launches each)."""
-        key = (g, losses.shape, losses.dtype)
+        and the perturbed pass of a group (a few launches each). ``whole``: the
+        losses are the whole batch's, whatever the schedule."""
+        key = (g, losses.shape, losses.dtype, whole)
         w = mb.weights.get(key)
         if w is None:
             n = self._count(g)
@@ -148,7 +151,7 @@ class StepRun:
                 w = torch.ones_like(losses, requires_grad=False).mul_((g.weight / n).to(losses))
             else:
                 w = torch.full_like(losses, g.weight / n, requires_grad=False)
-            self.samples.weigh(w, mb, g.members)
+            (_WHOLE if whole else self.samples).weigh(w, mb, g.members)
             mb.weights[key] = w
         return w
 
@@ -168,7 +171,9 @@ class StepRun:
         try:
             plan = self.plan
             self.batches = [self._prepare(c, m) for c, m in zip(self.closures, self.masks)]
-            self.plan = plan if self.sync_free else plan.without(self._empty(plan))
+            # a corrected step weighs an empty group's samples by 0 in its one pass: no counts needed
+            skip_counts = self.sync_free or plan.corrected
+            self.plan = plan if skip_counts else plan.without(self._empty(plan))
             be.begin()
             loss = self._passes()
             ok = self.dist.agree(self.verdict.ok())  # one verdict for every process
@@ -177,8 +182,7 @@ class StepRun:
                     return loss
                 ok = None
             if self.plan.keep:  # the verdict was read: these gradients are finite
-                for g in self.plan.fresh:
-                    be.keep(g.slot, g.kept)
+                self._keep()
         except BaseException:
             be.abort()
             stats.restore()
@@ -193,13 +197,48 @@ class StepRun:
             raise
         return loss
 
+    def _keep(self) -> None:
+        """Keep what the next steps reuse (``reuse=K``)."""
+        plan, be = self.plan, self.be
+        if plan.keep == "perturbations":
+            for g in plan.fresh:
+                be.keep(g.slot, g.kept)
+        elif plan.perturbed:  # "correction": without a perturbed pass there is nothing to correct
+            be.keep_difference(CORRECTION, [g.slot for g in plan.perturbed], [g.slot for g in plan.groups])
+            self.opt._kept_groups = tuple(self.opt._groups())  # d holds for these radii only
+
     def _passes(self) -> Tensor:
+        if self.plan.corrected:
+            return self._corrected_pass()
         self._clean_passes()
         moves = self._perturbations()
         for g in self.plan.perturbed:
             self._perturbed_pass(g, moves[g])
         self._reduce_final()
         self._check_sum()
+        return self._loss()
+
+    def _corrected_pass(self) -> Tensor:
+        """``reuse_policy="correction"``, a reusing step: one clean pass of the
+        groups' summed loss over each micro-batch (a forward and a backward over
+        the batch, BatchNorm as in SGD), then ``live += ||live|| · d`` with the
+        kept ``d = (SAM gradient - clean gradient) / ||clean gradient||``."""
+        for mb in self.batches:
+            losses, mb.losses = mb.losses, None
+            if losses is None:  # split: the clean forward is this pass
+                losses = self.call(mb, self.samples.subset(mb, "all"), mb.size)
+            weights = [
+                self._weights(g, mb, losses, whole=True) for g in self.plan.groups if self._runs(g, mb)
+            ]
+            with torch.enable_grad():
+                torch.dot(losses, sum(weights[1:], weights[0])).backward()
+            self.check("clean forward", losses.detach())
+            self.sums.append(_WHOLE.own(mb, "all", losses))
+        self.dist.average(self.be, [], True)
+        norm = self.be.live_norm()
+        if norm is not None:
+            self.check("clean gradient", norm)
+            self.be.add(CORRECTION, scale=norm)
         return self._loss()
 
     def _clean_passes(self) -> None:
@@ -277,13 +316,13 @@ class StepRun:
     def _finish(self, ok: Tensor | None, stats: Saved) -> None:
         """The base step; with a device verdict ``ok``, everything it changed is
         selected back on the device where ``ok`` is false."""
-        add = tuple(g.slot for g in self.plan.unperturbed)
+        add = () if self.plan.corrected else tuple(g.slot for g in self.plan.unperturbed)
         self.be.finish(Ending(add, scaler=self.scaler, ok=ok, max_norm=self.opt.max_grad_norm))
         if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
             stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
             if self.plan.keep:  # the kept gradients may be the inf ones: the next step computes anew
-                for g in self.plan.fresh:
-                    self.be.discard(g.kept)
+                for slot in [g.kept for g in self.plan.fresh] + [CORRECTION]:
+                    self.be.discard(slot)
         if ok is not None:
             stats.keep_if(ok)
             self.opt._count_skipped(~ok)

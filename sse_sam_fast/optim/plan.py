@@ -19,7 +19,9 @@ Passes of a plan, in order (``F`` a forward, ``B`` a backward):
 
 With ``reuse=K`` a perturbed group may take its move from the clean gradient
 kept from an earlier step (:attr:`StepPlan.reused`): it then has no clean
-pass, only its perturbed one.
+pass, only its perturbed one. With ``reuse_policy="correction"`` a reusing
+step (:attr:`StepPlan.corrected`) has one clean pass of all groups together
+and adds the kept difference between the SAM and the clean gradient.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from typing import NamedTuple
 from ..backends import Slot
 
 SCHEDULES = ("exact", "split", "auto")  # the values of step(schedule=...)
+REUSE_POLICIES = ("perturbation", "correction")  # what the steps between reuse=K's computing steps reuse
 
 MEMBERS = ("all", "head", "tail")
 # the backend slot holding each group's clean gradient between passes
 _SLOTS = {members: Slot(i) for i, members in enumerate(MEMBERS)}
 # the lasting slot holding each group's clean gradient kept for later steps (reuse=K)
 KEPT = {members: Slot(len(MEMBERS) + i) for i, members in enumerate(MEMBERS)}
+# the lasting slot of reuse_policy="correction": (SAM gradient - clean gradient) / ||clean gradient||
+CORRECTION = Slot(2 * len(MEMBERS))
 
 
 class Group(NamedTuple):
@@ -64,7 +69,8 @@ class StepPlan:
     groups: tuple[Group, ...]
     split: bool  # each group's passes on its own samples (else every pass sees the batch)
     reused: frozenset[str] = frozenset()  # perturbed groups moved by their kept gradient
-    keep: bool = False  # the perturbed groups' clean gradients are kept for later steps
+    keep: str = ""  # what the step keeps for later steps: "", "perturbations" or "correction"
+    corrected: bool = False  # one clean pass of all groups plus the kept correction
 
     @property
     def masked(self) -> bool:
@@ -98,4 +104,4 @@ class StepPlan:
         """The plan without the groups whose members are ``empty`` in this batch:
         an empty group gets no pass at all."""
         groups = tuple(g for g in self.groups if not empty.get(g.members, False))
-        return StepPlan(groups, self.split, self.reused, self.keep)
+        return StepPlan(groups, self.split, self.reused, self.keep, self.corrected)

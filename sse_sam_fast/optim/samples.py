@@ -93,6 +93,7 @@ class Split(Exact):
     def prepare(self, run, mb, mask) -> None:
         mask = check_mask(mask, device=run.be.params[0].device, allow_empty=run.dist.lockstep)
         index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
+        index["all"] = torch.arange(mask.shape[0], device=mask.device)  # a pass of reuse_policy="correction"
         mb.mask, mb.size = mask, mask.shape[0]
         mb.index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
 

@@ -24,6 +24,7 @@ from .checkpoint import (
     saved_config,
 )
 from .config import (
+    METHOD_OPTIONS,
     OptionError,
     TrainConfig,
     default_eta,
@@ -45,6 +46,8 @@ def compare(
     *,
     seeds: int = 5,
     methods: Sequence[str] = tuple(METHODS),
+    reuse: Sequence[int] = (1,),
+    reuse_policies: Sequence[str] = ("perturbation",),
     download: bool = False,
     plot: bool = True,
     quiet: bool = False,
@@ -57,7 +60,11 @@ def compare(
     tail columns all use one ``eta`` (``base.eta``, else SSE-SAM's default for the
     data set) so that they describe the same classes. A finished run with the same
     configuration is reused, an unfinished one resumed. ``quiet`` drops the line
-    per run.
+    per run. ``reuse``: every SAM-family method once per ``K`` (``reuse=K``) and,
+    for ``K > 1``, per policy of ``reuse_policies``, its runs in
+    ``out/<label>-seed<k>`` and its row ``<label>``: ``<method>-reuse<K>``, with
+    ``-correction`` for that policy. With ``sgd`` among the methods the table
+    gives each row's training time as a ratio to SGD's.
     """
     out = Path(out)
     device = torch.device(resolve(for_method(base, base.opt)).device)
@@ -66,19 +73,21 @@ def compare(
     for method in methods:
         if method not in METHODS:
             raise OptionError("--methods", f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    variants = _variants(methods, reuse, reuse_policies)
     start = time.perf_counter()
     runs, reused = [], 0
-    jobs = list(product(methods, range(seeds)))
-    for i, (method, seed) in enumerate(jobs, 1):
-        cfg = resolve(dataclasses.replace(for_method(base, method), seed=seed))
-        results, note = _run_or_reuse(cfg, out / f"{method}-seed{seed}", download)
+    jobs = list(product(variants, range(seeds)))
+    for i, ((label, method, k, policy), seed) in enumerate(jobs, 1):
+        cfg = dataclasses.replace(for_method(base, method), seed=seed, reuse=k, reuse_policy=policy)
+        cfg = resolve(cfg)
+        results, note = _run_or_reuse(cfg, out / f"{label}-seed{seed}", download)
         reused += note == " (reused)"
         acc = results["final"]["acc"]
-        runs.append({"method": method, "seed": seed, "results": results})
+        runs.append({"method": label, "seed": seed, "results": results})
         if quiet:
             continue
         log(
-            f"[{i}/{len(jobs)}] {method:<7} seed {seed}: all {100 * acc['all']:.2f}  many "
+            f"[{i}/{len(jobs)}] {label:<7} seed {seed}: all {100 * acc['all']:.2f}  many "
             f"{100 * acc['many']:.2f}  medium {100 * acc['medium']:.2f}  few {100 * acc['few']:.2f}  "
             f"({results['wall_time_s']:.1f} s){note}"
         )
@@ -87,6 +96,7 @@ def compare(
     counts = first["data"]["train_counts"]
     eta = base.eta if base.eta is not None else default_eta(base.dataset, "ssesam", counts)
     ht = head_tail_groups(counts, eta)
+    methods = [label for label, *_ in variants]
     summary, times = _summarise(runs, methods, ht)
     wall = time.perf_counter() - start
     host = machine(device)
@@ -125,6 +135,27 @@ def compare(
         try_plot(lambda: plot_compare(out / "compare.png", summary, COMPARE_COLUMNS, title), log)
     log(f"wrote {out / 'compare.md'}, compare.json" + (", compare.png" if plot else ""))
     return report
+
+
+def _variants(
+    methods: Sequence[str], reuse: Sequence[int], policies: Sequence[str]
+) -> list[tuple[str, str, int, str]]:
+    """``(label, method, K, policy)`` per run configuration: each SAM-family method
+    once per K, and per policy for K > 1 (K = 1 reuses nothing: no policy)."""
+    reuse, policies = list(dict.fromkeys(reuse)), list(dict.fromkeys(policies))  # each once, in order
+    readers = METHOD_OPTIONS["reuse"]
+    if any(k > 1 for k in reuse) and not any(m in readers for m in methods):
+        raise OptionError(
+            "--reuse", f"applies to sam, imbsam and ssesam; --methods {' '.join(methods)} has none"
+        )
+    default = TrainConfig().reuse_policy
+    out = []
+    for m in methods:
+        for k in reuse if m in readers else [1]:
+            for policy in policies if k > 1 else [default]:
+                suffix = "" if policy == default else f"-{policy}"
+                out.append((m if k == 1 else f"{m}-reuse{k}{suffix}", m, k, policy))
+    return out
 
 
 def _run_or_reuse(cfg: TrainConfig, run_dir: Path, download: bool) -> tuple[dict, str]:

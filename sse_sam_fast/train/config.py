@@ -22,6 +22,7 @@ from .registry import (
     LOSSES,
     METHODS,
     MODELS,
+    REUSE_POLICIES,
     SCHEDULES,
     SIGNAL_DATASETS,
 )
@@ -92,6 +93,8 @@ class TrainConfig:
     schedule: str = "exact"
     adaptive: bool = False  # ASAM, for sam, imbsam and ssesam
     max_grad_norm: float | None = None  # clip the final gradient to this norm
+    reuse: int = 1  # perturbations computed every reuse-th step and reused between (sam family)
+    reuse_policy: str = "perturbation"  # what the steps between reuse: "perturbation" or "correction"
     imbsam_normalization: str = "batch"  # "batch" (ImbSAM code) or "group" (SSE-SAM repo's baseline)
     capture: bool | None = None  # None: auto (see capture_choice in sse_sam_fast.train.loop)
     device: str | None = None
@@ -103,7 +106,14 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RUNTIME_FIELDS = ("data_dir", "backend", "device", "threads", "capture")
 # fields added after the first checkpoints were written: a saved configuration
 # without them takes these values
-ADDED_FIELDS = {"capture": None, "adaptive": False, "max_grad_norm": None, "imbsam_normalization": "batch"}
+ADDED_FIELDS = {
+    "capture": None,
+    "adaptive": False,
+    "max_grad_norm": None,
+    "imbsam_normalization": "batch",
+    "reuse": 1,
+    "reuse_policy": "perturbation",
+}
 
 
 def option_name(field: str) -> str:
@@ -145,6 +155,7 @@ def _check_names(cfg: TrainConfig) -> None:
         ("backend", BACKENDS),
         ("schedule", SCHEDULES),
         ("imbsam_normalization", ("batch", "group")),
+        ("reuse_policy", REUSE_POLICIES),
     ):
         if getattr(cfg, field) not in names:
             raise OptionError(
@@ -179,6 +190,8 @@ METHOD_OPTIONS = {
     "gamma": ("ssesam",),
     "adaptive": _SAM_FAMILY,
     "max_grad_norm": _SAM_FAMILY,
+    "reuse": _SAM_FAMILY,
+    "reuse_policy": _SAM_FAMILY,
     "imbsam_normalization": ("imbsam",),
     "backend": _SAM_FAMILY,
     "schedule": _SAM_FAMILY,

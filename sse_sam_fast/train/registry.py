@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import SAM, SSESAM, ImbSAM
 from ..backends import BACKENDS
-from ..optim import SCHEDULES
+from ..optim import REUSE_POLICIES, SCHEDULES
 from .data import DATASETS, IMAGE_DATASETS, SIGNAL_DATASETS
 from .losses import LOSSES
 from .models import MODELS as IMAGE_MODELS
@@ -41,13 +41,21 @@ __all__ = [
     "LOSSES",
     "METHODS",
     "MODELS",
+    "REUSE_POLICIES",
     "SCHEDULES",
     "SIGNAL_DATASETS",
 ]
 
+
 def _options(cfg) -> dict:
     """The keyword options every method takes, from the configuration."""
-    return {"backend": cfg.backend, "adaptive": cfg.adaptive, "max_grad_norm": cfg.max_grad_norm}
+    return {
+        "backend": cfg.backend,
+        "adaptive": cfg.adaptive,
+        "max_grad_norm": cfg.max_grad_norm,
+        "reuse": cfg.reuse,
+        "reuse_policy": cfg.reuse_policy,
+    }
 
 
 METHODS: dict[str, Callable[..., object]] = {

@@ -160,7 +160,8 @@ def compare_table(
     tail: Sequence[int],
 ) -> list[str]:
     """The lines of the Markdown table of a comparison: what was run, then one row
-    per method of mean ± std accuracy (%) by column and training time per run.
+    per method of mean ± std accuracy (%) by column and training time per run
+    (with ``sgd`` among the methods, also as a ratio to SGD's mean time).
     ``first`` is the results of one of its runs (the shared configuration)."""
     cfg0, groups = first["config"], first["data"]["groups"]
     lines = [
@@ -171,12 +172,18 @@ def compare_table(
         f"(classes {class_ranges(groups['few'])}); head/tail at eta = {eta:g} for every method "
         f"(tail classes {class_ranges(tail)}).",
         "",
-        "| method | " + " | ".join(c.capitalize() for c in columns) + " | train time / run (s) |",
-        "|---|" + "---:|" * (len(columns) + 1),
+        "| method | "
+        + " | ".join(c.capitalize() for c in columns)
+        + " | train time / run (s) |"
+        + (" time / SGD |" if "sgd" in methods else ""),
+        "|---|" + "---:|" * (len(columns) + 1 + ("sgd" in methods)),
     ]
     for m in methods:
         cells = [f"{100 * summary[m][c][0]:.2f} ± {100 * summary[m][c][1]:.2f}" for c in columns]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {times[m][0]:.2f} ± {times[m][1]:.2f} |")
+        cells.append(f"{times[m][0]:.2f} ± {times[m][1]:.2f}")
+        if "sgd" in methods:
+            cells.append(f"{times[m][0] / times['sgd'][0]:.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,5 +1,7 @@
 """``reuse=K``: a perturbed group's clean gradient is kept and moves the weights
-of the next ``K - 1`` steps, which skip that group's clean pass."""
+of the next ``K - 1`` steps, which skip that group's clean pass; with
+``reuse_policy="correction"`` the difference between the SAM and the clean
+gradient is kept and added to the next steps' clean gradient."""
 
 import copy
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
-from sse_sam_fast.optim.plan import KEPT
+from sse_sam_fast.optim.plan import CORRECTION, KEPT
 from tests.support import assert_bitwise, snapshot
 
 BACKENDS = ["reference", "torch", "triton"]
@@ -211,10 +213,11 @@ def test_entering_stage_2_drops_the_head_gradient_and_keeps_the_tail_one(backend
     assert list(opt.state_dict()["kept"]) == [int(KEPT["tail"])]
 
 
+@pytest.mark.parametrize("policy", ["perturbation", "correction"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("save_after", [1, 2])
-def test_resume_mid_reuse_is_bitwise(backend, save_after):
-    model, opt = build("ssesam", backend, reuse=3)
+def test_resume_mid_reuse_is_bitwise(backend, save_after, policy):
+    model, opt = build("ssesam", backend, reuse=3, reuse_policy=policy)
     for i in range(save_after):
         step(model, opt, i)
     sd = copy.deepcopy(opt.state_dict())
@@ -227,11 +230,12 @@ def test_resume_mid_reuse_is_bitwise(backend, save_after):
     with torch.no_grad():
         for p, w in zip(resumed_model.parameters(), weights):
             p.copy_(w)
-    resumed_model, resumed = build("ssesam", backend, reuse=3, model=resumed_model)
+    resumed_model, resumed = build("ssesam", backend, reuse=3, model=resumed_model, reuse_policy=policy)
     resumed.load_state_dict(sd)
     resumed_model.forwards = []
     step(resumed_model, resumed, save_after)
-    assert len(resumed_model.forwards) == 2  # it reused the checkpoint's kept gradients: no clean forward
+    # it reused the checkpoint's kept values: two perturbed forwards, or one clean one
+    assert len(resumed_model.forwards) == (2 if policy == "perturbation" else 1)
     for i in range(save_after + 1, 5):
         step(resumed_model, resumed, i)
     assert_bitwise(list(model.parameters()), list(resumed_model.parameters()))
@@ -252,9 +256,10 @@ def test_a_checkpoint_of_another_k_loads():
     assert model2.forwards == [10, 10]  # computed anew
 
 
+@pytest.mark.parametrize("policy", ["perturbation", "correction"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_skipped_first_step_keeps_nothing_and_the_next_computes(backend):
-    model, opt = build("ssesam", backend, reuse=3)
+def test_a_skipped_first_step_keeps_nothing_and_the_next_computes(backend, policy):
+    model, opt = build("ssesam", backend, reuse=3, reuse_policy=policy)
     before = snapshot(model, opt)
     x, y, tail = batch(0)
     with pytest.warns(RuntimeWarning, match="non-finite"):
@@ -319,8 +324,9 @@ def test_the_official_methods_refuse_reuse():
         SAM(Net().parameters(), torch.optim.SGD, rho=0.05, lr=0.1, reuse=2)
 
 
+@pytest.mark.parametrize("policy", ["perturbation", "correction"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, backend, monkeypatch):
+def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, backend, monkeypatch, policy):
     """capture with reuse=2 (a CUDA stand-in on the CPU): the steps that keep
     gradients run eagerly (their verdict is read on the host), the reusing ones
     warm up, are recorded and replayed, and the run is the eager run bit for bit."""
@@ -334,7 +340,7 @@ def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, back
 
     def run(api):
         model, opt = capture_build("ssesam", backend, base=base)
-        opt = type(opt)(opt.optimizer, model, 0.05, 0.1, backend=backend, reuse=2)
+        opt = type(opt)(opt.optimizer, model, 0.05, 0.1, backend=backend, reuse=2, reuse_policy=policy)
         opt._force_sync_free = True  # as on CUDA
         captured, graphed = opt.capture(_ce(model)), []
         for x, y, tail in capture_batches(14):
@@ -349,3 +355,92 @@ def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, back
     # odd calls reuse: 3 warm-ups, a checked recording, then replays; even calls keep, eagerly
     assert graphed == [False] * 9 + [True, False, True, False, True]
     assert_bitwise(cap, eager)
+
+
+# ---- reuse_policy="correction" ------------------------------------------------------------
+def sam_and_clean_gradients(method, model, opt, i):
+    """By hand, at the current weights: the SAM gradient of the method on batch
+    ``i`` (each perturbed group at ``w + rho·g_k/(||g_k|| + 1e-16)``, the others at
+    ``w``) and the clean gradient ``Σ_k ∇L_k(w)``."""
+    x, y, tail = batch(i)
+    member = {"all": torch.ones_like(tail), "head": ~tail, "tail": tail}
+    twin = copy.deepcopy(model)
+    params = list(twin.parameters())
+    sam, clean = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for members, weight, rho in groups(method, opt):
+        loss = lambda: weight * F.cross_entropy(twin(x), y, reduction="none")[member[members]].sum() / len(y)
+        g = torch.autograd.grad(loss(), params)
+        for c, t in zip(clean, g):
+            c.add_(t)
+        if rho > 0:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
+            w0 = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, t in zip(params, g):
+                    p.add_(t * (rho / (norm + 1e-16)))
+            g = torch.autograd.grad(loss(), params)
+            with torch.no_grad():
+                for p, w in zip(params, w0):
+                    p.copy_(w)
+        for a, t in zip(sam, g):
+            a.add_(t)
+    return sam, clean
+
+
+def _norm(ts):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))
+
+
+@pytest.mark.parametrize("schedule", ["exact", "split"])
+@pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_kept_correction_and_the_corrected_step_equal_the_computation_by_hand(
+    backend, method, schedule
+):
+    model, opt = build(method, backend, reuse=3, reuse_policy="correction")
+    sam, clean = sam_and_clean_gradients(method, model, opt, 0)
+    step(model, opt, 0, schedule)
+    d = opt.state_dict()["kept"][int(CORRECTION)]
+    for got, s, c in zip(d, sam, clean):  # (g_SAM - g) / ||g||
+        torch.testing.assert_close(got, (s - c) / (_norm(clean) + 1e-16), rtol=1e-5, atol=1e-7)
+    for i in (1, 2):
+        sd = copy.deepcopy(opt.state_dict())
+        _, clean = sam_and_clean_gradients(method, model, opt, i)
+        twin = copy.deepcopy(model)
+        base = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        base.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+        for p, c, k in zip(twin.parameters(), clean, d):
+            p.grad = c + _norm(clean) * k  # g + ||g|| d
+        base.step()
+        model.forwards, model.backwards = [], []
+        step(model, opt, i, schedule)
+        assert (model.forwards, model.backwards) == ([10], [10])  # an SGD step's passes
+        for p, e in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_radius_change_computes_the_correction_anew(backend):
+    model, opt = build("ssesam", backend, reuse=4, reuse_policy="correction")
+    step(model, opt, 0)
+    step(model, opt, 1)
+    opt.update_rho()  # stage 2: rho_H = 0
+    assert "kept" in opt.state_dict() and opt.state_dict()["kept"] == {}  # computed with other radii
+    model.forwards, model.backwards = [], []
+    step(model, opt, 2)
+    assert (model.forwards, model.backwards) == ([10, 10], [10, 10, 10])  # stage 2's computing step
+    opt.rho_is[1] = 0.2  # a scheduler moving the tail radius
+    model.forwards = []
+    step(model, opt, 3)
+    assert model.forwards == [10, 10]
+
+
+def test_correction_refuses_what_it_cannot_honour():
+    with pytest.raises(ValueError, match="reuse_policy"):
+        build("sam", reuse=2, reuse_policy="orthogonal")
+    with pytest.raises(ValueError, match="local_perturbation"):
+        build("sam", reuse=2, reuse_policy="correction", local_perturbation=True)
+    model, opt = build("sam", reuse=2, reuse_policy="correction")
+    x, y, _ = batch(0)
+    with pytest.raises(ValueError, match="scaler"):
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), scaler=torch.amp.GradScaler("cpu"))

@@ -331,3 +331,17 @@ def test_python_dash_m(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^tail\s+[0-9.]+%", proc.stdout, re.M)
+
+
+def test_train_reuse_options_reach_the_optimizer_and_sgd_refuses_them(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "1", "--reuse", "3", "--reuse-policy", "correction") == 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
+    assert (saved["reuse"], saved["reuse_policy"]) == (3, "correction")
+    for args, message in (
+        (("--opt", "sgd", "--reuse", "2"), "argument --reuse: applies to --opt sam, imbsam, ssesam only"),
+        (("--reuse", "0"), "argument --reuse: expected an integer >= 1"),
+        (("--reuse-policy", "orthogonal"), "argument --reuse-policy: invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            _train(tmp_path / "bad", *args)
+        assert message in capsys.readouterr().err

@@ -85,3 +85,36 @@ def test_a_finished_run_from_before_the_new_options_is_reused(tmp_path):
     lines = []
     compare(base, tmp_path, seeds=1, methods=["sgd"], plot=False, log=lines.append)
     assert "(reused)" in lines[0]
+
+
+def test_compare_trains_each_reuse_k_and_policy_and_gives_time_ratios_to_sgd(tmp_path):
+    """--reuse 1 2 --reuse-policy perturbation correction: a row per SAM-family
+    method, K and policy (K = 1 once); SGD once; every row's time over SGD's."""
+    base = digits(epochs=1)
+    report = compare(
+        base,
+        tmp_path,
+        seeds=1,
+        methods=["sgd", "ssesam"],
+        reuse=[1, 2],
+        reuse_policies=["perturbation", "correction"],
+        plot=False,
+        log=lambda _: None,
+    )
+    rows = ["sgd", "ssesam", "ssesam-reuse2", "ssesam-reuse2-correction"]
+    assert report["methods"] == rows
+    for row in rows:
+        saved = json.loads((tmp_path / f"{row}-seed0" / "results.json").read_text())["config"]
+        assert (saved["reuse"], saved["reuse_policy"]) == {
+            "ssesam-reuse2": (2, "perturbation"),
+            "ssesam-reuse2-correction": (2, "correction"),
+        }.get(row, (1, "perturbation"))
+    table = (tmp_path / "compare.md").read_text()
+    assert "time / SGD |" in table
+    sgd = report["train_time_s"]["sgd"][0]
+    for row in rows:
+        ratio = report["train_time_s"][row][0] / sgd
+        assert f"| {row} |" in table and table.split(f"| {row} |")[1].split("\n")[0].endswith(f" {ratio:.2f} |")
+    with pytest.raises(OptionError, match="applies to sam, imbsam and ssesam") as exc:
+        compare(base, tmp_path / "x", seeds=1, methods=["sgd"], reuse=[4], log=lambda _: None)
+    assert exc.value.option == "--reuse"
