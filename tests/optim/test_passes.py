@@ -299,6 +299,7 @@ _DDP_RUNS = {  # name: (local_perturbation, stage, build)
     "local-2": (True, 2, "ssesam"),
     "imbsam-group-asam-clipped": (False, 1, "imbsam"),
     "global-reuse": (False, 1, "ssesam-reuse"),
+    "global-correction": (False, 1, "ssesam-correction"),
 }
 
 
@@ -309,7 +310,8 @@ def _ddp_worker(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     for name, (local, stage, build) in _DDP_RUNS.items():
         model = nn.parallel.DistributedDataParallel(mlp())
-        kw = {"reuse": 2} if build.endswith("-reuse") else {}
+        kw = {"ssesam-reuse": {"reuse": 2}, "ssesam-correction": {"reuse": 2, "reuse_policy": "correction"}}
+        kw = kw.get(build, {})
         build = _imbsam_group_asam_clipped if build == "imbsam" else ssesam
         opt = build(model, "torch", local_perturbation=local, **kw)
         if stage == 2:
@@ -405,12 +407,13 @@ def test_ddp_group_normalisation_asam_and_clipping_are_global(ddp_params):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
 
 
-def test_ddp_reuse_keeps_the_averaged_gradient(ddp_params):
-    """reuse=2 under DDP: the kept gradient is the averaged one, so the reusing
-    step (whose first shard has no tail sample) follows one process too."""
-    got = ddp_params("global-reuse")
+@pytest.mark.parametrize("policy", ["perturbation", "correction"])
+def test_ddp_reuse_keeps_the_averaged_gradient(ddp_params, policy):
+    """reuse=2 under DDP: what is kept comes from averaged gradients, so the
+    reusing step (whose first shard has no tail sample) follows one process too."""
+    got = ddp_params("global-reuse" if policy == "perturbation" else "global-correction")
     model = mlp()
-    opt = ssesam(model, reuse=2)
+    opt = ssesam(model, reuse=2, reuse_policy=policy)
     for x, y, tail in _ddp_batches():
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail)
     for a, b in zip(got, model.parameters()):
