@@ -398,9 +398,12 @@ class GroupedSAM(torch.optim.Optimizer):
         return loss
 
     def _reuse_plan(self, groups: Sequence[Group]) -> dict:
-        """``reuse > 1``: which perturbed groups move by their kept gradient in the
-        next step (none every ``reuse``-th step), and whether the step keeps the
-        others' clean gradients. A group no longer perturbed drops its own."""
+        """``reuse > 1``: the next step's reuse fields of :class:`StepPlan`. Policy
+        "perturbation": which perturbed groups move by their kept gradient (none
+        every ``reuse``-th step) and whether the step keeps the others' clean
+        gradients; a group no longer perturbed drops its own. Policy
+        "correction": whether the step adds the kept correction, or computes and
+        keeps one; a correction computed with other radii is dropped."""
         if self.reuse == 1:
             return {}
         due = self._kept_age >= self.reuse
@@ -617,8 +620,9 @@ class GroupedSAM(torch.optim.Optimizer):
         return kept
 
     def __repr__(self) -> str:
-        reuse = self.reuse if self.reuse > 1 else None
-        options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm, "reuse": reuse}
+        reuse = (self.reuse, self.reuse_policy) if self.reuse > 1 else (None, None)
+        options = {"adaptive": self.adaptive, "max_grad_norm": self.max_grad_norm}
+        options.update(reuse=reuse[0], reuse_policy=reuse[1])
         shown = {**self._stage_state(), **{k: v for k, v in options.items() if v}}
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         base = "\n    ".join(repr(self.optimizer).splitlines())
