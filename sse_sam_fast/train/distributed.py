@@ -173,6 +173,14 @@ def check_resume(ckpt: dict, world: World) -> None:
             f"the checkpoint was written by {processes(saved)} and this run has {processes(world.size)}; "
             f"resume it with {how}",
         )
+    # FSDP2 saves the optimizer state by parameter name, DDP and one process by number
+    sharded = ckpt.get("strategy") == "fsdp"
+    if sharded != (world.strategy == "fsdp"):
+        raise OptionError(
+            "--fsdp",
+            f"the checkpoint was written {'with' if sharded else 'without'} --fsdp; resume it "
+            f"{'with' if sharded else 'without'} --fsdp",
+        )
 
 
 # ---- the model ----------------------------------------------------------------------------------

@@ -547,6 +547,7 @@ def _save(run: _Run, epochs_done: int) -> None:
         class_counts=run.counts,
         epoch=epochs_done,
         world_size=run.world.size,
+        strategy=run.world.strategy,
         model=model_state,
         optimizer=opt_state,
         scheduler=run.schedule.state_dict(),
