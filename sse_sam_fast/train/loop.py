@@ -362,11 +362,19 @@ def _step_function(run: _Run) -> Callable[[Tensor, Tensor], Tensor]:
     if run.capture:
         return _captured_step_function(run)
 
-    def step(x: Tensor, y: Tensor) -> Tensor:
+    def step(x: Tensor, y: Tensor, batch: int | None = None) -> Tensor:
+        """``batch``: under torchrun, the global batch's size, of which ``x`` is a shard."""
         if opt is None:
             base.zero_grad()
-            loss = loss_fn(model(x), y).mean()
-            loss.backward()
+            if batch is None:
+                loss = loss_fn(model(x), y).mean()
+                loss.backward()
+            else:
+                # DDP and FSDP2 average the processes' gradients: scaled so, the shards' losses
+                # sum to the global batch's mean even where the last batch splits unevenly
+                losses = loss_fn(model(x), y)
+                (losses.sum() * (run.world.size / batch)).backward()
+                loss = losses.mean()
             base.step()
             return loss.detach()
 
@@ -498,12 +506,12 @@ def _train_batches(run: _Run, epoch: int, step, show_bar: bool) -> Tensor:
     seen, shown = 0, -math.inf
     for idx in torch.randperm(n_train, generator=run.data_gen).split(run.cfg.batch_size):
         idx = idx.to(run.device)
-        x = data.train_inputs(idx, run.data_gen)
+        x, world_batch = data.train_inputs(idx, run.data_gen), idx
         if world.size > 1:
             # the whole batch's augmentation is drawn, so the generator advances alike everywhere
             x, idx = world.shard(x), world.shard(idx)
         y = data.y_train[idx]
-        loss = step(x, y)
+        loss = step(x, y) if world.size == 1 else step(x, y, len(world_batch))
         if len(y):  # a shard of a short last batch may be empty: its loss is NaN, the mean of nothing
             total += loss * len(y)
         seen += len(y)

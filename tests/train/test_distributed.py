@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from sse_sam_fast.train import distributed
 from sse_sam_fast.train.config import OptionError
 from sse_sam_fast.train.data import load_dataset
 from sse_sam_fast.train.distributed import World, check_job, check_resume, class_hits
-from sse_sam_fast.train.loop import train
+from sse_sam_fast.train.loop import _step_function, train
 from tests.train.short_runs import digits, quiet
 
 GROUPS = ("all", "many", "medium", "few", "head", "tail")
@@ -114,6 +115,34 @@ def test_shards_of_a_global_batch_are_disjoint_and_cover_it():
     shards = [World(r, 3, "ddp").shard(batch) for r in range(3)]
     assert sorted(torch.cat(shards).tolist()) == sorted(batch.tolist())
     assert [len(s) for s in shards] == [19, 18, 18]
+
+
+def test_plain_sgd_shards_of_unequal_size_average_to_the_batch_mean():
+    """Under DDP the processes' gradients are averaged; a short last batch (3 samples on
+    2 processes) must still step with the mean over its 3 samples, not the mean of the
+    two shards' means. SGD with lr 1 moves the weights by minus the gradient, so the
+    average of the two shards' moves is the averaged gradient."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 1])
+
+    def moved(world, xs, ys, batch):
+        model = torch.nn.Linear(5, 2)
+        model.load_state_dict(start)
+        base = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss_fn = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")
+        run = SimpleNamespace(
+            model=model, base=base, opt=None, loss_fn=loss_fn, tails=None, world=world, capture=False,
+            cfg=SimpleNamespace(schedule="exact"),
+        )  # fmt: skip
+        _step_function(run)(xs, ys, *([] if batch is None else [batch]))
+        return model.weight.detach() - start["weight"]
+
+    start = torch.nn.Linear(5, 2).state_dict()
+    whole = moved(distributed.SINGLE, x, y, None)
+    shards = [
+        moved(World(r, 2, "ddp"), World(r, 2, "ddp").shard(x), World(r, 2, "ddp").shard(y), 3) for r in (0, 1)
+    ]
+    torch.testing.assert_close((shards[0] + shards[1]) / 2, whole)
 
 
 @pytest.mark.parametrize("size", [2, 3, 7])
@@ -260,6 +289,11 @@ def test_torchrun_two_processes_resume_and_match_one_process(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
     for k in GROUPS:
         assert abs(two["final"]["acc"][k] - one["final"]["acc"][k]) <= ACCURACY_TOLERANCE, k
+    # the reason they agree: 2 processes on halves of each batch step like 1 on the batch
+    two_w = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    one_w = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-5)
 
     # the same checkpoint in one process: refused, naming both sizes, nothing changed
     before = (run / "checkpoint.pt").read_bytes()
