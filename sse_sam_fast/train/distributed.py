@@ -162,6 +162,26 @@ def check_job(batch_size: int, capture: bool | None, world: World) -> None:
         )
 
 
+def check_lockstep(model: nn.Module, opt, method: str, world: World) -> None:
+    """Every process must run the same passes: FSDP2's forward and backward are
+    collectives. The optimizer keeps its processes in step for a DDP model (group
+    counts are reduced before the passes are chosen), not yet for a sharded one:
+    there each process skips the passes of a group its own shard lacks, so a batch
+    with tail samples on one process only would leave the others waiting for ever
+    (seen: ``--fsdp --opt ssesam --batch-size 4`` on 2 processes hung in its first
+    epoch). Refused until the optimizer's strategy for the model steps in lockstep."""
+    from ..optim.distribution import strategy
+
+    if world.strategy != "fsdp" or opt is None or strategy(model).lockstep:
+        return
+    raise OptionError(
+        "--fsdp",
+        f"--opt {method} cannot step FSDP2 shards yet: this version of the optimizer lets each "
+        "process skip the passes of a sample group its shard lacks, and the other processes would "
+        "wait for ever; use DDP (no --fsdp) or --opt sgd",
+    )
+
+
 def check_resume(ckpt: dict, world: World) -> None:
     """A checkpoint resumes with the number of processes that wrote it: the global
     batch would divide differently and the saved state (data generator, sharded

@@ -47,6 +47,7 @@ from .distributed import (
     SINGLE,
     World,
     check_job,
+    check_lockstep,
     check_resume,
     checkpointed,
     class_hits,
@@ -287,6 +288,7 @@ def _prepare(cfg, out, resume, download, overwrite, log, world: World = SINGLE) 
     random.seed(cfg.seed)
     model = wrap(build_model(cfg, data).to(device), world, device)
     base, opt = build_optimizer(cfg, model)
+    check_lockstep(model, opt, cfg.opt, world)
     # per-epoch cosine decay on the base optimizer: the wrapper shares its param_groups
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=cfg.epochs)
     loss_fn = build_loss(cfg.loss, counts, drw_epoch=cfg.drw_epoch, tau=cfg.tau, vs_gamma=cfg.vs_gamma)

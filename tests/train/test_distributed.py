@@ -174,6 +174,10 @@ def test_every_test_sample_counts_once_and_every_process_runs_as_many_forwards(s
 # ---- in one process: a process group of one, and a rank other than 0 -------------------------
 
 
+def _ignore(_: str) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def group_of_one(tmp_path):
     """A gloo process group of one process, as a caller's own group: ``train`` uses it
@@ -218,6 +222,39 @@ def test_a_rank_other_than_0_neither_writes_nor_logs(tmp_path, monkeypatch):
     assert results["finished"] and len(results["epochs"]) == 2
     assert not (tmp_path / "run").exists()
     assert lines == []
+
+
+def test_fsdp_in_a_group_of_one_saves_full_state_and_resumes_bit_for_bit(tmp_path):
+    """FSDP2 shards (of one process here): the checkpoint holds full tensors keyed as a
+    one-process run's model, the momentum keyed by parameter name (DCP's layout), and a
+    stopped and resumed run ends with the weights of one that never stopped."""
+    with group_of_one(tmp_path):
+        whole = train(digits(epochs=3, opt="sgd"), tmp_path / "whole", fsdp=True, plot=False, log=_ignore)
+        train(digits(epochs=3, opt="sgd"), tmp_path / "cut", fsdp=True, stop_after=1, plot=False, log=_ignore)
+        ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+        resumed = train(
+            digits(epochs=3, opt="sgd"), tmp_path / "cut", fsdp=True, resume=ckpt, plot=False, log=_ignore
+        )
+    assert whole["distributed"]["strategy"] == "fsdp" and resumed["sessions"] == 2
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert a["strategy"] == "fsdp"
+    assert all(type(t) is torch.Tensor for t in a["model"].values())  # full tensors, not DTensor shards
+    assert list(a["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert set(a["optimizer"]["state"]) == set(a["model"])  # momentum by parameter name
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(
+            a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]
+        )
+
+
+@pytest.mark.parametrize("opt", ["sam", "imbsam", "ssesam"])
+def test_fsdp_refuses_the_sam_methods_until_the_optimizer_steps_shards_in_lockstep(opt, tmp_path):
+    with group_of_one(tmp_path), pytest.raises(OptionError, match="cannot step FSDP2 shards yet") as e:
+        quiet(digits(epochs=1, opt=opt), tmp_path / "run", fsdp=True)
+    assert e.value.option == "--fsdp"
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the real thing: torchrun, two gloo processes -----------------------------------------------
@@ -301,6 +338,27 @@ def test_torchrun_two_processes_resume_and_match_one_process(tmp_path):
         main(["train", "--resume", str(run), "--no-plot"])
     assert e.value.code == 2
     assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.long
+def test_torchrun_fsdp_two_processes_resume_and_match_one_process(tmp_path):
+    pytest.importorskip("sklearn")
+    run = tmp_path / "run"
+    argv = ["--fsdp", "--opt", "sgd", "--epochs", "3", "--device", "cpu", "--no-plot"]
+    first = _torchrun(tmp_path, tmp_path / "logs1", "--out", str(run), "--stop-after", "1", *argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(tmp_path, tmp_path / "logs2", "--resume", str(run), *argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    two = json.loads((run / "results.json").read_text())
+    assert two["finished"] and two["distributed"] == {"world_size": 2, "strategy": "fsdp", "backend": "gloo"}
+    assert _rank_logs(tmp_path / "logs2", 1)[0] == ""
+    one = quiet(digits(epochs=3, opt="sgd"), tmp_path / "one")
+    for k in GROUPS:
+        assert abs(two["final"]["acc"][k] - one["final"]["acc"][k]) <= ACCURACY_TOLERANCE, k
+    two_w = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    one_w = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-5)
 
 
 @pytest.mark.long
