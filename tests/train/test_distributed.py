@@ -3,7 +3,8 @@ the global batch and of the test set, rank 0 alone writing, and the real thing,
 ``torchrun --nproc_per_node 2`` on gloo, against one process with the same global batch.
 
 The torchrun tests start two Python processes per launch (about 10 s each on a
-2-core machine) and are marked ``long``; ``pytest -m "not long"`` leaves them out.
+2-core machine, FSDP2's slower) and are marked ``long``: ``make test`` leaves them
+out, ``make test-long`` runs them.
 """
 
 from __future__ import annotations
