@@ -296,7 +296,8 @@ def _run(parser: argparse.ArgumentParser, job) -> int:
             return 2
         parser.error(f"argument {exc.option}: {exc}")
     except ImportError as exc:  # scikit-learn for the digits, torchvision for --download
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        if is_main_process():
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -243,6 +243,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def class_name(module: nn.Module) -> str:
+    """The module's own class name: ``fully_shard`` swaps ``Linear`` for ``FSDPLinear``."""
+    name = type(module).__name__
+    sharded = type(module).__module__.startswith("torch.distributed.fsdp")
+    return name[4:] if sharded and name.startswith("FSDP") else name
+
+
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -51,8 +51,10 @@ from .distributed import (
     check_resume,
     checkpointed,
     class_hits,
+    class_name,
     process_device,
     session,
+    unwrap,
     wrap,
 )
 from .losses import NormedLinear, PerSampleLoss, build_loss
@@ -140,10 +142,11 @@ def evaluate(model: nn.Module, data: LongTailData) -> Tensor:
 
 
 def describe(model: nn.Module) -> str:
+    model = unwrap(model)
     params = sum(p.numel() for p in model.parameters())
     head = [m for m in model.modules() if isinstance(m, (nn.Linear, NormedLinear))][-1]
-    name = type(model).__name__ if not isinstance(model, nn.Sequential) else "MLP"
-    return f"{name} ({params / 1e6:.2f}M parameters, {type(head).__name__} classifier)"
+    name = class_name(model) if not isinstance(model, nn.Sequential) else "MLP"
+    return f"{name} ({params / 1e6:.2f}M parameters, {class_name(head)} classifier)"
 
 
 def _progress(total: int, desc: str, enabled: bool):

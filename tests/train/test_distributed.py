@@ -229,14 +229,20 @@ def test_fsdp_in_a_group_of_one_saves_full_state_and_resumes_bit_for_bit(tmp_pat
     """FSDP2 shards (of one process here): the checkpoint holds full tensors keyed as a
     one-process run's model, the momentum keyed by parameter name (DCP's layout), and a
     stopped and resumed run ends with the weights of one that never stopped."""
+    lines = []
     with group_of_one(tmp_path):
-        whole = train(digits(epochs=3, opt="sgd"), tmp_path / "whole", fsdp=True, plot=False, log=_ignore)
+        whole = train(
+            digits(epochs=3, opt="sgd"), tmp_path / "whole", fsdp=True, plot=False, log=lines.append
+        )
         train(digits(epochs=3, opt="sgd"), tmp_path / "cut", fsdp=True, stop_after=1, plot=False, log=_ignore)
         ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
         resumed = train(
             digits(epochs=3, opt="sgd"), tmp_path / "cut", fsdp=True, resume=ckpt, plot=False, log=_ignore
         )
     assert whole["distributed"]["strategy"] == "fsdp" and resumed["sessions"] == 2
+    # the model as it was built, not fully_shard's FSDPSequential / FSDPLinear classes
+    assert any("model: mlp, MLP (0.03M parameters, Linear classifier)" in line for line in lines), lines
+    assert "processes: 1 (FSDP, gloo); global batch 64, 64 per process; only rank 0 logs and writes" in lines
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert a["strategy"] == "fsdp"
