@@ -208,6 +208,16 @@ def test_a_process_group_of_one_trains_like_one_process(tmp_path):
         assert ddp["final"]["acc"][k] == pytest.approx(one["final"]["acc"][k], abs=ACCURACY_TOLERANCE)
 
 
+def test_capture_through_the_cli_in_a_process_group_is_an_error_naming_it(tmp_path, capsys):
+    argv = ["train", "--capture", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    with group_of_one(tmp_path), pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --capture: is not supported under torchrun" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rank_other_than_0_neither_writes_nor_logs(tmp_path, monkeypatch):
     """Rank 1's view of a run (its group here has one process, so no collective waits
     for a partner): it trains, and leaves no file and no line behind."""
