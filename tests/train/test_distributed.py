@@ -314,10 +314,12 @@ def _rank_logs(logs: Path, rank: int) -> tuple[str, str]:
 
 @pytest.mark.long
 def test_torchrun_two_processes_resume_and_match_one_process(tmp_path):
+    """The default job (SSE-SAM on digits-LT, 30 epochs, batch 64), stopped after 15
+    epochs and resumed under torchrun, against one process."""
     pytest.importorskip("sklearn")
     run = tmp_path / "run"
-    argv = ["--epochs", "4", "--device", "cpu", "--no-plot"]
-    first = _torchrun(tmp_path, tmp_path / "logs1", "--out", str(run), "--stop-after", "2", *argv)
+    argv = ["--device", "cpu", "--no-plot"]
+    first = _torchrun(tmp_path, tmp_path / "logs1", "--out", str(run), "--stop-after", "15", *argv)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["finished"] is False
     resumed = _torchrun(tmp_path, tmp_path / "logs2", "--resume", str(run), *argv)
@@ -336,18 +338,20 @@ def test_torchrun_two_processes_resume_and_match_one_process(tmp_path):
         assert "processes: 2 (DDP, gloo); global batch 64, 32 per process" in out0
         assert out1 == "" and "Traceback" not in err1
     assert "resuming" in _rank_logs(tmp_path / "logs2", 0)[0]
-    assert "final test accuracy after 4 epochs" in _rank_logs(tmp_path / "logs2", 0)[0]
+    assert "final test accuracy after 30 epochs" in _rank_logs(tmp_path / "logs2", 0)[0]
 
-    one = quiet(digits(epochs=4), tmp_path / "one")  # the same global batch, 64
+    one = quiet(digits(epochs=None), tmp_path / "one")  # the default job: the same global batch, 64
+    assert len(one["epochs"]) == len(two["epochs"]) == 30
     for a, b in zip(two["epochs"], one["epochs"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
     for k in GROUPS:
         assert abs(two["final"]["acc"][k] - one["final"]["acc"][k]) <= ACCURACY_TOLERANCE, k
-    # the reason they agree: 2 processes on halves of each batch step like 1 on the batch
+    # the reason they agree: 2 processes on halves of each batch step like 1 on the batch, up
+    # to rounding (measured: 1.8e-5 apart after 30 epochs, weights of magnitude up to 0.6)
     two_w = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     one_w = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
     for k in one_w:
-        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-4)
 
     # the same checkpoint in one process: refused, naming both sizes, nothing changed
     before = (run / "checkpoint.pt").read_bytes()
