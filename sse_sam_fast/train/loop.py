@@ -541,7 +541,7 @@ def _evaluate(run: _Run) -> Tensor:
     model.eval()
     try:
         # DDP's module itself: its wrapper would synchronise buffers at every forward
-        forward = getattr(model, "module", model)
+        forward = unwrap(model)
         hits, seen = class_hits(forward, run.data, run.data.num_classes, run.world, EVAL_BATCH)
     finally:
         model.train(was_training)
