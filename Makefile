@@ -13,7 +13,7 @@ STAMPS := .make/$(or $(ENV_KEY),no-python)
 # what the installs read: a change to any of them sets up again
 SETUP_FILES := pyproject.toml setup.py Makefile
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-long lint bench clean
 
 setup: $(STAMPS)/dev.stamp
 
@@ -39,9 +39,14 @@ $(STAMPS)/dev.stamp: $(SETUP_FILES)
 demo: $(STAMPS)/cli.stamp
 	$(PYTHON) -m sse_sam_fast train
 
+# the tests marked long (torchrun jobs of several processes, about a minute on 2 cores) run in
+# test-long, which keeps `make test` within its two minutes
 test: setup
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not long"
+
+test-long: setup
+	$(PYTHON) -m pytest -q -m long
 
 lint: setup
 	$(PYTHON) -m ruff check .

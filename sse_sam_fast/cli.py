@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .train.config import FIELDS, OptionError, TrainConfig, check_read, default_device
+from .train.distributed import is_main_process, launched
 from .train.registry import (
     BACKENDS,
     DATASETS,
@@ -261,6 +262,12 @@ def _add_train(commands) -> None:
         "runs eagerly). Default: on for sam/imbsam/ssesam on CUDA with the triton backend and the exact "
         "schedule, off otherwise; may change on --resume",
     )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard per block and at the root) instead "
+        "of DistributedDataParallel replicas",
+    )
     out = train.add_argument_group("outputs")
     out.add_argument("--out", metavar="DIR", help="output directory (default runs/<dataset>-<opt>-seed<k>)")
     out.add_argument("--overwrite", action="store_true", help="start over in an --out with an unfinished run")
@@ -326,9 +333,12 @@ def _run(parser: argparse.ArgumentParser, job) -> int:
     try:
         job()
     except OptionError as exc:
+        if not is_main_process():  # under torchrun every process meets the error; rank 0 says it once
+            return 2
         parser.error(f"argument {exc.option}: {exc}")
     except ImportError as exc:  # scikit-learn for the digits, torchvision for --download
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        if is_main_process():
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -360,6 +370,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             quiet=args.quiet,
             plot=not args.no_plot,
             overwrite=args.overwrite,
+            fsdp=args.fsdp,
         )
 
     return _run(parser, job)
@@ -367,6 +378,14 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train.compare import compare
+
+    if launched():
+        if is_main_process():
+            print(
+                f"{parser.prog}: error: compare runs in one process; launch train under torchrun",
+                file=sys.stderr,
+            )
+        return 2
 
     def job():
         given = _given(args, FIELDS)

@@ -43,6 +43,20 @@ from .checkpoint import (
 )
 from .config import OptionError, TrainConfig, option_name, resolve, resolve_groups
 from .data import LongTailData, load_dataset
+from .distributed import (
+    SINGLE,
+    World,
+    check_job,
+    check_lockstep,
+    check_resume,
+    checkpointed,
+    class_hits,
+    class_name,
+    process_device,
+    session,
+    unwrap,
+    wrap,
+)
 from .losses import NormedLinear, PerSampleLoss, build_loss
 from .metrics import (
     REPORTED,
@@ -128,10 +142,11 @@ def evaluate(model: nn.Module, data: LongTailData) -> Tensor:
 
 
 def describe(model: nn.Module) -> str:
+    model = unwrap(model)
     params = sum(p.numel() for p in model.parameters())
     head = [m for m in model.modules() if isinstance(m, (nn.Linear, NormedLinear))][-1]
-    name = type(model).__name__ if not isinstance(model, nn.Sequential) else "MLP"
-    return f"{name} ({params / 1e6:.2f}M parameters, {type(head).__name__} classifier)"
+    name = class_name(model) if not isinstance(model, nn.Sequential) else "MLP"
+    return f"{name} ({params / 1e6:.2f}M parameters, {class_name(head)} classifier)"
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -166,6 +181,7 @@ class _Run:
     data_gen: torch.Generator  # shuffling and augmentation
     capture: bool = False  # steps go through opt.capture (see capture_choice)
     capture_why: str = ""
+    world: World = SINGLE  # the processes of a torchrun job (sse_sam_fast.train.distributed)
     graphed: bool | None = None  # whether the last captured step replayed a CUDA graph
     graphed_steps: int = 0  # ... and how many of this epoch's did
     history: list[dict] = field(default_factory=list)
@@ -184,29 +200,47 @@ def train(
     quiet: bool = False,
     plot: bool = True,
     overwrite: bool = False,
+    fsdp: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train ``cfg`` into ``out`` (or continue the checkpoint ``resume`` there);
     returns the results written to ``results.json``. ``stop_after=k`` stops once
     epoch ``k`` is saved, as if the run had been killed. Bad options raise
-    :class:`~sse_sam_fast.train.config.OptionError`."""
+    :class:`~sse_sam_fast.train.config.OptionError`. Under torchrun the run is one
+    data-parallel job (``fsdp``: FSDP2 shards rather than DDP replicas), and only
+    rank 0 logs and writes (:mod:`sse_sam_fast.train.distributed`)."""
     out = Path(out)
     threads = torch.get_num_threads()
     try:
         cfg = resolve(cfg)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        return _train(cfg, out, resume, stop_after, download, quiet, plot, overwrite, log)
+        return _train(cfg, out, resume, stop_after, download, quiet, plot, overwrite, fsdp, log)
     finally:
         torch.set_num_threads(threads)  # train() may be called in-process (compare, tests, notebooks)
 
 
-def _train(cfg, out, resume, stop_after, download, quiet, plot, overwrite, log) -> dict:
+def _train(cfg, out, resume, stop_after, download, quiet, plot, overwrite, fsdp, log) -> dict:
     session_start = time.perf_counter()
-    run = _prepare(cfg, out, resume, download, overwrite, log)
+    with session(_device(cfg), fsdp) as world:
+        if not world.main:
+            log = _silent
+        return _train_in(
+            cfg, out, resume, stop_after, download, quiet, plot, overwrite, log, world, session_start
+        )
+
+
+def _silent(_: str) -> None:
+    """The log of every process but rank 0: one job prints one log."""
+
+
+def _train_in(
+    cfg, out, resume, stop_after, download, quiet, plot, overwrite, log, world, session_start
+) -> dict:
+    run = _prepare(cfg, out, resume, download, overwrite, log, world)
     step = _step_function(run)
     _log_setup(run, resume is not None, log)
-    show_bar = not quiet and sys.stderr.isatty()
+    show_bar = not quiet and sys.stderr.isatty() and world.main
     per_class = None
     for epoch in range(run.start_epoch, run.cfg.epochs):
         per_class = _epoch(run, epoch, step, show_bar, quiet, log)
@@ -221,17 +255,20 @@ def _train(cfg, out, resume, stop_after, download, quiet, plot, overwrite, log) 
 
 def _device(cfg: TrainConfig) -> torch.device:
     try:
-        device = torch.device(cfg.device)
+        device = process_device(cfg.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # unknown or unavailable device
         raise OptionError("--device", f"cannot use {cfg.device!r}: {exc}") from None
     return device
 
 
-def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
+def _prepare(cfg, out, resume, download, overwrite, log, world: World = SINGLE) -> _Run:
     """Check the options that need the data, build everything, create ``out`` and
     restore ``resume`` into it; nothing is written before the checks pass."""
     device = _device(cfg)
+    check_job(cfg.batch_size, cfg.capture, world)
+    if resume is not None:
+        check_resume(resume, world)
     if resume is None:
         if run_status(out) == "finished":
             _check_finished(cfg, out, overwrite)
@@ -252,8 +289,9 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg, data).to(device)
+    model = wrap(build_model(cfg, data).to(device), world, device)
     base, opt = build_optimizer(cfg, model)
+    check_lockstep(model, opt, cfg.opt, world)
     # per-epoch cosine decay on the base optimizer: the wrapper shares its param_groups
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=cfg.epochs)
     loss_fn = build_loss(cfg.loss, counts, drw_epoch=cfg.drw_epoch, tau=cfg.tau, vs_gamma=cfg.vs_gamma)
@@ -262,14 +300,18 @@ def _prepare(cfg, out, resume, download, overwrite, log) -> _Run:
     tails = torch.tensor(groups["tail"], device=device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     run = _Run(cfg, out, device, data, counts, groups, model, base, opt, schedule, loss_fn, tails, data_gen)
-    run.capture, run.capture_why = capture_choice(cfg, opt, device)
+    run.world = world
+    run.capture, run.capture_why = capture_choice(cfg, opt, device, world)
 
+    # every process has passed its checks before rank 0 creates anything
+    world.barrier()
     try:  # only now: a run that fails its checks leaves no directory behind
-        out.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OptionError("--out", f"cannot create {out}: {exc}") from None
     if resume is not None:
-        restore(resume, model, opt or base, schedule, data_gen, device)
+        restore(resume, *checkpointed(model, base, opt, world), schedule, data_gen, device)
         run.history = list(resume["history"])
         run.start_epoch = int(resume["epoch"])
         run.elapsed = float(resume.get("elapsed", 0.0))
@@ -296,17 +338,19 @@ def _check_finished(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
     raise OptionError("--out", f"{out} holds {held}; pass --overwrite to replace it, or choose another --out")
 
 
-def capture_choice(cfg: TrainConfig, opt, device: torch.device) -> tuple[bool, str]:
+def capture_choice(cfg: TrainConfig, opt, device: torch.device, world: World = SINGLE) -> tuple[bool, str]:
     """Whether the loop drives ``opt`` through ``opt.capture(loss_fn)`` rather than
     ``opt.step(closure, mask)``, and why. ``--capture`` / ``--no-capture`` decide;
     by default (``cfg.capture is None``) it is on where the step is graphed as a
     whole: a SAM method on CUDA with the triton backend, the exact schedule and a
-    plain SGD base (the CLI builds one; no DDP). Elsewhere ``opt.capture`` would
-    run the same step eagerly, which gains nothing."""
+    plain SGD base (the CLI builds one), in one process. Elsewhere ``opt.capture``
+    would run the same step eagerly, which gains nothing; under torchrun an explicit
+    ``--capture`` is refused (:func:`~sse_sam_fast.train.distributed.check_job`)."""
     if cfg.capture is not None:
         return cfg.capture, "--capture" if cfg.capture else "--no-capture"
     reasons = [
         (opt is None, "auto: --opt sgd has no SAM step"),
+        (world.strategy is not None, "auto: steps over several processes (torchrun) are not captured"),
         (device.type != "cuda", f"auto: CUDA graphs need a CUDA device, not {device.type}"),
         (cfg.schedule != "exact", f"auto: only the exact schedule is captured, not {cfg.schedule}"),
         (opt is not None and opt.backend != "triton", f"auto: the backend is {getattr(opt, 'backend', '')}"),
@@ -323,11 +367,19 @@ def _step_function(run: _Run) -> Callable[[Tensor, Tensor], Tensor]:
     if run.capture:
         return _captured_step_function(run)
 
-    def step(x: Tensor, y: Tensor) -> Tensor:
+    def step(x: Tensor, y: Tensor, batch: int | None = None) -> Tensor:
+        """``batch``: under torchrun, the global batch's size, of which ``x`` is a shard."""
         if opt is None:
             base.zero_grad()
-            loss = loss_fn(model(x), y).mean()
-            loss.backward()
+            if batch is None:
+                loss = loss_fn(model(x), y).mean()
+                loss.backward()
+            else:
+                # DDP and FSDP2 average the processes' gradients: scaled so, the shards' losses
+                # sum to the global batch's mean even where the last batch splits unevenly
+                losses = loss_fn(model(x), y)
+                (losses.sum() * (run.world.size / batch)).backward()
+                loss = losses.mean()
             base.step()
             return loss.detach()
 
@@ -387,6 +439,12 @@ def _log_setup(run: _Run, resuming: bool, log: Callable[[str], None]) -> None:
         f"model: {cfg.model}, {describe(run.model)}; loss: {loss_name}; optimizer: {opt_name}; "
         f"device: {run.device}"
     )
+    if run.world.strategy is not None:
+        w = run.world
+        log(
+            f"processes: {w.size} ({w.strategy.upper()}, {w.backend}); global batch {cfg.batch_size}, "
+            f"{cfg.batch_size // w.size} per process; only rank 0 logs and writes"
+        )
     if opt is not None:
         log(f"captured step: {'on' if run.capture else 'off'} ({run.capture_why})")
     if resuming:
@@ -409,11 +467,11 @@ def _epoch(run: _Run, epoch: int, step, show_bar: bool, quiet: bool, log: Callab
     if isinstance(opt, SSESAM):
         opt.update_rho()
     run.schedule.step()
-    per_class = evaluate(run.model, run.data)  # its .cpu() waits for the device: the epoch time is real
+    per_class = _evaluate(run)  # its .cpu() waits for the device: the epoch time is real
+    loss = float(run.world.all_sum_(total)) / len(run.data.y_train)
     seconds = time.perf_counter() - t0
     run.elapsed += seconds
     acc = group_accuracy(per_class, {k: run.groups[k] for k in REPORTED[1:]})
-    loss = float(total) / len(run.data.y_train)
     # steps the optimizer skipped for a NaN / inf (their losses still count in the mean)
     skipped = getattr(opt, "nonfinite_steps", 0) - skipped_before
     run.history.append(
@@ -443,16 +501,24 @@ def _epoch(run: _Run, epoch: int, step, show_bar: bool, quiet: bool, log: Callab
 
 
 def _train_batches(run: _Run, epoch: int, step, show_bar: bool) -> Tensor:
-    """One pass over the shuffled training set; returns the summed loss (a device
-    tensor: reading it every batch would stall the device)."""
-    data, n_train = run.data, len(run.data.y_train)
+    """One pass over the shuffled training set; returns the summed loss of this
+    process's samples (a device tensor: reading it every batch would stall the
+    device). Under torchrun each process steps on its shard of every global batch
+    (:mod:`sse_sam_fast.train.distributed`)."""
+    data, n_train, world = run.data, len(run.data.y_train), run.world
     bar = _progress(math.ceil(n_train / run.cfg.batch_size), f"epoch {epoch + 1}/{run.cfg.epochs}", show_bar)
     total = torch.zeros((), device=run.device)
     seen, shown = 0, -math.inf
     for idx in torch.randperm(n_train, generator=run.data_gen).split(run.cfg.batch_size):
         idx = idx.to(run.device)
+        x, world_batch = data.train_inputs(idx, run.data_gen), idx
+        if world.size > 1:
+            # the whole batch's augmentation is drawn, so the generator advances alike everywhere
+            x, idx = world.shard(x), world.shard(idx)
         y = data.y_train[idx]
-        total += step(data.train_inputs(idx, run.data_gen), y) * len(y)
+        loss = step(x, y) if world.size == 1 else step(x, y, len(world_batch))
+        if len(y):  # a shard of a short last batch may be empty: its loss is NaN, the mean of nothing
+            total += loss * len(y)
         seen += len(y)
         if bar is not None:
             # reading the loss waits for the device: at most every BAR_LOSS_S, and only for a bar
@@ -465,14 +531,38 @@ def _train_batches(run: _Run, epoch: int, step, show_bar: bool) -> Tensor:
     return total
 
 
+def _evaluate(run: _Run) -> Tensor:
+    """Per-class test accuracy (float64, CPU); under torchrun over the whole test
+    set, each sample predicted by one process."""
+    if run.world.strategy is None:
+        return evaluate(run.model, run.data)
+    model = run.model
+    was_training = model.training
+    model.eval()
+    try:
+        # DDP's module itself: its wrapper would synchronise buffers at every forward
+        forward = unwrap(model)
+        hits, seen = class_hits(forward, run.data, run.data.num_classes, run.world, EVAL_BATCH)
+    finally:
+        model.train(was_training)
+    return (hits / seen).cpu()  # 0 / 0 = NaN: no test sample, no accuracy
+
+
 def _save(run: _Run, epochs_done: int) -> None:
+    # under FSDP2 gathering the state is a collective: every process takes part, rank 0 writes
+    model_held, opt_held = checkpointed(run.model, run.base, run.opt, run.world)
+    model_state, opt_state = model_held.state_dict(), opt_held.state_dict()
+    if not run.world.main:
+        return
     save_checkpoint(
         run.out,
         config=asdict(run.cfg),
         class_counts=run.counts,
         epoch=epochs_done,
-        model=run.model.state_dict(),
-        optimizer=(run.opt or run.base).state_dict(),
+        world_size=run.world.size,
+        strategy=run.world.strategy,
+        model=model_state,
+        optimizer=opt_state,
         scheduler=run.schedule.state_dict(),
         rng=rng_state(run.data_gen, run.device),
         history=run.history,
@@ -498,6 +588,9 @@ def _write_results(run: _Run, final: dict | None) -> dict:
         "final": final,
         "wall_time_s": round(run.elapsed, 4),
         "sessions": run.sessions,
+        # the processes of the job (1: no torchrun); the strategy and process group backend
+        "world_size": run.world.size,
+        "distributed": run.world.summary() if run.world.strategy else None,
         # this session's choice; graphed: whether its last step replayed a CUDA graph
         "capture": {
             "option": {None: "auto", True: "on", False: "off"}[cfg.capture],
@@ -506,14 +599,15 @@ def _write_results(run: _Run, final: dict | None) -> dict:
             "graphed": run.graphed,
         },
     }
-    atomic_write(run.out / RESULTS, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
+    if run.world.main:
+        atomic_write(run.out / RESULTS, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
     return results
 
 
 def _finish(run: _Run, per_class: Tensor | None, plot: bool, log, session_start: float) -> dict:
     """Write the final results, the plot and the table after the last epoch."""
     if per_class is None:  # resumed a finished run: nothing trained, evaluate what was saved
-        per_class = evaluate(run.model, run.data)
+        per_class = _evaluate(run)
     acc = group_accuracy(per_class, {k: run.groups[k] for k in REPORTED[1:]})
     final = {
         "epoch": run.cfg.epochs,
@@ -521,7 +615,7 @@ def _finish(run: _Run, per_class: Tensor | None, plot: bool, log, session_start:
         "per_class": [json_float(float(a)) for a in per_class],
     }
     results = _write_results(run, final)
-    if plot:
+    if plot and run.world.main:
         try_plot(lambda: plot_run(run.out / PLOT, results), log)
     print_table(results, log)
     epochs, sessions = run.cfg.epochs, run.sessions
