@@ -394,9 +394,7 @@ def _norm(ts):
 @pytest.mark.parametrize("schedule", ["exact", "split"])
 @pytest.mark.parametrize("method", ["sam", "imbsam", "ssesam"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_kept_correction_and_the_corrected_step_equal_the_computation_by_hand(
-    backend, method, schedule
-):
+def test_the_kept_correction_and_the_corrected_step_equal_the_computation_by_hand(backend, method, schedule):
     model, opt = build(method, backend, reuse=3, reuse_policy="correction")
     sam, clean = sam_and_clean_gradients(method, model, opt, 0)
     step(model, opt, 0, schedule)
@@ -444,3 +442,22 @@ def test_correction_refuses_what_it_cannot_honour():
     x, y, _ = batch(0)
     with pytest.raises(ValueError, match="scaler"):
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("policy", ["perturbation", "correction"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_micro_batches_reuse_like_one_batch(backend, policy):
+    """Two micro-batches of a batch step as the batch, computing and reusing steps alike."""
+    runs = []
+    for halves in (False, True):
+        model, opt = build("ssesam", backend, reuse=2, reuse_policy=policy)
+        for i in range(3):
+            x, y, tail = batch(i)
+            parts = [slice(0, 5), slice(5, 10)] if halves else [slice(0, 10)]
+            closures = [
+                (lambda s: lambda: F.cross_entropy(model(x[s]), y[s], reduction="none"))(s) for s in parts
+            ]
+            opt.step(closures, [tail[s] for s in parts])
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
