@@ -54,6 +54,21 @@ group. Adaptive parameters are moved by ``rho · T² g / ||T g||`` with
 ``T = |w|`` (``w`` unperturbed), and enter the norm as ``T g``."""
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard, or its gradient)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """This process's shard of a DTensor (sharing its storage: writes reach the
+    DTensor); any other tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def per_group(value, n_groups: int) -> tuple:
     """A :data:`Radius` or :data:`Adaptive` as one value per param group."""
     return value if isinstance(value, tuple) else (value,) * n_groups
@@ -108,9 +123,17 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None):
+        if sums is None and any(is_dtensor(p) for p in params):
+            raise ValueError(
+                "the optimizer holds DTensor (sharded) parameters, whose norms need the other processes' "
+                "shards: pass the model sharded with torch.distributed.fsdp.fully_shard as model"
+            )
         self.optimizer = optimizer
         self.params = list(params)
+        # FSDP2: sums a tensor of local sums of squares over the processes holding
+        # the other shards, in place; None: every parameter is whole here
+        self.sums = sums
         self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
         self.lasting: set[Slot] = set()  # slots kept from one step to the next (see export)
         self._state_copy = Saved()  # the optimizer state a guarded step may take back
@@ -192,6 +215,16 @@ class Backend(abc.ABC):
         afterwards where any process gave it one."""
 
     # ---- norms and moves ---------------------------------------------------------------
+    def _global(self, norms: list[Tensor]) -> list[Tensor]:
+        """The norms over every process's shards from the local ones (FSDP2): one
+        all-reduce of their squares for all of them, whatever the number of
+        parameters; the local norms where the parameters are whole."""
+        if self.sums is None or not norms:
+            return norms
+        sumsq = torch.stack(norms).square()
+        self.sums(sumsq)
+        return list(sumsq.sqrt().unbind())
+
     @abc.abstractmethod
     def perturbations(
         self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False

@@ -107,8 +107,13 @@ class GroupedSAM(torch.optim.Optimizer):
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
-        self._dist = distribution.strategy(model)  # single process or DDP: global counts and averages
-        self._backend = make_backend(backend, optimizer, params)
+        self._dist = distribution.strategy(model, params)  # global counts, averages, sums of squares
+        if local_perturbation and isinstance(self._dist, distribution.FSDP2):
+            raise ValueError(
+                "local_perturbation=True cannot be honoured under FSDP2: every backward reduce-scatters, "
+                "so no process ever holds its own gradient to perturb with; use local_perturbation=False"
+            )
+        self._backend = make_backend(backend, optimizer, params, sums=self._dist.sum_squares_)
         self._params_signature: tuple | None = None  # the param lists the backend has seen
         self._open_method: str | None = None  # the official method that left a perturbation applied
         self._stats = Saved()  # the BatchNorm statistics a step may have to take back

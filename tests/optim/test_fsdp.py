@@ -1,0 +1,321 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) and torch.distributed.checkpoint.
+
+Every multi-process case runs in one pair of gloo processes on 127.0.0.1
+(``spawn_bounded``: a process left in a collective fails the tests instead of
+hanging them); rank 0 saves what the tests compare with one process on the
+whole batch. Parameters are DTensor shards, sharded unevenly (7, 5 and 3
+rows over two processes) and one shard's batch has no tail sample.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sse_sam_fast import SAM, SSESAM, ImbSAM
+from sse_sam_fast.verify import assert_close
+from tests.support import spawn_bounded
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+
+BACKENDS = ["reference", "torch", "triton"]
+STEPS = 3
+
+
+def net(bn: bool = False, depth: int = 3) -> nn.Sequential:
+    """Linear layers of 7, 5 and 3 rows (uneven shards over two processes); with
+    ``depth`` > 3 more layers, for counting collectives against the parameters."""
+    torch.manual_seed(0)
+    widths = [6, 7, 5] + [5] * (depth - 3) + [3]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if bn and i == 0:
+            layers.append(nn.BatchNorm1d(b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def build(method: str, model, backend: str, **kw):
+    if method == "sam":
+        return SAM(sgd(model), model, 0.07, backend=backend, **kw)
+    if method == "imbsam":  # the group counts, ASAM's |w| and the clipping norm must all be global
+        options = dict(normalization="group", adaptive=True, max_grad_norm=0.05)
+        return ImbSAM(sgd(model), model, 0.3, backend=backend, **options, **kw)
+    return SSESAM(sgd(model), model, 0.05, 0.11, gamma=0.5, total_epochs=2, backend=backend, **kw)
+
+
+def batches():
+    g = torch.Generator().manual_seed(7)
+    for step in range(STEPS):
+        x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        tail = y == 2
+        if step == 1:
+            tail[:6] = False  # the first shard has no tail sample: same passes, no deadlock
+        yield x, y, tail
+
+
+def shard(model, **kw):
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model:
+        if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+            fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+
+def per_shard_losses(model, x, y):
+    """BatchNorm in training mode normalises over each process's shard: one
+    process sees the same losses when it forwards the two halves apart."""
+    return torch.cat([F.cross_entropy(model(x[s]), y[s], reduction="none") for s in (slice(0, 6), slice(6, 12))])
+
+
+def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact"):
+    """``STEPS`` steps of ``opt.step``; with ``rank``, on that process's half of
+    each batch; a stage switch after the first step (SSE-SAM); ``nan_at``: the
+    losses of that step are NaN (on rank 0 only, under processes)."""
+    for i, (x, y, tail) in enumerate(batches()):
+        part = slice(None) if rank is None else slice(rank * 6, rank * 6 + 6)
+        x, y, tail = x[part], y[part], tail[part]
+        nan = i == nan_at and rank in (None, 0)
+
+        def closure(idx=None):
+            xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+            if bn and rank is None:
+                losses = per_shard_losses(model, xs, ys)
+            else:
+                losses = F.cross_entropy(model(xs), ys, reduction="none")
+            return losses * float("nan") if nan else losses
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's warning
+            if schedule == "split":
+                opt.step(closure, tail, schedule="split")
+            else:
+                opt.step(lambda: closure(), tail)
+        if i == 0 and isinstance(opt, SSESAM):
+            opt.update_rho()
+
+
+def train_official(method: str, model, opt, rank=None):
+    """The official methods, each process's loss the mean over its half (equal
+    halves: FSDP2's average is the mean over the whole batch)."""
+    for x, y, tail in batches():
+        part = slice(None) if rank is None else slice(rank * 6, rank * 6 + 6)
+        x, y, tail = x[part], y[part], tail[part]
+        losses = lambda: F.cross_entropy(model(x), y, reduction="none")
+        if method == "sam":
+            losses().mean().backward()
+            opt.first_step()
+            losses().mean().backward()
+            opt.second_step()
+            continue
+        for n_i, members in ((0, ~tail), (1, tail)):
+            (losses() * members).sum().div(len(y)).backward()
+            opt.compute_and_add_epsilon(n_i)
+            (losses() * members).sum().div(len(y)).backward()
+            opt.compute_grad_sum_and_restore_p()
+        opt.update()
+
+
+# ---- what each process runs ----------------------------------------------------------
+class Collectives:
+    """Counts the engine's all-reduces (``torch.distributed.all_reduce``) and any
+    collective a DTensor operation issues on its own (functional collectives: a
+    norm of a sharded DTensor would all-reduce per parameter)."""
+
+    def __init__(self):
+        import torch.distributed._functional_collectives as funcol
+
+        self.engine, self.dtensor = 0, 0
+        self._undo = []
+        for mod, name, kind in [(torch.distributed, "all_reduce", "engine")] + [
+            (funcol, n, "dtensor") for n in ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor")
+        ]:
+            original = getattr(mod, name)
+
+            def counted(*a, _f=original, _kind=kind, **k):
+                setattr(self, _kind, getattr(self, _kind) + 1)
+                return _f(*a, **k)
+
+            setattr(mod, name, counted)
+            self._undo.append((mod, name, original))
+
+    def close(self):
+        for mod, name, original in self._undo:
+            setattr(mod, name, original)
+
+
+def full(model) -> list[torch.Tensor]:
+    """The whole parameters (an all-gather: every process calls it)."""
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _fsdp_cases(rank: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    save = lambda name, value: rank == 0 and torch.save(value, f"{out}/{name}.pt")
+    for backend in BACKENDS:
+        for method in ("ssesam", "sam", "imbsam"):
+            model = shard(net())
+            opt = build(method, model, backend)
+            counter = Collectives()
+            train(model, opt, rank)
+            counter.close()
+            save(f"{method}-{backend}", (full(model), opt.backend, counter.engine, counter.dtensor))
+        for method in ("ssesam", "sam"):
+            model = shard(net())
+            opt = build(method, model, backend)
+            train_official(method, model, opt, rank)
+            save(f"official-{method}-{backend}", full(model))
+        model = shard(net(bn=True))
+        opt = build("ssesam", model, backend)
+        train(model, opt, rank, bn=True)
+        bn = model[1]
+        save(f"bn-{backend}", (full(model), int(bn.num_batches_tracked)))
+        model = shard(net())
+        opt = build("ssesam", model, backend)
+        train(model, opt, rank, nan_at=1)
+        weights = full(model)
+        skipped = torch.tensor([float(opt.nonfinite_steps)])
+        dist.all_reduce(skipped, op=dist.ReduceOp.MIN)  # every process counted the skipped step
+        save(f"nan-{backend}", (weights, int(skipped)))
+        # collectives per step against the number of parameters: 6 and 18 tensors
+        for depth in (3, 9):
+            model = shard(net(depth=depth))
+            opt = build("ssesam", model, backend)
+            counter = Collectives()
+            train(model, opt, rank)
+            counter.close()
+            save(f"count-{depth}-{backend}", (counter.engine, counter.dtensor, len(list(model.parameters()))))
+    for reshard in (True, False):
+        model = shard(net(), reshard_after_forward=reshard)
+        opt = build("ssesam", model, "auto")
+        train(model, opt, rank)
+        save(f"reshard-{reshard}", full(model))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = shard(net(), mp_policy=policy)
+    opt = build("ssesam", model, "torch")
+    train(model, opt, rank)
+    save("bf16", (full(model), [p.dtype for p in model.parameters()]))
+    model = shard(net())
+    opt = build("ssesam", model, "torch")
+    train(model, opt, rank, schedule="split")
+    save("split", full(model))
+    try:
+        build("ssesam", shard(net()), "torch", local_perturbation=True)
+    except ValueError as e:
+        save("local", str(e))
+
+
+def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    _fsdp_cases(rank, out)
+    dist.barrier()  # gloo aborts a process whose peer tears the group down first
+    dist.destroy_process_group()
+    os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    """What rank 0 saved, by case name, from one pair of processes for the module."""
+    pytest.importorskip("triton")  # the triton cases run through its interpreter
+    out = tmp_path_factory.mktemp("fsdp")
+    spawn_bounded(_fsdp_worker, (2, f"file://{out}/pg", str(out)))
+    return lambda name: torch.load(f"{out}/{name}.pt", weights_only=False)
+
+
+# ---- one process on the whole batch ---------------------------------------------------
+def single(method: str = "ssesam", **kw) -> list[torch.Tensor]:
+    model = net(bn=kw.pop("bn", False))
+    opt = build(method, model, "reference")
+    train(model, opt, bn=any(isinstance(m, nn.BatchNorm1d) for m in model), **kw)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["ssesam", "sam", "imbsam"])
+def test_a_sharded_step_equals_one_process_on_the_whole_batch(fsdp, backend, method):
+    """SSE-SAM across its stage switch, SAM, and ImbSAM with per-group counts,
+    ASAM and clipping: norms, counts and the clipping factor are global."""
+    got, chosen, _, _ = fsdp(f"{method}-{backend}")
+    assert chosen == backend
+    assert_close(got, single(method), torch.float32, f"FSDP2 {method} on {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["ssesam", "sam"])
+def test_the_official_methods_under_fsdp2(fsdp, backend, method):
+    model = net()
+    train_official(method, model, build(method, model, "reference"))
+    expected = [p.detach() for p in model.parameters()]
+    assert_close(fsdp(f"official-{method}-{backend}"), expected, torch.float32, f"official {method}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_statistics_follow_the_clean_forward_only(fsdp, backend):
+    """Each process normalises over its own shard (FSDP2 shares no buffer), and
+    only the step's clean forward moves the running statistics: one count per
+    step, not one per forward (SSE-SAM stage 1 runs three)."""
+    got, tracked = fsdp(f"bn-{backend}")
+    assert tracked == STEPS
+    assert_close(got, single(bn=True), torch.float32, f"FSDP2 BatchNorm on {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_on_one_process_skips_the_step_on_both(fsdp, backend):
+    got, skipped = fsdp(f"nan-{backend}")
+    assert skipped == 1
+    assert_close(got, single(nan_at=1), torch.float32, f"FSDP2 skipped step on {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collectives_per_step_do_not_grow_with_the_parameters(fsdp, backend):
+    """SSE-SAM stage 1 then stage 2. Per step: the tail counts, the normaliser,
+    the norms of every group together, one check per perturbed pass and the
+    verdict; none per parameter, and no DTensor operation collects on its own."""
+    small, large = fsdp(f"count-3-{backend}"), fsdp(f"count-9-{backend}")
+    assert small[2] == 6 and large[2] == 18
+    assert small[0] == large[0], f"all-reduces: {small[0]} for 6 tensors, {large[0]} for 18"
+    assert small[1] == large[1] == 0
+    # step 1 (stage 1): counts, normaliser, norms, 2 perturbed checks, verdict; steps 2-3 one check
+    assert small[0] == 6 + 5 + 5
+    # the norms of both groups are one all-reduce: 6 per stage-1 step, not 7
+    assert fsdp(f"ssesam-{backend}")[2] == 16
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_reshard_after_forward_either_way(fsdp, reshard):
+    assert_close(fsdp(f"reshard-{reshard}"), single(), torch.float32, f"reshard_after_forward={reshard}")
+
+
+def test_bf16_mixed_precision_policy(fsdp):
+    """bf16 forwards and backwards over fp32 shards: the optimizer sees fp32
+    shards and gradients, and the update is the fp32 one within bf16's tolerance."""
+    got, dtypes = fsdp("bf16")
+    assert set(dtypes) == {torch.float32}
+    expected = single()
+    assert_close(got, expected, torch.bfloat16, "bf16 MixedPrecisionPolicy")
+    assert any(not torch.equal(a, b) for a, b in zip(got, expected)), "the forward ran in fp32"
+
+
+def test_split_schedule(fsdp):
+    assert_close(fsdp("split"), single(schedule="split"), torch.float32, "split under FSDP2")
+
+
+def test_local_perturbation_is_refused_by_name(fsdp):
+    assert "local_perturbation=True" in fsdp("local")
