@@ -62,9 +62,7 @@ def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
     return name
 
 
-def make_backend(
-    name: str, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None
-) -> Backend:
+def make_backend(name: str, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None) -> Backend:
     """``sums``: sums a tensor of local sums of squares over the processes that
     hold the other shards, in place (FSDP2; see ``Backend.sums``)."""
     name = resolve_backend(name, params)

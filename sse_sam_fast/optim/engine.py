@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import _torch_private
 from .._saved import Saved
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
+from ..backends.base import local
 from . import batchnorm, distribution
 from .capture import CapturedStep
 from .checks import (
@@ -342,6 +343,8 @@ class GroupedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"step() called while {self._open_method} was left open; finish it first")
         if self._backend.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
+        if closure is None and tail_mask is None:
+            return self._create_state()
         closures, masks = micro_batches(closure, tail_mask)
         self._track_params()
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -352,6 +355,26 @@ class GroupedSAM(torch.optim.Optimizer):
         plan = StepPlan(groups, split=self._split(schedule, closures[0], groups))
         with self._dist.no_sync():  # the engine averages gradients itself (see distribution)
             return StepRun(self, plan, closures, masks, scaler).run()
+
+    @torch.no_grad()
+    def _create_state(self) -> None:
+        """``step()`` without a closure, accepted in one form only: every gradient
+        zero at a zero learning rate, which cannot move a weight. That is how
+        ``torch.distributed.checkpoint`` makes an optimizer create its state
+        before saving or loading it (``get_optimizer_state_dict`` /
+        ``set_optimizer_state_dict`` on a fresh optimizer); the base optimizer
+        steps on those zeros. Any other call without a closure is a mistake that
+        would take a step without the perturbation: refused."""
+        groups = self.optimizer.param_groups
+        grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
+        zero_lr = all(float(g.get("lr", 0.0)) == 0.0 for g in groups)
+        if not zero_lr or any(g is None for g in grads) or any(bool(local(g).any()) for g in grads):
+            raise TypeError(
+                "step() needs a closure that returns the per-sample losses of the batch (without one "
+                "it only accepts zero gradients at lr=0, how torch.distributed.checkpoint creates "
+                "optimizer state)"
+            )
+        self.optimizer.step()
 
     def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:
         """A step function replayed as one CUDA graph per input shape and stage::
@@ -433,11 +456,20 @@ class GroupedSAM(torch.optim.Optimizer):
         to step, ``kept``."""
         sd = self.optimizer.state_dict()
         sd.update(stage=self._stage_state(), nonfinite_steps=self.nonfinite_steps)
+        if sd["param_groups"]:
+            # torch.distributed.checkpoint keeps only ``state`` and ``param_groups``
+            # (get_optimizer_state_dict rebuilds the dict from those two): a copy of
+            # the method's entries rides in the first param group, where it survives
+            sd["param_groups"][0][self._OWN] = {
+                "stage": self._stage_state(),
+                "nonfinite_steps": sd["nonfinite_steps"],
+            }
         if self._backend.lasting:
             sd["kept"] = {int(slot): self._backend.export(slot) for slot in sorted(self._backend.lasting)}
         return sd
 
     _KEYS = ("state", "param_groups", "stage", "nonfinite_steps", "kept")
+    _OWN = "sse_sam_fast"  # the first param group's copy of stage and nonfinite_steps (see state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what :meth:`state_dict` saved, or the layout before it (``base``
@@ -447,7 +479,7 @@ class GroupedSAM(torch.optim.Optimizer):
         groups against the base optimizer), and a refused state changes nothing."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        base, stage, extra = self._split_state(state_dict)
+        base, stage, extra = self._split_state(self._own_entries(state_dict))
         stage_keys = list(self._stage_state())
         need_keys("state_dict['stage']", stage, [])
         unknown = sorted(map(str, set(stage) - set(stage_keys)))
@@ -474,6 +506,25 @@ class GroupedSAM(torch.optim.Optimizer):
         for slot, values in kept.items():
             self._backend.load(Slot(slot), values)
         self.nonfinite_steps = nonfinite_steps
+
+    def _own_entries(self, state_dict: dict) -> dict:
+        """``state_dict`` without the first param group's copy of the method's
+        entries (:meth:`state_dict`), which fill in ``stage`` and
+        ``nonfinite_steps`` where the top level lacks them: what
+        ``set_optimizer_state_dict`` hands over after a trip through
+        torch.distributed.checkpoint."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+            return state_dict
+        if self._OWN not in groups[0]:
+            return state_dict
+        own = groups[0][self._OWN]
+        need_keys(f"state_dict['param_groups'][0][{self._OWN!r}]", own, ["stage", "nonfinite_steps"])
+        first = {k: v for k, v in groups[0].items() if k != self._OWN}
+        out = {**state_dict, "param_groups": [first, *groups[1:]]}
+        if "stage" not in out and "base" not in out:
+            out.update(stage=own["stage"], nonfinite_steps=own["nonfinite_steps"])
+        return out
 
     def _split_state(self, state_dict: dict) -> tuple[dict, dict, dict]:
         """``(base state_dict, stage, the rest)`` of any layout :meth:`load_state_dict` takes."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from sse_sam_fast import SAM, SSESAM, ImbSAM
 from sse_sam_fast.verify import assert_close
-from tests.support import spawn_bounded
+from tests.support import cloned, spawn_bounded
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 
@@ -77,14 +77,18 @@ def shard(model, **kw):
 def per_shard_losses(model, x, y):
     """BatchNorm in training mode normalises over each process's shard: one
     process sees the same losses when it forwards the two halves apart."""
-    return torch.cat([F.cross_entropy(model(x[s]), y[s], reduction="none") for s in (slice(0, 6), slice(6, 12))])
+    return torch.cat(
+        [F.cross_entropy(model(x[s]), y[s], reduction="none") for s in (slice(0, 6), slice(6, 12))]
+    )
 
 
-def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact"):
-    """``STEPS`` steps of ``opt.step``; with ``rank``, on that process's half of
-    each batch; a stage switch after the first step (SSE-SAM); ``nan_at``: the
-    losses of that step are NaN (on rank 0 only, under processes)."""
+def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact", steps=range(STEPS)):
+    """``STEPS`` steps of ``opt.step`` (those of ``steps``); with ``rank``, on that
+    process's half of each batch; a stage switch after the first step (SSE-SAM);
+    ``nan_at``: the losses of that step are NaN (on rank 0 only, under processes)."""
     for i, (x, y, tail) in enumerate(batches()):
+        if i not in steps:
+            continue
         part = slice(None) if rank is None else slice(rank * 6, rank * 6 + 6)
         x, y, tail = x[part], y[part], tail[part]
         nan = i == nan_at and rank in (None, 0)
@@ -219,12 +223,49 @@ def _fsdp_cases(rank: int, out: str) -> None:
         save("local", str(e))
 
 
+def _checkpoint_cases(rank: int, out: str) -> None:
+    """A run saved with torch.distributed.checkpoint after its second step (past
+    the stage switch and a skipped step) and resumed by a fresh model and
+    optimizer, against the run that went on: under FSDP2 and under DDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    wrap = {"fsdp": shard, "ddp": lambda m: nn.parallel.DistributedDataParallel(m)}
+    for kind, backend in (("fsdp", "torch"), ("fsdp", "reference"), ("fsdp", "triton"), ("ddp", "torch")):
+        where = f"{out}/checkpoint-{kind}-{backend}"
+        model = wrap[kind](net())
+        opt = build("ssesam", model, backend)
+        train(model, opt, rank, nan_at=1, steps=range(2))
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=where)
+        train(model, opt, rank, steps=range(2, STEPS))
+        went_on = full(model) if kind == "fsdp" else [p.detach().clone() for p in model.parameters()]
+        model = wrap[kind](net())
+        opt = build("ssesam", model, backend)
+        # a fresh optimizer: get_optimizer_state_dict makes it create its state first
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=where)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        resumed_stage = (opt.stage, opt.nonfinite_steps)
+        train(model, opt, rank, steps=range(2, STEPS))
+        resumed = full(model) if kind == "fsdp" else [p.detach().clone() for p in model.parameters()]
+        if rank == 0:
+            torch.save((went_on, resumed, resumed_stage), f"{out}/dcp-{kind}-{backend}.pt")
+
+
 def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     _fsdp_cases(rank, out)
+    _checkpoint_cases(rank, out)
     dist.barrier()  # gloo aborts a process whose peer tears the group down first
     dist.destroy_process_group()
     os._exit(0)  # as in test_passes: gloo's teardown at interpreter exit aborts now and then
@@ -319,3 +360,66 @@ def test_split_schedule(fsdp):
 
 def test_local_perturbation_is_refused_by_name(fsdp):
     assert "local_perturbation=True" in fsdp("local")
+
+
+# ---- torch.distributed.checkpoint ------------------------------------------------------
+@pytest.mark.parametrize(
+    "kind,backend", [("fsdp", "torch"), ("fsdp", "reference"), ("fsdp", "triton"), ("ddp", "torch")]
+)
+def test_a_run_resumed_through_distributed_checkpoint_equals_the_one_that_went_on(fsdp, kind, backend):
+    """The stage (SSE-SAM switched after the first step), the skipped-step count
+    and the momentum travel through get/set_optimizer_state_dict and DCP's files."""
+    went_on, resumed, (stage, skipped) = fsdp(f"dcp-{kind}-{backend}")
+    assert (stage, skipped) == (2, 1)
+    assert_close(resumed, went_on, torch.float32, f"{kind} resumed on {backend}")
+    assert all(torch.equal(a, b) for a, b in zip(resumed, went_on)), "not bitwise"
+
+
+def test_a_step_without_a_closure_only_creates_state():
+    """torch.distributed.checkpoint creates optimizer state with ``step()`` on zero
+    gradients at lr=0; any other step without a closure would skip the
+    perturbation, and is refused with nothing changed."""
+    model = net()
+    opt = build("ssesam", model, "torch")
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="lr=0"):
+        opt.step()
+    assert not opt.state
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert len(opt.state) == len(before)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_get_and_set_optimizer_state_dict_in_one_process(backend):
+    """The method's entries ride in the first param group, the only place besides
+    ``state`` that get_optimizer_state_dict keeps; loaded back, the run goes on as
+    the uninterrupted one (a fresh optimizer's state made first)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = net()
+    opt = build("ssesam", model, backend)
+    train(model, opt, nan_at=1, steps=range(2))
+    saved = cloned(get_optimizer_state_dict(model, opt))  # its tensors are the optimizer's own
+    assert set(saved) == {"state", "param_groups"}  # what DCP keeps of opt.state_dict()
+    weights = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, steps=range(2, STEPS))
+    other = net()
+    with torch.no_grad():
+        for p, w in zip(other.parameters(), weights):
+            p.copy_(w)
+    resumed = build("ssesam", other, backend)
+    set_optimizer_state_dict(other, resumed, saved)
+    assert (resumed.stage, resumed.nonfinite_steps) == (2, 1)
+    assert "sse_sam_fast" not in resumed.param_groups[0]
+    train(other, resumed, steps=range(2, STEPS))
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
