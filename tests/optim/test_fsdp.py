@@ -5,6 +5,9 @@ Every multi-process case runs in one pair of gloo processes on 127.0.0.1
 hanging them); rank 0 saves what the tests compare with one process on the
 whole batch. Parameters are DTensor shards, sharded unevenly (7, 5 and 3
 rows over two processes) and one shard's batch has no tail sample.
+
+The pair of processes costs about 20 s on two cores (half of it starting
+torch, FSDP2 and DTensor in each): its tests are marked ``long``.
 """
 
 from __future__ import annotations
@@ -217,10 +220,26 @@ def _fsdp_cases(rank: int, out: str) -> None:
     opt = build("ssesam", model, "torch")
     train(model, opt, rank, schedule="split")
     save("split", full(model))
-    try:
-        build("ssesam", shard(net()), "torch", local_perturbation=True)
-    except ValueError as e:
-        save("local", str(e))
+    refusals = {
+        "local": lambda: build("ssesam", shard(net()), "torch", local_perturbation=True),
+        # the root and the later layers left whole: their gradients would not be averaged
+        "partly": lambda: build("ssesam", _partly_sharded(), "torch"),
+        # no model, so no strategy: the norms would be local
+        "davda54": lambda: SAM(shard(net()).parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
+    }
+    for name, make in refusals.items():
+        try:
+            make()
+        except ValueError as e:
+            save(name, str(e))
+
+
+def _partly_sharded():
+    from torch.distributed.fsdp import fully_shard
+
+    model = net()
+    fully_shard(model[0])
+    return model
 
 
 def _checkpoint_cases(rank: int, out: str) -> None:
@@ -288,6 +307,7 @@ def single(method: str = "ssesam", **kw) -> list[torch.Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["ssesam", "sam", "imbsam"])
 def test_a_sharded_step_equals_one_process_on_the_whole_batch(fsdp, backend, method):
@@ -298,6 +318,7 @@ def test_a_sharded_step_equals_one_process_on_the_whole_batch(fsdp, backend, met
     assert_close(got, single(method), torch.float32, f"FSDP2 {method} on {backend}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["ssesam", "sam"])
 def test_the_official_methods_under_fsdp2(fsdp, backend, method):
@@ -307,6 +328,7 @@ def test_the_official_methods_under_fsdp2(fsdp, backend, method):
     assert_close(fsdp(f"official-{method}-{backend}"), expected, torch.float32, f"official {method}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchnorm_statistics_follow_the_clean_forward_only(fsdp, backend):
     """Each process normalises over its own shard (FSDP2 shares no buffer), and
@@ -317,6 +339,7 @@ def test_batchnorm_statistics_follow_the_clean_forward_only(fsdp, backend):
     assert_close(got, single(bn=True), torch.float32, f"FSDP2 BatchNorm on {backend}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_on_one_process_skips_the_step_on_both(fsdp, backend):
     got, skipped = fsdp(f"nan-{backend}")
@@ -324,6 +347,7 @@ def test_a_nan_on_one_process_skips_the_step_on_both(fsdp, backend):
     assert_close(got, single(nan_at=1), torch.float32, f"FSDP2 skipped step on {backend}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collectives_per_step_do_not_grow_with_the_parameters(fsdp, backend):
     """SSE-SAM stage 1 then stage 2. Per step: the tail counts, the normaliser,
@@ -339,11 +363,13 @@ def test_collectives_per_step_do_not_grow_with_the_parameters(fsdp, backend):
     assert fsdp(f"ssesam-{backend}")[2] == 16
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("reshard", [True, False])
 def test_reshard_after_forward_either_way(fsdp, reshard):
     assert_close(fsdp(f"reshard-{reshard}"), single(), torch.float32, f"reshard_after_forward={reshard}")
 
 
+@pytest.mark.long
 def test_bf16_mixed_precision_policy(fsdp):
     """bf16 forwards and backwards over fp32 shards: the optimizer sees fp32
     shards and gradients, and the update is the fp32 one within bf16's tolerance."""
@@ -354,15 +380,20 @@ def test_bf16_mixed_precision_policy(fsdp):
     assert any(not torch.equal(a, b) for a, b in zip(got, expected)), "the forward ran in fp32"
 
 
+@pytest.mark.long
 def test_split_schedule(fsdp):
     assert_close(fsdp("split"), single(schedule="split"), torch.float32, "split under FSDP2")
 
 
-def test_local_perturbation_is_refused_by_name(fsdp):
-    assert "local_perturbation=True" in fsdp("local")
+@pytest.mark.long
+def test_what_cannot_be_honoured_is_refused_by_name(fsdp):
+    assert "local_perturbation=True cannot be honoured under FSDP2" in fsdp("local")
+    assert "call torch.distributed.fsdp.fully_shard on the root module too" in fsdp("partly")
+    assert "pass the model sharded with torch.distributed.fsdp.fully_shard as model" in fsdp("davda54")
 
 
 # ---- torch.distributed.checkpoint ------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize(
     "kind,backend", [("fsdp", "torch"), ("fsdp", "reference"), ("fsdp", "triton"), ("ddp", "torch")]
 )
