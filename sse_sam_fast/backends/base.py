@@ -65,8 +65,12 @@ def is_dtensor(t) -> bool:
 
 def local(t: Tensor | None) -> Tensor | None:
     """This process's shard of a DTensor (sharing its storage: writes reach the
-    DTensor); any other tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
+    DTensor); any other tensor itself. Taken without autograd: with it, the
+    shard is a custom Function's output view, which refuses in-place writes."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def per_group(value, n_groups: int) -> tuple:
