@@ -361,6 +361,10 @@ def test_collectives_per_step_do_not_grow_with_the_parameters(fsdp, backend):
     assert small[0] == 6 + 5 + 5
     # the norms of both groups are one all-reduce: 6 per stage-1 step, not 7
     assert fsdp(f"ssesam-{backend}")[2] == 16
+    # SAM: counts, normaliser, norm, check, verdict; ImbSAM with group counts and
+    # clipping: one normaliser per group and the clipping norm on top
+    assert fsdp(f"sam-{backend}")[2] == 5 * STEPS
+    assert fsdp(f"imbsam-{backend}")[2] == 7 * STEPS
 
 
 @pytest.mark.long
