@@ -315,7 +315,8 @@ def guarded_step(
     device: that step reads ``ok`` on the host instead.
     """
     before = _state_of(optimizer, params)
-    saved.save([t for st in before.values() for t in st.values() if isinstance(t, Tensor)])
+    # FSDP2: the state is DTensors; their local shards are what a flat copy can hold
+    saved.save([local(t) for st in before.values() for t in st.values() if isinstance(t, Tensor)])
     optimizer.step()
     after = _state_of(optimizer, params)
     same = after.keys() == before.keys() and all(

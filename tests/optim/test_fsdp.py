@@ -49,13 +49,21 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def build(method: str, model, backend: str, **kw):
+BASES = {
+    "sgd": sgd,
+    "adam": lambda model: torch.optim.Adam(model.parameters(), lr=0.01),
+    "fused-adam": lambda model: torch.optim.Adam(model.parameters(), lr=0.01, fused=True),
+}
+SYNC_FREE = [("torch", "sgd"), ("torch", "adam"), ("torch", "fused-adam"), ("triton", "sgd")]
+
+
+def build(method: str, model, backend: str, base: str = "sgd", **kw):
     if method == "sam":
-        return SAM(sgd(model), model, 0.07, backend=backend, **kw)
+        return SAM(BASES[base](model), model, 0.07, backend=backend, **kw)
     if method == "imbsam":  # the group counts, ASAM's |w| and the clipping norm must all be global
         options = dict(normalization="group", adaptive=True, max_grad_norm=0.05)
-        return ImbSAM(sgd(model), model, 0.3, backend=backend, **options, **kw)
-    return SSESAM(sgd(model), model, 0.05, 0.11, gamma=0.5, total_epochs=2, backend=backend, **kw)
+        return ImbSAM(BASES[base](model), model, 0.3, backend=backend, **options, **kw)
+    return SSESAM(BASES[base](model), model, 0.05, 0.11, gamma=0.5, total_epochs=2, backend=backend, **kw)
 
 
 def batches():
@@ -206,6 +214,14 @@ def _fsdp_cases(rank: int, out: str) -> None:
             train(model, opt, rank)
             counter.close()
             save(f"count-{depth}-{backend}", (counter.engine, counter.dtensor, len(list(model.parameters()))))
+    # the device verdict (the flat backends' default on CUDA), forced on this CPU:
+    # the step taken back by selects, the base optimizer's DTensor state included
+    for backend, base in SYNC_FREE:
+        model = shard(net())
+        opt = build("ssesam", model, backend, base=base)
+        opt._force_sync_free = True
+        train(model, opt, rank, nan_at=1)
+        save(f"sync-free-{backend}-{base}", (full(model), opt.nonfinite_steps))
     for reshard in (True, False):
         model = shard(net(), reshard_after_forward=reshard)
         opt = build("ssesam", model, "auto")
@@ -300,9 +316,9 @@ def fsdp(tmp_path_factory):
 
 
 # ---- one process on the whole batch ---------------------------------------------------
-def single(method: str = "ssesam", **kw) -> list[torch.Tensor]:
+def single(method: str = "ssesam", base: str = "sgd", **kw) -> list[torch.Tensor]:
     model = net(bn=kw.pop("bn", False))
-    opt = build(method, model, "reference")
+    opt = build(method, model, "reference", base=base)
     train(model, opt, bn=any(isinstance(m, nn.BatchNorm1d) for m in model), **kw)
     return [p.detach() for p in model.parameters()]
 
@@ -365,6 +381,17 @@ def test_collectives_per_step_do_not_grow_with_the_parameters(fsdp, backend):
     # clipping: one normaliser per group and the clipping norm on top
     assert fsdp(f"sam-{backend}")[2] == 5 * STEPS
     assert fsdp(f"imbsam-{backend}")[2] == 7 * STEPS
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("backend,base", SYNC_FREE)
+def test_a_step_taken_back_on_the_device(fsdp, backend, base):
+    """The flat backends' verdict on CUDA, forced here: a skipped step selects the
+    shards and the base optimizer's DTensor state back (fused Adam: its own skip)."""
+    got, skipped = fsdp(f"sync-free-{backend}-{base}")
+    assert skipped == 1
+    expected = single(base=base, nan_at=1)
+    assert_close(got, expected, torch.float32, f"sync-free {backend} {base}")
 
 
 @pytest.mark.long
