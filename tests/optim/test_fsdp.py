@@ -93,10 +93,12 @@ def per_shard_losses(model, x, y):
     )
 
 
-def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact", steps=range(STEPS)):
+def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact", steps=range(STEPS), how=None):
     """``STEPS`` steps of ``opt.step`` (those of ``steps``); with ``rank``, on that
     process's half of each batch; a stage switch after the first step (SSE-SAM);
-    ``nan_at``: the losses of that step are NaN (on rank 0 only, under processes)."""
+    ``nan_at``: the losses of that step are NaN (on rank 0 only, under processes);
+    ``how="micro"``: two micro-batches per step, ``"scaler"``: through a GradScaler."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if how == "scaler" else None
     for i, (x, y, tail) in enumerate(batches()):
         if i not in steps:
             continue
@@ -116,6 +118,12 @@ def train(model, opt, rank=None, nan_at=None, bn=False, schedule="exact", steps=
             warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step's warning
             if schedule == "split":
                 opt.step(closure, tail, schedule="split")
+            elif how == "micro":
+                halves = [torch.arange(len(y))[: len(y) // 2], torch.arange(len(y))[len(y) // 2 :]]
+                opt.step([lambda h=h: closure(h) for h in halves], [tail[h] for h in halves])
+            elif how == "scaler":
+                opt.step(lambda: closure(), tail, scaler=scaler)
+                scaler.update()
             else:
                 opt.step(lambda: closure(), tail)
         if i == 0 and isinstance(opt, SSESAM):
@@ -232,10 +240,11 @@ def _fsdp_cases(rank: int, out: str) -> None:
     opt = build("ssesam", model, "torch")
     train(model, opt, rank)
     save("bf16", (full(model), [p.dtype for p in model.parameters()]))
-    model = shard(net())
-    opt = build("ssesam", model, "torch")
-    train(model, opt, rank, schedule="split")
-    save("split", full(model))
+    for how in ("split", "micro", "scaler"):
+        model = shard(net())
+        opt = build("ssesam", model, "torch")
+        train(model, opt, rank, **({"schedule": "split"} if how == "split" else {"how": how}))
+        save(how, full(model))
     refusals = {
         "local": lambda: build("ssesam", shard(net()), "torch", local_perturbation=True),
         # the root and the later layers left whole: their gradients would not be averaged
@@ -412,8 +421,12 @@ def test_bf16_mixed_precision_policy(fsdp):
 
 
 @pytest.mark.long
-def test_split_schedule(fsdp):
-    assert_close(fsdp("split"), single(schedule="split"), torch.float32, "split under FSDP2")
+@pytest.mark.parametrize("how", ["split", "micro", "scaler"])
+def test_split_schedule_micro_batches_and_a_grad_scaler(fsdp, how):
+    """The split schedule; two micro-batches per step (each backward reduce-scatters
+    into the same slot); a GradScaler (fp32 here: the scaling, not an overflow)."""
+    kw = {"schedule": "split"} if how == "split" else {"how": how}
+    assert_close(fsdp(how), single(**kw), torch.float32, f"{how} under FSDP2")
 
 
 @pytest.mark.long
