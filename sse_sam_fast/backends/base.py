@@ -27,6 +27,7 @@ remembers the applied move, so ``perturb`` again (head to tail) and
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NewType, Union
@@ -55,12 +56,10 @@ group. Adaptive parameters are moved by ``rho · T² g / ||T g||`` with
 
 
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2 shard, or its gradient)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor (an FSDP2 shard, or its gradient). Where torch's
+    DTensor module was never imported no tensor can be one: asking costs no import."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor | None) -> Tensor | None:

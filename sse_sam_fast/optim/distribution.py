@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backends.base import is_dtensor
+
 
 class Single:
     """One process: global values are the local ones."""
@@ -140,6 +142,8 @@ class FSDP2(_Processes):
 
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         whole = [n for n, p in trainable if not isinstance(p, DTensor)]
+        # and what the base optimizer holds beyond the model (a learnable temperature)
+        whole += ["a parameter beyond the model" for p in params if not isinstance(p, DTensor)]
         if whole:
             raise ValueError(
                 f"model has DTensor (sharded) parameters and plain ones ({whole[0]!r}): call "
@@ -169,9 +173,7 @@ class FSDP2(_Processes):
 
 
 def _is_fsdp2(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())  # imports nothing for other models
 
 
 def strategy(model: nn.Module | None, params: Sequence[Tensor] = ()) -> Single:
