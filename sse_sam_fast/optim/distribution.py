@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _torch_private
 from ..backends.base import is_dtensor
 
 
@@ -61,6 +62,9 @@ class Single:
         """The step's finiteness verdict, false on every process where it is false
         on any (a NaN loss on one shard must not step one replica only)."""
         return ok
+
+    def ready(self) -> None:
+        """Refuse a step the model's own settings would make wrong without a sign."""
 
     # Sums of squares over the shards of every process (None: the parameters are
     # whole on every process, a local norm is the global one). The backends hand
@@ -164,6 +168,30 @@ class FSDP2(_Processes):
                 "sharding (HSDP, a 2-D mesh) and tensor parallelism are not supported"
             )
         super().__init__(mesh.get_group(), sharded[0].to_local().device)
+        self.model = model
+
+    def no_sync(self):
+        self.ready()
+        return contextlib.nullcontext()
+
+    def ready(self) -> None:
+        """Two FSDP2 settings would give a wrong update without an error: with the
+        gradient sync off the backwards leave unsharded, unreduced gradients the
+        step never sees; without the reshard after backward a perturbed forward
+        reuses the weights the clean one gathered and never sees its
+        perturbation. Both are read every step, as both can change between steps."""
+        for reduce_grads, reshard in _torch_private.fsdp2_sync_flags(self.model):
+            if not reduce_grads:
+                raise RuntimeError(
+                    "model.set_requires_gradient_sync(False) is in effect: every backward of a SAM step must "
+                    "reduce-scatter its gradient; turn it on again (for gradient accumulation pass "
+                    "opt.step a list of micro-batch closures)"
+                )
+            if not reshard:
+                raise RuntimeError(
+                    "model.set_reshard_after_backward(False) is in effect: the perturbed forward would reuse "
+                    "the weights all-gathered for the clean one, without the perturbation; turn it on again"
+                )
 
     def average(self, backend, slots, live: bool) -> None:
         """FSDP2 averaged every gradient in its reduce-scatter already."""

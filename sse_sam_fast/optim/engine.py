@@ -419,6 +419,7 @@ class GroupedSAM(torch.optim.Optimizer):
         if self._open_method != after:
             where = f"after {after}()" if after else "first"
             raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
+        self._dist.ready()  # FSDP2: settings that would make the step wrong without a sign
         try:
             self._track_params()
             self._backend.adopt(copy_weights=self._davda54)  # davda54/sam restores a copy

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sse_sam_fast import SAM, SSESAM, ImbSAM
+from sse_sam_fast import SAM, SSESAM, ImbSAM, _torch_private
 from sse_sam_fast.verify import assert_close
 from tests.support import cloned, spawn_bounded
 
@@ -247,6 +247,10 @@ def _fsdp_cases(rank: int, out: str) -> None:
         save(how, full(model))
     refusals = {
         "local": lambda: build("ssesam", shard(net()), "torch", local_perturbation=True),
+        # settings FSDP2 has setters for: each would make the update wrong without a sign
+        "sync-off": lambda: _step_with(rank, "set_requires_gradient_sync"),
+        "reshard-off": lambda: _step_with(rank, "set_reshard_after_backward"),
+        "sync-off-official": lambda: _step_with(rank, "set_requires_gradient_sync", official=True),
         # the root and the later layers left whole: their gradients would not be averaged
         "partly": lambda: build("ssesam", _partly_sharded(), "torch"),
         # no model, so no strategy: the norms would be local
@@ -255,8 +259,21 @@ def _fsdp_cases(rank: int, out: str) -> None:
     for name, make in refusals.items():
         try:
             make()
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             save(name, str(e))
+    # what the refusals read (private to FSDP2): one group per FSDP unit, both on
+    save("flags", _torch_private.fsdp2_sync_flags(shard(net())))
+
+
+def _step_with(rank: int, setter: str, official: bool = False):
+    """A step (or the official methods) after turning one of FSDP2's settings off."""
+    model = shard(net())
+    opt = build("sam", model, "torch")
+    getattr(model, setter)(False)
+    if official:
+        train_official("sam", model, opt, rank)
+    else:
+        train(model, opt, rank)
 
 
 def _partly_sharded():
@@ -432,6 +449,10 @@ def test_split_schedule_micro_batches_and_a_grad_scaler(fsdp, how):
 @pytest.mark.long
 def test_what_cannot_be_honoured_is_refused_by_name(fsdp):
     assert "local_perturbation=True cannot be honoured under FSDP2" in fsdp("local")
+    assert fsdp("flags") == [(True, True)] * 3  # one per layer: the root holds no parameter
+    assert "set_requires_gradient_sync(False) is in effect" in fsdp("sync-off")
+    assert "set_requires_gradient_sync(False) is in effect" in fsdp("sync-off-official")
+    assert "set_reshard_after_backward(False) is in effect" in fsdp("reshard-off")
     assert "call torch.distributed.fsdp.fully_shard on the root module too" in fsdp("partly")
     assert "pass the model sharded with torch.distributed.fsdp.fully_shard as model" in fsdp("davda54")
 
