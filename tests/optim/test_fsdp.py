@@ -12,6 +12,7 @@ torch, FSDP2 and DTensor in each): its tests are marked ``long``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -26,7 +27,10 @@ from tests.support import cloned, spawn_bounded
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 
-BACKENDS = ["reference", "torch", "triton"]
+# the triton cases run its kernels through the interpreter (tests/conftest.py); without
+# Triton the other backends are still tested
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+BACKENDS = ["reference", "torch"] + ["triton"] * HAVE_TRITON
 STEPS = 3
 
 
@@ -54,7 +58,8 @@ BASES = {
     "adam": lambda model: torch.optim.Adam(model.parameters(), lr=0.01),
     "fused-adam": lambda model: torch.optim.Adam(model.parameters(), lr=0.01, fused=True),
 }
-SYNC_FREE = [("torch", "sgd"), ("torch", "adam"), ("torch", "fused-adam"), ("triton", "sgd")]
+SYNC_FREE = [("torch", "sgd"), ("torch", "adam"), ("torch", "fused-adam")] + [("triton", "sgd")] * HAVE_TRITON
+CHECKPOINTS = [("fsdp", b) for b in BACKENDS] + [("ddp", "torch")]
 
 
 def build(method: str, model, backend: str, base: str = "sgd", **kw):
@@ -297,7 +302,7 @@ def _checkpoint_cases(rank: int, out: str) -> None:
     )
 
     wrap = {"fsdp": shard, "ddp": lambda m: nn.parallel.DistributedDataParallel(m)}
-    for kind, backend in (("fsdp", "torch"), ("fsdp", "reference"), ("fsdp", "triton"), ("ddp", "torch")):
+    for kind, backend in CHECKPOINTS:
         where = f"{out}/checkpoint-{kind}-{backend}"
         model = wrap[kind](net())
         opt = build("ssesam", model, backend)
@@ -335,7 +340,6 @@ def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     """What rank 0 saved, by case name, from one pair of processes for the module."""
-    pytest.importorskip("triton")  # the triton cases run through its interpreter
     out = tmp_path_factory.mktemp("fsdp")
     spawn_bounded(_fsdp_worker, (2, f"file://{out}/pg", str(out)))
     return lambda name: torch.load(f"{out}/{name}.pt", weights_only=False)
@@ -459,9 +463,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(fsdp):
 
 # ---- torch.distributed.checkpoint ------------------------------------------------------
 @pytest.mark.long
-@pytest.mark.parametrize(
-    "kind,backend", [("fsdp", "torch"), ("fsdp", "reference"), ("fsdp", "triton"), ("ddp", "torch")]
-)
+@pytest.mark.parametrize("kind,backend", CHECKPOINTS)
 def test_a_run_resumed_through_distributed_checkpoint_equals_the_one_that_went_on(fsdp, kind, backend):
     """The stage (SSE-SAM switched after the first step), the skipped-step count
     and the momentum travel through get/set_optimizer_state_dict and DCP's files."""
@@ -498,8 +500,6 @@ def test_get_and_set_optimizer_state_dict_in_one_process(backend):
     """The method's entries ride in the first param group, the only place besides
     ``state`` that get_optimizer_state_dict keeps; loaded back, the run goes on as
     the uninterrupted one (a fresh optimizer's state made first)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     model = net()
