@@ -344,7 +344,13 @@ class GroupedSAM(torch.optim.Optimizer):
         if self._backend.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
         if closure is None and tail_mask is None:
-            return self._create_state()
+            return self._create_state(
+                TypeError(
+                    "step() needs a closure that returns the per-sample losses of the batch (without one "
+                    "it only accepts zero gradients at lr=0, how torch.distributed.checkpoint creates "
+                    "optimizer state)"
+                )
+            )
         closures, masks = micro_batches(closure, tail_mask)
         self._track_params()
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -357,23 +363,19 @@ class GroupedSAM(torch.optim.Optimizer):
             return StepRun(self, plan, closures, masks, scaler).run()
 
     @torch.no_grad()
-    def _create_state(self) -> None:
+    def _create_state(self, refusal: Exception) -> None:
         """``step()`` without a closure, accepted in one form only: every gradient
         zero at a zero learning rate, which cannot move a weight. That is how
         ``torch.distributed.checkpoint`` makes an optimizer create its state
         before saving or loading it (``get_optimizer_state_dict`` /
         ``set_optimizer_state_dict`` on a fresh optimizer); the base optimizer
         steps on those zeros. Any other call without a closure is a mistake that
-        would take a step without the perturbation: refused."""
+        would take a step without the perturbation: ``refusal`` is raised."""
         groups = self.optimizer.param_groups
         grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
         zero_lr = all(float(g.get("lr", 0.0)) == 0.0 for g in groups)
         if not zero_lr or any(g is None for g in grads) or any(bool(local(g).any()) for g in grads):
-            raise TypeError(
-                "step() needs a closure that returns the per-sample losses of the batch (without one "
-                "it only accepts zero gradients at lr=0, how torch.distributed.checkpoint creates "
-                "optimizer state)"
-            )
+            raise refusal
         self.optimizer.step()
 
     def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:

@@ -530,3 +530,34 @@ def test_get_and_set_optimizer_state_dict_in_one_process(backend):
     assert "sse_sam_fast" not in resumed.param_groups[0]
     train(other, resumed, steps=range(2, STEPS))
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
+
+
+def test_the_davda54_form_round_trips_through_the_state_dict_functions():
+    """``SAM(params, base_cls)``: DCP's state creation on the fresh optimizer goes
+    through the same one form of ``step()`` without a closure."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def run(model, opt, batches):
+        for x, y, _ in batches:
+            loss = lambda: F.cross_entropy(model(x), y)
+            opt.zero_grad()  # davda54's second step keeps the gradients
+            loss().backward()
+            opt.step(lambda: loss().backward())
+
+    model = net()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    data = list(batches())
+    run(model, opt, data[:2])
+    saved = cloned(get_optimizer_state_dict(model, opt))
+    weights = [p.detach().clone() for p in model.parameters()]
+    run(model, opt, data[2:])
+    other = net()
+    with torch.no_grad():
+        for p, w in zip(other.parameters(), weights):
+            p.copy_(w)
+    resumed = SAM(other.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="davda54/sam convention"):
+        resumed.step()  # gradients none, lr 0.1: not DCP's form
+    set_optimizer_state_dict(other, resumed, saved)
+    run(other, resumed, data[2:])
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
