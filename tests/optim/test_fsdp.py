@@ -34,11 +34,13 @@ BACKENDS = ["reference", "torch"] + ["triton"] * HAVE_TRITON
 STEPS = 3
 
 
-def net(bn: bool = False, depth: int = 3) -> nn.Sequential:
+def net(bn: bool = False, depth: int = 3, narrow: bool = False) -> nn.Sequential:
     """Linear layers of 7, 5 and 3 rows (uneven shards over two processes); with
-    ``depth`` > 3 more layers, for counting collectives against the parameters."""
+    ``depth`` > 3 more layers, for counting collectives against the parameters;
+    ``narrow``: a layer of one row first, whose shards on the second process
+    are empty."""
     torch.manual_seed(0)
-    widths = [6, 7, 5] + [5] * (depth - 3) + [3]
+    widths = [6, 7] + [1] * narrow + [5] + [5] * (depth - 3) + [3]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
         layers.append(nn.Linear(a, b))
@@ -216,6 +218,12 @@ def _fsdp_cases(rank: int, out: str) -> None:
             opt = build(method, model, backend)
             train_official(method, model, opt, rank)
             save(f"official-{method}-{backend}", full(model))
+        model = shard(net(narrow=True))
+        opt = build("ssesam", model, backend)
+        train(model, opt, rank)
+        smallest = torch.tensor([float(p.to_local().numel()) for p in model.parameters()])
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)  # each shard's size on the process with fewest
+        save(f"narrow-{backend}", (full(model), smallest.tolist()))
         model = shard(net(bn=True))
         opt = build("ssesam", model, backend)
         train(model, opt, rank, bn=True)
@@ -356,7 +364,7 @@ def fsdp(tmp_path_factory):
 
 # ---- one process on the whole batch ---------------------------------------------------
 def single(method: str = "ssesam", base: str = "sgd", **kw) -> list[torch.Tensor]:
-    model = net(bn=kw.pop("bn", False))
+    model = net(bn=kw.pop("bn", False), narrow=kw.pop("narrow", False))
     opt = build(method, model, "reference", base=base)
     train(model, opt, bn=any(isinstance(m, nn.BatchNorm1d) for m in model), **kw)
     return [p.detach() for p in model.parameters()]
@@ -381,6 +389,15 @@ def test_the_official_methods_under_fsdp2(fsdp, backend, method):
     train_official(method, model, build(method, model, "reference"))
     expected = [p.detach() for p in model.parameters()]
     assert_close(fsdp(f"official-{method}-{backend}"), expected, torch.float32, f"official {method}")
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_shard_on_one_process(fsdp, backend):
+    """A layer of one row: the second process holds none of its weight or bias."""
+    got, sizes = fsdp(f"narrow-{backend}")
+    assert 0 in sizes
+    assert_close(got, single(narrow=True), torch.float32, f"an empty shard on {backend}")
 
 
 @pytest.mark.long
