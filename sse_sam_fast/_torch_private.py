@@ -24,6 +24,10 @@ GradScaler's current scale, which has no public device-side accessor. A step
 taken back on the device uses the fused optimizers' ``found_inf`` argument,
 which only GradScaler's private protocol sets.
 
+FSDP2 has setters and no getters for whether a backward reduce-scatters and
+reshards; two settings that would make a SAM step wrong without a sign are
+read from its parameter groups (the FSDP2 section).
+
 The normalisation layers have no public base classes, the module tree no
 public walk without names, a tensor no public write counter: those are here
 too (the last section).
@@ -220,3 +224,23 @@ def call_unwrapped(func, args: tuple, kwargs: dict):
     subclass."""
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
+
+
+# ---- FSDP2 ------------------------------------------------------------------------------
+def fsdp2_sync_flags(model: nn.Module) -> list[tuple[bool, bool]]:
+    """``(reduce_grads, reshard_after_backward)`` of every FSDP2 parameter group
+    under ``model``, as ``set_requires_gradient_sync`` and
+    ``set_reshard_after_backward`` left them: FSDP2 has setters for both and no
+    getter. A state laid out otherwise (another torch release) gives nothing to
+    check, and tests/test_torch_private.py says so."""
+    flags = []
+    for m in model.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before 2.9 kept one group per module
+            groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+        flags += [(bool(g.reduce_grads), bool(g.reshard_after_backward)) for g in groups]
+    return flags

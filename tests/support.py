@@ -56,6 +56,8 @@ def snapshot(model: nn.Module, opt=None) -> dict:
     if opt is not None:
         sd = opt.state_dict()
         sd.pop("nonfinite_steps")
+        for group in sd["param_groups"]:  # and the copy that rides in the first group (for DCP)
+            group.get("sse_sam_fast", {}).pop("nonfinite_steps", None)
         snap.update(cloned(sd))
     return snap
 

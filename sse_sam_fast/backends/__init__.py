@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import EPS, Adaptive, Backend, Ending, Perturbation, Radius, Slot
-from .flat import owned
+from .flat import usable
 
 __all__ = [
     "BACKENDS",
@@ -45,11 +45,12 @@ def triton_available() -> bool:
 
 def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
     """``auto``: ``triton`` when the parameters are CUDA tensors of a dtype the
-    kernels compute and Triton imports, else ``torch``; ``reference`` for
-    parameters whose storage another system owns (FSDP2's DTensor shards)."""
+    kernels compute and Triton imports, else ``torch`` (FSDP2's DTensor shards
+    included: the flat backends mirror them); ``reference`` for parameters of
+    another tensor subclass whose storage another system owns."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "auto" and not all(owned(p) for p in params):
+    if name == "auto" and not all(usable(p) for p in params):
         return "reference"
     if name == "auto":
         on_cuda = all(p.device.type == "cuda" for p in params)
@@ -61,16 +62,18 @@ def resolve_backend(name: str, params: Sequence[Tensor]) -> str:
     return name
 
 
-def make_backend(name: str, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Backend:
+def make_backend(name: str, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None) -> Backend:
+    """``sums``: sums a tensor of local sums of squares over the processes that
+    hold the other shards, in place (FSDP2; see ``Backend.sums``)."""
     name = resolve_backend(name, params)
     if name == "reference":
         from .reference import ReferenceBackend
 
-        return ReferenceBackend(optimizer, params)
+        return ReferenceBackend(optimizer, params, sums)
     if name == "triton":
         from .triton import TritonBackend
 
-        return TritonBackend(optimizer, params)
+        return TritonBackend(optimizer, params, sums)
     from .flat import TorchBackend
 
-    return TorchBackend(optimizer, params)
+    return TorchBackend(optimizer, params, sums)

@@ -27,6 +27,7 @@ remembers the applied move, so ``perturb`` again (head to tail) and
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NewType, Union
@@ -52,6 +53,23 @@ Adaptive = Union[bool, tuple[bool, ...]]
 """ASAM (Kwon et al., ICML 2021) on or off: for all parameters, or per param
 group. Adaptive parameters are moved by ``rho · T² g / ||T g||`` with
 ``T = |w|`` (``w`` unperturbed), and enter the norm as ``T g``."""
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard, or its gradient). Where torch's
+    DTensor module was never imported no tensor can be one: asking costs no import."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """This process's shard of a DTensor (sharing its storage: writes reach the
+    DTensor); any other tensor itself. Taken without autograd: with it, the
+    shard is a custom Function's output view, which refuses in-place writes."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def per_group(value, n_groups: int) -> tuple:
@@ -108,9 +126,17 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None):
+        if sums is None and any(is_dtensor(p) for p in params):
+            raise ValueError(
+                "the optimizer holds DTensor (sharded) parameters, whose norms need the other processes' "
+                "shards: pass the model sharded with torch.distributed.fsdp.fully_shard as model"
+            )
         self.optimizer = optimizer
         self.params = list(params)
+        # FSDP2: sums a tensor of local sums of squares over the processes holding
+        # the other shards, in place; None: every parameter is whole here
+        self.sums = sums
         self.slots: dict[Slot, object] = {}  # what a slot holds is the backend's own business
         self.lasting: set[Slot] = set()  # slots kept from one step to the next (see export)
         self._state_copy = Saved()  # the optimizer state a guarded step may take back
@@ -208,6 +234,16 @@ class Backend(abc.ABC):
         afterwards where any process gave it one."""
 
     # ---- norms and moves ---------------------------------------------------------------
+    def _global(self, norms: list[Tensor]) -> list[Tensor]:
+        """The norms over every process's shards from the local ones (FSDP2): one
+        all-reduce of their squares for all of them, whatever the number of
+        parameters; the local norms where the parameters are whole."""
+        if self.sums is None or not norms:
+            return norms
+        sumsq = torch.stack(norms).square()
+        self.sums(sumsq)
+        return list(sumsq.sqrt().unbind())
+
     @abc.abstractmethod
     def perturbations(
         self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
@@ -294,7 +330,8 @@ def guarded_step(
     device: that step reads ``ok`` on the host instead.
     """
     before = _state_of(optimizer, params)
-    saved.save([t for st in before.values() for t in st.values() if isinstance(t, Tensor)])
+    # FSDP2: the state is DTensors; their local shards are what a flat copy can hold
+    saved.save([local(t) for st in before.values() for t in st.values() if isinstance(t, Tensor)])
     optimizer.step()
     after = _state_of(optimizer, params)
     same = after.keys() == before.keys() and all(

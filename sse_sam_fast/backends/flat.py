@@ -18,6 +18,8 @@ from .base import (
     Radius,
     Slot,
     clip_coefficient,
+    is_dtensor,
+    local,
     per_group,
     uniform,
 )
@@ -29,6 +31,12 @@ def owned(p: Tensor) -> bool:
     """Whether the flat backends can re-bind ``p.data`` into their buffers: a plain
     tensor, not a subclass whose storage another system owns (a DTensor shard)."""
     return type(p.data) is torch.Tensor
+
+
+def usable(p: Tensor) -> bool:
+    """Whether the flat backends can take ``p``: re-bound (:func:`owned`) or, for
+    FSDP2's DTensor shards, mirrored (:class:`Bucket`)."""
+    return owned(p) or is_dtensor(p)
 
 
 def _either(a: list[bool], b: list[bool]) -> list[bool]:
@@ -51,26 +59,58 @@ class Bucket:
     """The parameters of one (device, dtype): weights in one flat buffer ``w``,
     gradient sets as the rows of one 2-D buffer ``g`` (a kernel reaches every
     set of a bucket from a single pointer), and the snapshot ``w0`` of the
-    weights before the step's first perturbation."""
+    weights before the step's first perturbation.
+
+    FSDP2's shards (DTensors) are not re-bound: FSDP2 owns their storage and
+    all-gathers from it. For them ``w`` is a mirror of this process's shards
+    (``shards``), read in by :meth:`pull` when a step starts and written out by
+    :meth:`push` after every move, one multi-tensor copy each; rows, norms and
+    moves are the same code on the local parts."""
 
     def __init__(self, params: list[Tensor], rows: int):
         p0 = params[0]
+        self.shards = [local(p) for p in params] if is_dtensor(p0) else None
+        parts = self.shards or [p.data for p in params]
         align = max(1, ALIGN_BYTES // p0.element_size())
         self.offsets, total = [], 0
-        for p in params:
+        for t in parts:
             self.offsets.append(total)
-            total += -(-p.numel() // align) * align
+            total += -(-t.numel() // align) * align
         self.params = params
+        self.shapes = [t.shape for t in parts]
         self.numel = total
         # zero padding: it never changes a norm and never moves
-        self.w = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-        self.g = torch.zeros(rows, total, dtype=p0.dtype, device=p0.device)
+        self.w = torch.zeros(total, dtype=p0.dtype, device=parts[0].device)
+        self.g = torch.zeros(rows, total, dtype=p0.dtype, device=parts[0].device)
         self.w0 = torch.zeros_like(self.w)
+        self._w = self._views(self.w)
         with torch.no_grad():
-            for p, off in zip(params, self.offsets):
-                view = self.w[off : off + p.numel()].view_as(p)
+            if self.shards is not None:
+                self.pull()
+                return
+            for p, view in zip(params, self._w):
                 view.copy_(p.data)
                 p.data = view
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[off : off + n.numel()].view(n) for n, off in zip(self.shapes, self.offsets)]
+
+    def pull(self) -> None:
+        """``w`` := the shards (FSDP2), which the base step moved behind the mirror."""
+        if self.shards is not None:
+            torch._foreach_copy_(self._w, self.shards)
+
+    def push(self) -> None:
+        """The shards := ``w`` (FSDP2), after a move of the mirror."""
+        if self.shards is not None:
+            torch._foreach_copy_(self.shards, self._w)
+
+    def pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(weights, weights before the step)`` covering the bucket, for a step
+        taken back on the device (:func:`~.base.guarded_step`)."""
+        if self.shards is None:
+            return [(self.w, self.w0)]
+        return list(zip(self.shards, self._views(self.w0)))
 
     def grow(self) -> None:
         """One more gradient row; the others keep their contents."""
@@ -79,7 +119,7 @@ class Bucket:
         self.g = g
 
     def views(self, row: int) -> list[Tensor]:
-        return [self.g[row, off : off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)]
+        return self._views(self.g[row])
 
     def runs(self, key_of: dict[int, object]) -> list[tuple[object, int, int]]:
         """Maximal runs of consecutive parameters with equal ``key_of[id(p)]``, as
@@ -122,27 +162,29 @@ class TorchBackend(Backend):
     name = "torch"
     fused_last = False  # whether the last finish() fused the base step into a kernel (triton)
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
-        foreign = [type(p.data).__name__ for p in params if not owned(p)]
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None):
+        foreign = [type(p.data).__name__ for p in params if not usable(p)]
         if foreign:
             raise ValueError(
                 f"backend={self.name!r} keeps parameters in its own flat buffers and cannot take "
-                f"parameters whose storage another system owns (a {foreign[0]}, e.g. FSDP2's shards); "
+                f"parameters whose storage another system owns (a {foreign[0]}); "
                 "use backend='reference' (or 'auto')"
             )
-        super().__init__(optimizer, params)
+        super().__init__(optimizer, params, sums)
         self.slots: dict[Slot, tuple[int, list[bool]]] = {}  # slot -> (row, which params have a gradient)
         self._saved = False  # whether w0 holds the weights of an applied perturbation
         self._bound = False  # whether p.grad are views of the live row (kept gradients)
+        self._bound_to: list[Tensor | None] = []  # ... and what p.grad was set to (DTensors over them)
         self._flatten(rows=2)
 
     # ---- layout -----------------------------------------------------------------
     def _flatten(self, rows: int) -> None:
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        by_key: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
         for p in self.params:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
+            by_key.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
         self.buckets = [Bucket(ps, rows) for ps in by_key.values()]
-        self._ptrs = [p.data_ptr() for p in self.params]
+        self._sharded = any(b.shards is not None for b in self.buckets)  # FSDP2: mirrored buckets
+        self._ptrs = self._pointers()
         self.live = 0
         self.seen = [False] * len(self.params)  # which parameters have a gradient in the live row
         self._index_views()
@@ -162,10 +204,39 @@ class TorchBackend(Backend):
                     views[index[id(p)]] = v
             self._views.append(views)
 
+    def _pointers(self) -> list[int]:
+        """Where the parameters' storage is (FSDP2: the shards' storage)."""
+        if not self._sharded:
+            return [p.data_ptr() for p in self.params]
+        return [local(p).data_ptr() for p in self.params]
+
+    def _as_grad(self, i: int, v: Tensor) -> Tensor:
+        """What ``p.grad`` of parameter ``i`` is set to for the view ``v`` of a row:
+        for a DTensor shard, a DTensor over the view (the base optimizer's
+        arithmetic mixes no plain tensor with its parameters)."""
+        p = self.params[i]
+        if not self._sharded or not is_dtensor(p):
+            return v
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+
+    def _pull(self) -> None:
+        """FSDP2: the mirrors := the shards, as the last base step left them."""
+        if self._sharded:
+            for b in self.buckets:
+                b.pull()
+
     def _check_layout(self) -> None:
         """Parameters re-bound behind our back (``model.to(...)``, assigning
-        ``.data``) would otherwise be trained as detached copies."""
-        if all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs)):
+        ``.data``; FSDP2 re-allocating its shards at its lazy initialisation)
+        would otherwise be trained as detached copies."""
+        if self._sharded:
+            if self._pointers() == self._ptrs:
+                return
+        elif all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs)):
             return
         if self.holding:
             self._abandon()
@@ -183,15 +254,17 @@ class TorchBackend(Backend):
         as ``copy_`` converts."""
         views, n = self._views[self.live], len(self._views[self.live])
 
+        bound = self._bound_to if self._sharded else views
+
         def current(i: int, p: Tensor) -> Tensor | None:
             g = p.grad
             if i >= n:  # a parameter added since
-                return g
+                return local(g)
             if self._bound:
-                return views[i].clone() if g is views[i] else g
+                return views[i].clone() if g is bound[i] else local(g)
             if not self.seen[i]:
-                return g
-            return views[i].clone() if g is None else views[i] + g
+                return local(g)
+            return views[i].clone() if g is None else views[i] + local(g)
 
         old = [current(i, p) for i, p in enumerate(self.params)]
         self._unbind()
@@ -207,9 +280,10 @@ class TorchBackend(Backend):
         unperturbed weights (converted as ``copy_`` does); then a fresh layout."""
         self.restore()
         for b in self.buckets:
-            for p, off in zip(b.params, b.offsets):
-                if p.data_ptr() != b.w[off:].data_ptr():
-                    p.data.copy_(b.w[off : off + p.numel()].view_as(p))
+            for p, t, w in zip(b.params, b.shards or b.params, b._views(b.w)):
+                now = local(p) if b.shards is not None else p.data
+                if now.data_ptr() != (t if b.shards is not None else w).data_ptr():
+                    now.copy_(w)
         self._end_step()
         self._unbind()
         self._reflatten()
@@ -232,7 +306,9 @@ class TorchBackend(Backend):
         if slot not in self.slots:
             return [None] * len(self.params)
         row, seen = self.slots[slot]
-        return [v.clone() if s else None for v, s in zip(self._views[row], seen)]
+        return [
+            self._as_grad(i, v.clone()) if s else None for i, (v, s) in enumerate(zip(self._views[row], seen))
+        ]
 
     @torch.no_grad()
     def load(self, slot: Slot, values: Sequence[Tensor | None]) -> None:
@@ -241,7 +317,7 @@ class TorchBackend(Backend):
         self._rows_op(lambda b: b.g[row].zero_())
         for v, x in zip(self._views[row], values):
             if x is not None:
-                v.copy_(x)
+                v.copy_(local(x))
         self.slots[slot] = (row, [x is not None for x in values])
 
     @torch.no_grad()
@@ -267,13 +343,14 @@ class TorchBackend(Backend):
         if live and self._bound:
             # the views are p.grad: autograd accumulated into them in place, and a
             # tensor that replaced one (p.grad = g) is the whole gradient
-            moved = [(i, g) for i, (v, g) in enumerate(zip(views, grads)) if g is not None and g is not v]
+            bound = self._bound_to if self._sharded else views
+            moved = [(i, g) for i, (v, g) in enumerate(zip(bound, grads)) if g is not None and g is not v]
             dropped = [i for i, (g, s) in enumerate(zip(grads, seen)) if s and g is None]
             if moved:
-                torch._foreach_copy_([views[i] for i, _ in moved], [g for _, g in moved])
+                torch._foreach_copy_([views[i] for i, _ in moved], [local(g) for _, g in moved])
                 for i, _ in moved:
                     seen[i] = True
-                    self.params[i].grad = views[i]
+                    self.params[i].grad = self._bound_to[i] = self._as_grad(i, views[i])
             if dropped:  # set to None by the caller: no gradient any more
                 torch._foreach_zero_([views[i] for i in dropped])
                 for i in dropped:
@@ -282,6 +359,8 @@ class TorchBackend(Backend):
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return
+        if self._sharded:
+            grads = [local(g) for g in grads]
         fresh = not any(seen)  # the row holds no set: it may hold a freed set's values
         try:
             if fresh:
@@ -315,8 +394,9 @@ class TorchBackend(Backend):
     def _bind(self) -> None:
         """``p.grad`` := the live row's views (None where no gradient), for the
         base step and for gradients kept after it."""
-        for p, v, s in zip(self.params, self._views[self.live], self.seen):
-            p.grad = v if s else None
+        for i, (p, v, s) in enumerate(zip(self.params, self._views[self.live], self.seen)):
+            p.grad = self._as_grad(i, v) if s else None
+        self._bound_to = [p.grad for p in self.params]  # what p.grad is while bound
         self._bound = True
 
     def show(self) -> None:
@@ -349,12 +429,14 @@ class TorchBackend(Backend):
         self._check_layout()
         if self.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
+        self._pull()
         self._unbind()  # stray gradients are not part of the step
         self.seen = [False] * len(self.params)
 
     @torch.no_grad()
     def adopt(self, copy_weights: bool = False) -> None:
         self._check_layout()
+        self._pull()
         self._gather()
 
     # ---- gradient sets ---------------------------------------------------------------
@@ -458,11 +540,14 @@ class TorchBackend(Backend):
         return b.w0 if self._saved else b.w
 
     @torch.no_grad()
-    def _norms(self, rows: Sequence[int], runs=None, plus: Sequence[int] = ()) -> list[Tensor]:
+    def _norms(
+        self, rows: Sequence[int], runs=None, plus: Sequence[int] = (), globally: bool = True
+    ) -> list[Tensor]:
         """L2 norms of gradient rows over all buckets (fp32 or wider), on the first
         bucket's device; with ``runs``, the adaptive ranges count as ``|w|·g``;
         with ``plus``, of each row plus those rows (summed in the storage dtype,
-        as the base step will see them)."""
+        as the base step will see them). ``globally=False``: over this process's
+        shards only (FSDP2), for a caller that makes several norms global at once."""
         dev = self.buckets[0].w.device
         out = []
         for r in rows:
@@ -480,18 +565,22 @@ class TorchBackend(Backend):
                         x = x * _magnitude(self._base(b)[start:end])
                     parts.append(torch.linalg.vector_norm(x).to(dev))
             out.append(parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts)))
-        return out
+        return self._global(out) if globally else out
 
     @torch.no_grad()
     def perturbations(
         self, items: Sequence[tuple[Slot, Radius]], adaptive: Adaptive = False
     ) -> list[Perturbation]:
         """A scale is, per bucket, ``(s, adaptive, start, end)`` ranges, ``s = rho / (n + 1e-16)``."""
-        out = []
+        planned = []
         for slot, rho in items:
             runs = self._runs(rho, adaptive)
             plain = all(not a for bucket in runs for (_, a), _, _ in bucket)
-            n = self._norms([self.slots[slot][0]], None if plain else runs)[0]
+            n = self._norms([self.slots[slot][0]], None if plain else runs, globally=False)[0]
+            planned.append((slot, runs, n))
+        norms = self._global([n for *_, n in planned])  # FSDP2: one all-reduce for every group
+        out = []
+        for (slot, runs, _), n in zip(planned, norms):
             scale = [[(r / (n + EPS), a, start, end) for (r, a), start, end in bucket] for bucket in runs]
             out.append(Perturbation(slot, n, scale))
         return out
@@ -522,6 +611,7 @@ class TorchBackend(Backend):
                     torch.addcmul(w0, d, s, out=b.w[start:end])
                 else:
                     b.w[start:end].copy_(torch.addcmul(base, d, s))
+            b.push()
         self._saved = True
 
     @torch.no_grad()
@@ -529,6 +619,7 @@ class TorchBackend(Backend):
         if self._saved:
             for b in self.buckets:
                 b.w.copy_(b.w0)
+                b.push()
             self._saved = False
 
     # ---- ending --------------------------------------------------------------------------
@@ -560,7 +651,7 @@ class TorchBackend(Backend):
         self.restore()
         self._final_gradient(end.add, end.grads)
         try:
-            weights = lambda: [(b.w, b.w0) for b in self.buckets]
+            weights = lambda: [pair for b in self.buckets for pair in b.pairs()]
             self.base_step(end, weights)
         finally:
             self._reset(end.keep_grads)

@@ -16,6 +16,7 @@ from .base import (
     Radius,
     Slot,
     clip_coefficient,
+    local,
     per_group,
 )
 
@@ -25,6 +26,10 @@ class ReferenceBackend(Backend):
     parameter, ``torch.norm`` of per-parameter norms, ``eps = g·s`` then
     ``p.add_(eps)`` / ``p.sub_(eps)``). Never fast.
 
+    FSDP2's shards (DTensors) are moved in place, shard by shard; each norm is
+    the norm of the local per-parameter norms, made global by one all-reduce of
+    the squares for all of a call's norms (:meth:`Backend._global`).
+
     The official methods restore by subtraction, as the published code does.
     Within ``step()`` it keeps a copy of the weights and restores from it, so
     that a step abandoned half-way (an exception, a non-finite value, a skipped
@@ -33,8 +38,8 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]):
-        super().__init__(optimizer, params)
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], sums=None):
+        super().__init__(optimizer, params, sums)
         self.slots: dict[Slot, dict[Tensor, Tensor]] = {}
         self._keep = False  # inside step(): restore from a copy
         self._saved: dict[Tensor, Tensor] | None = None
@@ -135,6 +140,10 @@ class ReferenceBackend(Backend):
                 dist.all_reduce_(grads[p])
                 grads[p].div_(dist.world)
 
+    def _zero(self) -> Tensor:
+        """The local norm of no gradient, for an all-reduce every process must join."""
+        return torch.zeros((), device=local(self.params[0]).device)
+
     def _unperturbed(self, p: Tensor) -> Tensor:
         return self._saved[p] if self._saved is not None else p
 
@@ -145,18 +154,24 @@ class ReferenceBackend(Backend):
         groups = self.optimizer.param_groups
         index = {p: j for j, group in enumerate(groups) for p in group["params"]}
         adaptive = per_group(adaptive, len(groups))
-        out = []
+        planned = []
         for slot, rho in items:
             grads = self.slots[slot]
             if not grads:  # nothing got a gradient: nothing to perturb
-                out.append(Perturbation(slot, None, None))
+                planned.append((slot, rho, None, None))
                 continue
             # T = |w| at the unperturbed weights, as davda54/sam reads p before moving it
-            t = {p: self._unperturbed(p).abs() if adaptive[index[p]] else None for p in grads}
-            norms = [torch.norm(g if t[p] is None else t[p] * g, p=2) for p, g in grads.items()]
-            norm = torch.norm(torch.stack(norms), p=2)
-            rhos = per_group(rho, len(groups))
-            move = {p: (rhos[index[p]] / (norm + EPS), t[p]) for p in grads}
+            t = {p: local(self._unperturbed(p)).abs() if adaptive[index[p]] else None for p in grads}
+            norms = [torch.norm(local(g) if t[p] is None else t[p] * local(g), p=2) for p, g in grads.items()]
+            planned.append((slot, rho, t, torch.norm(torch.stack(norms), p=2)))
+        norms = iter(self._global([norm for *_, norm in planned if norm is not None]))
+        out = []
+        for slot, rho, t, norm in planned:
+            if norm is None:
+                out.append(Perturbation(slot, None, None))
+                continue
+            norm, rhos = next(norms), per_group(rho, len(groups))
+            move = {p: (rhos[index[p]] / (norm + EPS), t[p]) for p in t}
             out.append(Perturbation(slot, norm, move))
         return out
 
@@ -169,7 +184,10 @@ class ReferenceBackend(Backend):
                 if p in self.slots[slot]:
                     g = self.slots[slot][p] if g is None else g + self.slots[slot][p]
             if g is not None:
+                g = local(g)
                 grads.append(torch.norm(g if g.is_complex() else g.float()))  # .float() drops imaginary parts
+        if self.sums is not None:  # every process joins the all-reduce, with or without a gradient
+            return self._global([torch.norm(torch.stack(grads)) if grads else self._zero()])[0]
         return torch.norm(torch.stack(grads)) if grads else None
 
     def _move(self, move: Perturbation) -> None:
@@ -178,13 +196,14 @@ class ReferenceBackend(Backend):
         self._applied = {}
         for p, g in self.slots[move.slot].items():
             scale, t = move.scale[p]
+            g = local(g)
             eps = g.mul(scale) if t is None else t.pow(2).mul(g).mul(scale)
-            p.add_(eps)
+            local(p).add_(eps)
             self._applied[p] = eps  # kept: an adaptive move cannot be recomputed at w + eps
 
     def _unmove(self) -> None:
         for p, eps in (self._applied or {}).items():
-            p.sub_(eps)
+            local(p).sub_(eps)
         self._applied = None
 
     @torch.no_grad()
@@ -224,9 +243,10 @@ class ReferenceBackend(Backend):
 
     def _clip(self, max_norm: float) -> None:
         """``clip_grad_norm_``'s loop, written out: per-parameter norms, their norm."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        if grads or self.sums is not None:  # every process joins the all-reduce
+            norms = [torch.norm(g, p=2) for g in grads]
+            norm = self._global([torch.norm(torch.stack(norms), p=2) if norms else self._zero()])[0]
             coef = clip_coefficient(norm, max_norm)
             for g in grads:
                 g.mul_(coef.reshape(1).to(g.device))  # in fp32 on every device, as the others

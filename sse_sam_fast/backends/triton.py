@@ -37,7 +37,7 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
-    def __init__(self, optimizer, params):
+    def __init__(self, optimizer, params, sums=None):
         from .. import kernels  # Triton is imported only when this backend is asked for
 
         self._k = kernels
@@ -49,7 +49,7 @@ class TritonBackend(TorchBackend):
                 f"backend='triton' computes on float32, bfloat16 and float16 parameters, got "
                 f"{', '.join(unsupported)}; use backend='torch' for them"
             )
-        super().__init__(optimizer, params)
+        super().__init__(optimizer, params, sums)
         if any(b.w.device.type != "cuda" for b in self.buckets) and not interpreting():
             raise ValueError(
                 "backend='triton' needs CUDA parameters (or TRITON_INTERPRET=1 to run the kernels "
@@ -116,6 +116,8 @@ class TritonBackend(TorchBackend):
                 w = self._base(b) if a else None
                 part = self._k.grouped_sumsq(b.g, rows, w=w, plus=plus, start=start, end=end).to(dev)
                 sumsq = part if sumsq is None else sumsq + part
+        if self.sums is not None:  # FSDP2: over every process's shards, one all-reduce for all rows
+            self.sums(sumsq)
         return sumsq
 
     @torch.no_grad()
@@ -155,6 +157,7 @@ class TritonBackend(TorchBackend):
                     b.w, b.w0, b.g, (row, s, rho), not self._saved, check,
                     adaptive=adaptive, start=start, end=end,
                 )  # fmt: skip
+            b.push()
         self._saved = True
 
     @torch.no_grad()
@@ -199,6 +202,8 @@ class TritonBackend(TorchBackend):
         """None if the fused SGD update cannot reproduce ``optimizer.step()``
         here; else whether it is the momentum buffers' first step."""
         if grads is not None or len(add) > 1 or not _torch_private.plain_sgd(self.optimizer):
+            return None
+        if self._sharded:  # the kernel writes the mirrors, and the momentum would be ours, not DTensors
             return None
         seen = self.seen
         for slot in add:

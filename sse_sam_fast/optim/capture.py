@@ -135,7 +135,7 @@ class CapturedStep:
                 "a graph would keep its value of the capture",
             ),
             (be.name == "reference", "the reference backend is not captured"),
-            (opt._dist.lockstep, "DistributedDataParallel steps are not captured"),
+            (opt._dist.lockstep, "distributed steps (DDP, FSDP2) are not captured"),
             (opt.nonfinite != "skip", "nonfinite='raise' reads the verdict on the host"),
             (self.schedule != "exact", "only the exact schedule is captured"),
             (

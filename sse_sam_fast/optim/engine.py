@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import _torch_private
 from .._saved import Saved
 from ..backends import BACKENDS, Ending, Perturbation, Radius, Slot, make_backend
+from ..backends.base import local
 from . import batchnorm, distribution
 from .capture import CapturedStep
 from .checks import (
@@ -141,8 +142,18 @@ class GroupedSAM(torch.optim.Optimizer):
         self._skipped_host = 0  # steps skipped for non-finite values, decided on the host
         self._skipped_device: Tensor | None = None  # ... and on the device (sync-free steps)
         self._force_sync_free: bool | None = None  # tests: the device verdict on any device
-        self._dist = distribution.strategy(model)  # single process or DDP: global counts and averages
-        self._backend = make_backend(backend, optimizer, params)
+        self._dist = distribution.strategy(model, params)  # global counts, averages, sums of squares
+        if local_perturbation and isinstance(self._dist, distribution.FSDP2):
+            raise ValueError(
+                "local_perturbation=True cannot be honoured under FSDP2: every backward reduce-scatters, "
+                "so no process ever holds its own gradient to perturb with; use local_perturbation=False"
+            )
+        self._backend = make_backend(backend, optimizer, params, sums=self._dist.sum_squares_)
+        if reuse > 1 and isinstance(self._dist, distribution.FSDP2):
+            raise ValueError(
+                f"reuse={reuse} is not supported under FSDP2 yet: the kept values would be local shards, "
+                "which state_dict and torch.distributed.checkpoint do not carry; use reuse=1"
+            )
         if reuse > 1:
             self._backend.lasting.update(KEPT.values() if reuse_policy == "perturbation" else [CORRECTION])
         self._params_signature: tuple | None = None  # the param lists the backend has seen
@@ -373,6 +384,14 @@ class GroupedSAM(torch.optim.Optimizer):
             raise RuntimeError(f"step() called while {self._open_method} was left open; finish it first")
         if self._backend.holding:
             raise RuntimeError("a SAM step started with the official methods is still open")
+        if closure is None and tail_mask is None:
+            return self._create_state(
+                TypeError(
+                    "step() needs a closure that returns the per-sample losses of the batch (without one "
+                    "it only accepts zero gradients at lr=0, how torch.distributed.checkpoint creates "
+                    "optimizer state)"
+                )
+            )
         closures, masks = micro_batches(closure, tail_mask)
         self._track_params()
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -427,6 +446,22 @@ class GroupedSAM(torch.optim.Optimizer):
         if self.reuse > 1:
             self._kept_age = self._kept_age + 1 if reused else 1
 
+    @torch.no_grad()
+    def _create_state(self, refusal: Exception) -> None:
+        """``step()`` without a closure, accepted in one form only: every gradient
+        zero at a zero learning rate, which cannot move a weight. That is how
+        ``torch.distributed.checkpoint`` makes an optimizer create its state
+        before saving or loading it (``get_optimizer_state_dict`` /
+        ``set_optimizer_state_dict`` on a fresh optimizer); the base optimizer
+        steps on those zeros. Any other call without a closure is a mistake that
+        would take a step without the perturbation: ``refusal`` is raised."""
+        groups = self.optimizer.param_groups
+        grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
+        zero_lr = all(float(g.get("lr", 0.0)) == 0.0 for g in groups)
+        if not zero_lr or any(g is None for g in grads) or any(bool(local(g).any()) for g in grads):
+            raise refusal
+        self.optimizer.step()
+
     def capture(self, loss_fn: Callable[..., Tensor], schedule: str = "exact") -> CapturedStep:
         """A step function replayed as one CUDA graph per input shape and stage::
 
@@ -475,6 +510,7 @@ class GroupedSAM(torch.optim.Optimizer):
         if self._open_method != after:
             where = f"after {after}()" if after else "first"
             raise RuntimeError(f"{method}() must come {where}; the last open step was {self._open_method}()")
+        self._dist.ready()  # FSDP2: settings that would make the step wrong without a sign
         try:
             self._track_params()
             self._backend.adopt(copy_weights=self._davda54)  # davda54/sam restores a copy
@@ -512,6 +548,14 @@ class GroupedSAM(torch.optim.Optimizer):
         to step, ``kept``."""
         sd = self.optimizer.state_dict()
         sd.update(stage=self._stage_state(), nonfinite_steps=self.nonfinite_steps)
+        if sd["param_groups"]:
+            # torch.distributed.checkpoint keeps only ``state`` and ``param_groups``
+            # (get_optimizer_state_dict rebuilds the dict from those two): a copy of
+            # the method's entries rides in the first param group, where it survives
+            sd["param_groups"][0][self._OWN] = {
+                "stage": self._stage_state(),
+                "nonfinite_steps": sd["nonfinite_steps"],
+            }
         if self._backend.lasting:
             be = self._backend
             self._reuse_plan(self._groups())  # drops what the current radii make stale
@@ -520,6 +564,7 @@ class GroupedSAM(torch.optim.Optimizer):
         return sd
 
     _KEYS = ("state", "param_groups", "stage", "nonfinite_steps", "kept", "kept_age")
+    _OWN = "sse_sam_fast"  # the first param group's copy of stage and nonfinite_steps (see state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what :meth:`state_dict` saved, or the layout before it (``base``
@@ -529,7 +574,7 @@ class GroupedSAM(torch.optim.Optimizer):
         groups against the base optimizer), and a refused state changes nothing."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        base, stage, extra = self._split_state(state_dict)
+        base, stage, extra = self._split_state(self._own_entries(state_dict))
         stage_keys = list(self._stage_state())
         need_keys("state_dict['stage']", stage, [])
         unknown = sorted(map(str, set(stage) - set(stage_keys)))
@@ -562,6 +607,25 @@ class GroupedSAM(torch.optim.Optimizer):
         self._kept_groups = tuple(self._groups())  # saved without the stale ones (state_dict)
         self._kept_age = kept_age
         self.nonfinite_steps = nonfinite_steps
+
+    def _own_entries(self, state_dict: dict) -> dict:
+        """``state_dict`` without the first param group's copy of the method's
+        entries (:meth:`state_dict`), which fill in ``stage`` and
+        ``nonfinite_steps`` where the top level lacks them: what
+        ``set_optimizer_state_dict`` hands over after a trip through
+        torch.distributed.checkpoint."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+            return state_dict
+        if self._OWN not in groups[0]:
+            return state_dict
+        own = groups[0][self._OWN]
+        need_keys(f"state_dict['param_groups'][0][{self._OWN!r}]", own, ["stage", "nonfinite_steps"])
+        first = {k: v for k, v in groups[0].items() if k != self._OWN}
+        out = {**state_dict, "param_groups": [first, *groups[1:]]}
+        if "stage" not in out and "base" not in out:
+            out.update(stage=own["stage"], nonfinite_steps=own["nonfinite_steps"])
+        return out
 
     def _split_state(self, state_dict: dict) -> tuple[dict, dict, dict]:
         """``(base state_dict, stage, the rest)`` of any layout :meth:`load_state_dict` takes."""

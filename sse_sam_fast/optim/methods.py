@@ -173,8 +173,11 @@ class SAM(GroupedSAM):
         If the closure raises, the weights are restored before the error propagates."""
         if not self._davda54:
             return super().step(closure, tail_mask, schedule, scaler)
-        if closure is None:
-            raise ValueError("step() needs a closure in the davda54/sam convention (forward and backward)")
+        if closure is None:  # only torch.distributed.checkpoint's state creation (zero grads, lr=0)
+            refusal = ValueError(
+                "step() needs a closure in the davda54/sam convention (forward and backward)"
+            )
+            return self._create_state(refusal)
         if tail_mask is not None or scaler is not None or schedule != "exact":
             raise TypeError("in the davda54/sam convention step() takes only the closure")
         self.first_step(zero_grad=True)

@@ -99,7 +99,8 @@ def test_mixed_dtypes_make_several_buckets_with_one_global_norm():
 
 
 class _Shard(torch.Tensor):
-    """A tensor subclass standing in for a storage another system owns (FSDP2's DTensor)."""
+    """A tensor subclass whose storage another system owns, and not a DTensor (which the flat
+    backends mirror: tests/optim/test_fsdp.py)."""
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -164,7 +164,8 @@ def test_state_dict_carries_the_stage_and_validates():
     other = SSESAM(sgd(m), m, 0.05, 0.1, gamma=0.5, total_epochs=2)
     other.load_state_dict(sd)
     assert other.rho_is == [0.0, 0.1] and other.stage == 2
-    base = {k: sd[k] for k in ("state", "param_groups")}
+    # the base optimizer's own (sd's param groups carry a copy of the stage, for DCP)
+    base = opt.optimizer.state_dict()
     with pytest.raises(ValueError, match="lacks 'stage'.*base optimizer's own state_dict"):
         other.load_state_dict(base)
     with pytest.raises(ValueError, match="epoch_count"):
@@ -185,7 +186,10 @@ def test_state_dict_has_torchs_layout():
     sd = opt.state_dict()
     assert sd["param_groups"][0]["lr"] == 0.1
     assert set(sd) == {"state", "param_groups", "stage", "nonfinite_steps"}
-    assert sd["param_groups"] == opt.optimizer.state_dict()["param_groups"]
+    # a copy of the method's entries rides in the first group, which DCP keeps
+    groups = [dict(g) for g in sd["param_groups"]]
+    assert groups[0].pop("sse_sam_fast") == {"stage": sd["stage"], "nonfinite_steps": 0}
+    assert groups == opt.optimizer.state_dict()["param_groups"]
     own = opt.optimizer.state_dict()["state"]
     for a, b in zip(sd["state"].values(), own.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
