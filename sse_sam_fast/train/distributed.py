@@ -144,10 +144,16 @@ def session(device: torch.device, fsdp: bool = False) -> Iterator[World]:
 # ---- checks, before anything runs ---------------------------------------------------------------
 
 
-def check_job(batch_size: int, capture: bool | None, world: World) -> None:
+def check_job(batch_size: int, capture: bool | None, world: World, reuse: int = 1) -> None:
     """The options a job over several processes cannot honour, refused on every process alike."""
     if world.strategy is None:
         return
+    if reuse > 1 and world.strategy == "fsdp":
+        raise OptionError(
+            "--reuse",
+            f"{reuse} is not supported with --fsdp yet: the kept values would be local shards, which "
+            "the checkpoint does not carry; use DDP (no --fsdp) or --reuse 1",
+        )
     if batch_size % world.size:
         raise OptionError(
             "--batch-size",
@@ -160,26 +166,6 @@ def check_job(batch_size: int, capture: bool | None, world: World) -> None:
             "is not supported under torchrun: the optimizer averages gradients with collectives whose "
             "decisions are taken on the host, which a CUDA graph cannot hold (use --no-capture)",
         )
-
-
-def check_lockstep(model: nn.Module, opt, method: str, world: World) -> None:
-    """Every process must run the same passes: FSDP2's forward and backward are
-    collectives. The optimizer keeps its processes in step for a DDP model (group
-    counts are reduced before the passes are chosen), not yet for a sharded one:
-    there each process skips the passes of a group its own shard lacks, so a batch
-    with tail samples on one process only would leave the others waiting for ever
-    (seen: ``--fsdp --opt ssesam --batch-size 4`` on 2 processes hung in its first
-    epoch). Refused until the optimizer's strategy for the model steps in lockstep."""
-    from ..optim.distribution import strategy
-
-    if world.strategy != "fsdp" or opt is None or strategy(model).lockstep:
-        return
-    raise OptionError(
-        "--fsdp",
-        f"--opt {method} cannot step FSDP2 shards yet: this version of the optimizer lets each "
-        "process skip the passes of a sample group its shard lacks, and the other processes would "
-        "wait for ever; use DDP (no --fsdp) or --opt sgd",
-    )
 
 
 def check_resume(ckpt: dict, world: World) -> None:

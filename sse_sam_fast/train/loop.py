@@ -47,7 +47,6 @@ from .distributed import (
     SINGLE,
     World,
     check_job,
-    check_lockstep,
     check_resume,
     checkpointed,
     class_hits,
@@ -266,7 +265,7 @@ def _prepare(cfg, out, resume, download, overwrite, log, world: World = SINGLE) 
     """Check the options that need the data, build everything, create ``out`` and
     restore ``resume`` into it; nothing is written before the checks pass."""
     device = _device(cfg)
-    check_job(cfg.batch_size, cfg.capture, world)
+    check_job(cfg.batch_size, cfg.capture, world, cfg.reuse)
     if resume is not None:
         check_resume(resume, world)
     if resume is None:
@@ -291,7 +290,6 @@ def _prepare(cfg, out, resume, download, overwrite, log, world: World = SINGLE) 
     random.seed(cfg.seed)
     model = wrap(build_model(cfg, data).to(device), world, device)
     base, opt = build_optimizer(cfg, model)
-    check_lockstep(model, opt, cfg.opt, world)
     # per-epoch cosine decay on the base optimizer: the wrapper shares its param_groups
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=cfg.epochs)
     loss_fn = build_loss(cfg.loss, counts, drw_epoch=cfg.drw_epoch, tau=cfg.tau, vs_gamma=cfg.vs_gamma)

@@ -266,12 +266,24 @@ def test_fsdp_in_a_group_of_one_saves_full_state_and_resumes_bit_for_bit(tmp_pat
         )
 
 
+def test_fsdp_refuses_reuse_naming_it(tmp_path):
+    with group_of_one(tmp_path), pytest.raises(OptionError, match="not supported with --fsdp") as e:
+        quiet(digits(epochs=1, reuse=2), tmp_path / "run", fsdp=True)
+    assert e.value.option == "--reuse"
+
+
 @pytest.mark.parametrize("opt", ["sam", "imbsam", "ssesam"])
-def test_fsdp_refuses_the_sam_methods_until_the_optimizer_steps_shards_in_lockstep(opt, tmp_path):
-    with group_of_one(tmp_path), pytest.raises(OptionError, match="cannot step FSDP2 shards yet") as e:
-        quiet(digits(epochs=1, opt=opt), tmp_path / "run", fsdp=True)
-    assert e.value.option == "--fsdp"
-    assert not (tmp_path / "run").exists()
+def test_fsdp_trains_the_sam_methods_as_one_process(opt, tmp_path):
+    """The optimizer's FSDP2 strategy steps shards (issue 19): --fsdp with a SAM method
+    in a group of one ends where the run without it ends."""
+    with group_of_one(tmp_path):
+        sharded = quiet(digits(epochs=2, opt=opt), tmp_path / "fsdp", fsdp=True)
+    quiet(digits(epochs=2, opt=opt), tmp_path / "plain")
+    assert sharded["distributed"]["strategy"] == "fsdp"
+    a = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 # ---- the real thing: torchrun, two gloo processes -----------------------------------------------
@@ -365,7 +377,7 @@ def test_torchrun_two_processes_resume_and_match_one_process(tmp_path):
 def test_torchrun_fsdp_two_processes_resume_and_match_one_process(tmp_path):
     pytest.importorskip("sklearn")
     run = tmp_path / "run"
-    argv = ["--fsdp", "--opt", "sgd", "--epochs", "3", "--device", "cpu", "--no-plot"]
+    argv = ["--fsdp", "--opt", "ssesam", "--epochs", "3", "--device", "cpu", "--no-plot"]
     first = _torchrun(tmp_path, tmp_path / "logs1", "--out", str(run), "--stop-after", "1", *argv)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = _torchrun(tmp_path, tmp_path / "logs2", "--resume", str(run), *argv)
@@ -373,7 +385,7 @@ def test_torchrun_fsdp_two_processes_resume_and_match_one_process(tmp_path):
     two = json.loads((run / "results.json").read_text())
     assert two["finished"] and two["distributed"] == {"world_size": 2, "strategy": "fsdp", "backend": "gloo"}
     assert _rank_logs(tmp_path / "logs2", 1)[0] == ""
-    one = quiet(digits(epochs=3, opt="sgd"), tmp_path / "one")
+    one = quiet(digits(epochs=3, opt="ssesam"), tmp_path / "one")
     for k in GROUPS:
         assert abs(two["final"]["acc"][k] - one["final"]["acc"][k]) <= ACCURACY_TOLERANCE, k
     two_w = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
