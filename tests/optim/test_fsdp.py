@@ -269,6 +269,8 @@ def _fsdp_cases(rank: int, out: str) -> None:
         save(how, full(model))
     refusals = {
         "local": lambda: build("ssesam", shard(net()), "torch", local_perturbation=True),
+        # kept values would be local shards, which state_dict and DCP do not carry
+        "reuse": lambda: build("ssesam", shard(net()), "torch", reuse=2),
         # settings FSDP2 has setters for: each would make the update wrong without a sign
         "sync-off": lambda: _step_with(rank, "set_requires_gradient_sync"),
         "reshard-off": lambda: _step_with(rank, "set_reshard_after_backward"),
@@ -481,6 +483,7 @@ def test_split_schedule_micro_batches_and_a_grad_scaler(fsdp, how):
 @pytest.mark.long
 def test_what_cannot_be_honoured_is_refused_by_name(fsdp):
     assert "local_perturbation=True cannot be honoured under FSDP2" in fsdp("local")
+    assert "reuse=2 is not supported under FSDP2 yet" in fsdp("reuse")
     assert fsdp("flags") == [(True, True)] * 3  # one per layer: the root holds no parameter
     assert "set_requires_gradient_sync(False) is in effect" in fsdp("sync-off")
     assert "set_requires_gradient_sync(False) is in effect" in fsdp("sync-off-official")
