@@ -685,6 +685,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 def test_ddp_shards_without_a_group_follow_one_process(ddp_runs):
     backend, out = ddp_runs
     model = _mlp()
@@ -723,6 +724,7 @@ def _ddp_batches_unused():
         yield x, y, y == 2
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 @pytest.mark.parametrize("method", ["sam", "ssesam"])
 def test_ddp_a_parameter_used_on_one_process_steps_on_every_process(ddp_runs, method):
     """find_unused_parameters=True and ``extra`` used by rank 0's shard only: both
@@ -962,6 +964,7 @@ def ddp_runs(request, tmp_path_factory):
     return request.param, str(out)
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 @pytest.mark.parametrize("method", ["sam", "ssesam"])
 def test_ddp_uneven_and_empty_shards_step_as_one_process_on_their_union(ddp_runs, method):
     """An empty shard contributes nothing (it hung the other process before); shards

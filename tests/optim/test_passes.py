@@ -370,6 +370,7 @@ def _sse_grads(model, x, y, tail, head_rho):
     return total
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
 def test_ddp_two_processes(ddp_params, local, stage):
@@ -394,6 +395,7 @@ def test_ddp_two_processes(ddp_params, local, stage):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 def test_ddp_group_normalisation_asam_and_clipping_are_global(ddp_params):
     """ImbSAM averaging each group over its global count, with ASAM and clipping:
     two processes on shards (one shard without tail samples) follow one process
@@ -407,6 +409,7 @@ def test_ddp_group_normalisation_asam_and_clipping_are_global(ddp_params):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.long  # two processes (tests.support.spawn_bounded): make test-long
 @pytest.mark.parametrize("policy", ["perturbation", "correction"])
 def test_ddp_reuse_keeps_the_averaged_gradient(ddp_params, policy):
     """reuse=2 under DDP: what is kept comes from averaged gradients, so the
