@@ -461,3 +461,25 @@ def test_micro_batches_reuse_like_one_batch(backend, policy):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_grad_scaler_keeps_unscaled_gradients(backend):
+    """reuse_policy="perturbation" under a GradScaler (fp32 here, so scaling is
+    exact up to rounding): the kept gradients are the unscaled ones, and the run
+    follows the one without a scaler."""
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model, opt = build("ssesam", backend, reuse=2)
+        for i in range(4):
+            x, y, tail = batch(i)
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"), tail, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()["kept"]))
+    (w0, kept0), (w1, kept1) = runs
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for slot in kept0:
+        for a, b in zip(kept0[slot], kept1[slot]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
