@@ -324,9 +324,20 @@ def test_the_official_methods_refuse_reuse():
         SAM(Net().parameters(), torch.optim.SGD, rho=0.05, lr=0.1, reuse=2)
 
 
-@pytest.mark.parametrize("policy", ["perturbation", "correction"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, backend, monkeypatch, policy):
+@pytest.mark.parametrize(
+    "method,policy,backend",
+    [
+        ("ssesam", "perturbation", "torch"),
+        ("ssesam", "perturbation", "triton"),
+        ("ssesam", "correction", "torch"),
+        ("ssesam", "correction", "triton"),
+        ("sam", "perturbation", "triton"),  # a reusing step without a clean forward: the batch
+        ("imbsam", "correction", "triton"),  # size comes with the perturbed pass's losses
+    ],
+)
+def test_captured_reuse_steps_replay_and_give_the_eager_update(
+    fake_graphs, monkeypatch, method, policy, backend
+):
     """capture with reuse=2 (a CUDA stand-in on the CPU): the steps that keep
     gradients run eagerly (their verdict is read on the host), the reusing ones
     warm up, are recorded and replayed, and the run is the eager run bit for bit."""
@@ -339,8 +350,9 @@ def test_captured_reuse_steps_replay_and_give_the_eager_update(fake_graphs, back
         _capturable_adam_on_cpu(monkeypatch)
 
     def run(api):
-        model, opt = capture_build("ssesam", backend, base=base)
-        opt = type(opt)(opt.optimizer, model, 0.05, 0.1, backend=backend, reuse=2, reuse_policy=policy)
+        model, opt = capture_build(method, backend, base=base)
+        radii = (0.05, 0.1) if method == "ssesam" else (0.05,)
+        opt = type(opt)(opt.optimizer, model, *radii, backend=backend, reuse=2, reuse_policy=policy)
         opt._force_sync_free = True  # as on CUDA
         captured, graphed = opt.capture(_ce(model)), []
         for x, y, tail in capture_batches(14):
