@@ -94,24 +94,24 @@ class ReferenceBackend(Backend):
 
     @torch.no_grad()
     def keep_difference(self, into: Slot, minus: Sequence[Slot], norm_of: Sequence[Slot]) -> None:
-        def total(slots, start):
-            out = dict(start)
+        def total(slots: Sequence[Slot]) -> dict[Tensor, Tensor]:
+            out: dict[Tensor, Tensor] = {}
             for s in slots:
                 for p, g in self.slots[s].items():
                     out[p] = g.clone() if p not in out else out[p] + g
             return out
 
-        clean = total(norm_of, {})
-        n = torch.norm(torch.stack([torch.norm(g.float()) for g in clean.values()])) + EPS
-        live = {p: p.grad for p in self.params if p.grad is not None}
-        minus_sum = total(minus, {})
+        clean, sub = total(norm_of), total(minus)
+        # as live_norm: .float() would drop a complex gradient's imaginary part
+        n = torch.norm(torch.stack([torch.norm(g if g.is_complex() else g.float()) for g in clean.values()]))
         diff = {}
         for p in self.params:
-            if p in live or p in minus_sum or p in clean:
-                d = live[p].clone() if p in live else torch.zeros_like(p)
-                if p in minus_sum:
-                    d -= minus_sum[p]
-                diff[p] = d / n.to(d.device)
+            if p.grad is None and p not in sub and p not in clean:
+                continue
+            d = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            if p in sub:
+                d -= sub[p]
+            diff[p] = d / (n + EPS).to(d.device)
         self.slots[into] = diff
 
     @torch.no_grad()

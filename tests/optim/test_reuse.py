@@ -495,3 +495,19 @@ def test_a_grad_scaler_keeps_unscaled_gradients(backend):
     for slot in kept0:
         for a, b in zip(kept0[slot], kept1[slot]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_kept_correction_of_complex_parameters_is_the_same_on_both_kinds_of_backend():
+    """The correction's norm keeps a complex gradient's imaginary part on the
+    reference backend too (``.float()`` would drop it), as the flat rows do."""
+    from tests.optim.test_adversarial import _ComplexLinear
+    from tests.support import X, Y
+
+    kept = []
+    for backend in ("reference", "torch"):
+        model = _ComplexLinear()
+        opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.3, backend=backend, reuse=2,
+                  reuse_policy="correction")  # fmt: skip
+        opt.step(lambda: F.cross_entropy(model(X), Y, reduction="none"))
+        kept.append(opt.state_dict()["kept"][int(CORRECTION)][0])
+    torch.testing.assert_close(kept[0], kept[1], atol=1e-6, rtol=1e-5)
