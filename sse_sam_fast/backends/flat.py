@@ -320,10 +320,15 @@ class TorchBackend(Backend):
                 v.copy_(local(x))
         self.slots[slot] = (row, [x is not None for x in values])
 
+    def _kept_row(self, into: Slot) -> int:
+        """The row of the lasting slot ``into``: the one it holds, so that a graph
+        reading it stays valid from step to step, else a free one."""
+        return self.slots[into][0] if into in self.slots else self._free_row()
+
     @torch.no_grad()
     def keep(self, slot: Slot, into: Slot) -> None:
         row, seen = self.slots[slot]
-        dst = self.slots[into][0] if into in self.slots else self._free_row()
+        dst = self._kept_row(into)
         self._rows_op(lambda b: b.g[dst].copy_(b.g[row]))
         self.slots[into] = (dst, list(seen))
 
@@ -486,7 +491,7 @@ class TorchBackend(Backend):
         self._valid_live()
         rows = [self.slots[s][0] for s in norm_of]
         n = self._norms(rows[:1], plus=rows[1:])[0] + EPS
-        dst = self.slots[into][0] if into in self.slots else self._free_row()
+        dst = self._kept_row(into)
         live, sub = self.live, [self.slots[s][0] for s in minus]
 
         def difference(b: Bucket) -> None:

@@ -204,8 +204,9 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())  # imports nothing for other models
 
 
-def strategy(model: nn.Module | None, params: Sequence[Tensor] = ()) -> Single:
-    """The strategy of ``model``'s step."""
+def strategy(model: nn.Module | None, params: Sequence[Tensor]) -> Single:
+    """The strategy of ``model``'s step; ``params``: every parameter the optimizer
+    holds (FSDP2 checks that each one is sharded)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DDP(model)
     if model is not None and _is_fsdp2(model):

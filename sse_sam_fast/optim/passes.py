@@ -234,7 +234,7 @@ class StepRun:
                 torch.dot(losses, sum(weights[1:], weights[0])).backward()
             self.check("clean forward", losses.detach())
             self.sums.append(_WHOLE.own(mb, "all", losses))
-        self.dist.average(self.be, [], True)
+        self._reduce_final()
         norm = self.be.live_norm()
         if norm is not None:
             self.check("clean gradient", norm)
@@ -321,8 +321,8 @@ class StepRun:
         if self.scaler is not None and _torch_private.scaler_skipped(self.scaler, self.opt.optimizer):
             stats.restore()  # an overflowed fp16 step: the scaler kept weights and state, we keep these
             if self.plan.keep:  # the kept gradients may be the inf ones: the next step computes anew
-                for slot in [g.kept for g in self.plan.fresh] + [CORRECTION]:
-                    self.be.discard(slot)
+                for g in self.plan.fresh:  # (reuse_policy="correction" takes no scaler)
+                    self.be.discard(g.kept)
         if ok is not None:
             stats.keep_if(ok)
             self.opt._count_skipped(~ok)

@@ -80,9 +80,8 @@ class Exact:
             run.be.accumulate(g.slot)
         losses, mb.losses = mb.losses.detach(), None  # frees the graph of a micro-batch no group used
         run.check("clean forward", losses)
-        if run.plan.reused:
-            return [self.own(mb, g.members, losses) for g in groups]
-        return [losses.sum(dtype=_accumulation(losses.dtype))]
+        members = [g.members for g in groups] if run.plan.reused else ["all"]
+        return [self.own(mb, m, losses) for m in members]
 
 
 class Split(Exact):
@@ -93,7 +92,8 @@ class Split(Exact):
     def prepare(self, run, mb, mask) -> None:
         mask = check_mask(mask, device=run.be.params[0].device, allow_empty=run.dist.lockstep)
         index = {"head": torch.nonzero(~mask).flatten(), "tail": torch.nonzero(mask).flatten()}
-        index["all"] = torch.arange(mask.shape[0], device=mask.device)  # a pass of reuse_policy="correction"
+        if run.plan.corrected:  # reuse_policy="correction": one pass over the whole batch
+            index["all"] = torch.arange(mask.shape[0], device=mask.device)
         mb.mask, mb.size = mask, mask.shape[0]
         mb.index = {k: SampleIndex.of(v, mask.shape[0]) for k, v in index.items()}
 
@@ -110,8 +110,7 @@ class Split(Exact):
         """Nothing to zero: the pass saw the group's samples only."""
 
     def own(self, mb, members: str, losses: Tensor) -> Tensor:
-        losses = losses.detach()
-        return losses.sum(dtype=_accumulation(losses.dtype))
+        return super().own(mb, "all", losses)  # the pass saw the group's samples only
 
     def clean(self, run, mb, groups) -> list[Tensor]:
         """A forward and backward per group on its samples; returns their losses' sums."""
